@@ -1,0 +1,196 @@
+// conv_bias_relu on the CPU: y = relu(conv2d(x, weight, bias)).
+//
+// Forward: oneDNN's convolution with a ReLU post-op (ATen's mkldnn::_convolution_pointwise), so the output is
+// written once; where this torch lacks it, or for algo="library", ATen's convolution followed by one in-place
+// OpenMP ReLU pass. float16 has no fast CPU convolution: it is computed in float32 and rounded once.
+//
+// Backward: one OpenMP pass over (grad_y, y) gives grad_z = grad_y * (y > 0) and grad_bias; ATen's
+// convolution_backward then gives grad_x and grad_weight from grad_z. Only y is saved, never the
+// pre-activation. Arguments are validated in Python (fastmtl/ops/conv_bias_relu.py) before we get here.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace fastmtl {
+namespace {
+
+at::MemoryFormat layout_of(const at::Tensor& t) { return t.suggest_memory_format(); }
+
+std::vector<int64_t> conv_output_shape(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation) {
+  std::vector<int64_t> shape{x.size(0), w.size(0)};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = dilation[d] * (w.size(2 + d) - 1) + 1;
+    shape.push_back((x.size(2 + d) + 2 * padding[d] - extent) / stride[d] + 1);
+  }
+  return shape;
+}
+
+// Applies max(v, 0) in place with one parallel pass over a dense tensor.
+void relu_inplace(at::Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "relu_inplace", [&] {
+    scalar_t* data = y.data_ptr<scalar_t>();
+    const int64_t n = y.numel();
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float v = static_cast<float>(data[i]);
+        data[i] = static_cast<scalar_t>(v > 0.f ? v : 0.f);
+      }
+    });
+  });
+}
+
+bool has_mkldnn_pointwise() {
+  static const bool found =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""}).has_value();
+  return found;
+}
+
+at::Tensor conv_relu_onednn(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                         c10::string_view, c10::List<c10::optional<at::Scalar>>,
+                                         c10::optional<c10::string_view>)>();
+  c10::List<c10::optional<at::Scalar>> scalars;
+  scalars.push_back(c10::nullopt);
+  const auto fmt = layout_of(x);
+  // oneDNN wants the weight in the input's layout; it is small, so this copy is cheap when needed.
+  return op.call(x.contiguous(fmt), w.contiguous(fmt), b, padding, stride, dilation, groups, "relu", scalars,
+                 c10::nullopt);
+}
+
+at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups, c10::string_view algo) {
+  const auto fmt = layout_of(x);
+  if (x.size(0) == 0) {
+    return at::empty(conv_output_shape(x, weight, stride, padding, dilation), x.options().memory_format(fmt));
+  }
+  if (x.scalar_type() == at::kHalf) {  // no float16 convolution on this CPU: float32 math, one rounding
+    c10::optional<at::Tensor> bias32;
+    if (bias.has_value()) bias32 = bias->to(at::kFloat);
+    return conv_bias_relu_cpu(x.to(at::kFloat), weight.to(at::kFloat), bias32, stride, padding, dilation, groups,
+                              algo)
+        .to(at::kHalf);
+  }
+  const bool use_onednn = algo != "library" && has_mkldnn_pointwise() && at::hasMKLDNN();
+  if (use_onednn) {
+    return conv_relu_onednn(x, weight, bias, stride, padding, dilation, groups);
+  }
+  at::Tensor y = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+  y = y.contiguous(fmt);
+  relu_inplace(y);
+  return y;
+}
+
+// grad_z = grad_y * (y > 0) and grad_bias[c] = sum over (n, h, w) of grad_z, for NCHW-contiguous tensors:
+// each thread owns whole channels, so the bias sums need no combining step.
+template <typename scalar_t>
+void relu_bias_grad_nchw(const scalar_t* gy, const scalar_t* y, scalar_t* gz, float* gb, int64_t N, int64_t C,
+                         int64_t HW) {
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float acc = 0.f;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * C + c) * HW;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < HW; ++i) {
+          const float g = static_cast<float>(y[base + i]) > 0.f ? static_cast<float>(gy[base + i]) : 0.f;
+          gz[base + i] = static_cast<scalar_t>(g);
+          acc += g;
+        }
+      }
+      if (gb) gb[c] = acc;
+    }
+  });
+}
+
+// The same for channels_last (NHWC) tensors: rows of C contiguous values; each thread sums a block of rows
+// into its own partial vector, and the partials are added at the end.
+template <typename scalar_t>
+void relu_bias_grad_nhwc(const scalar_t* gy, const scalar_t* y, scalar_t* gz, float* gb, int64_t rows, int64_t C) {
+  const int64_t nthreads = at::get_num_threads();
+  std::vector<float> partial(gb ? nthreads * C : 0, 0.f);
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    float* acc = gb ? partial.data() + at::get_thread_num() * C : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float g = static_cast<float>(y[base + c]) > 0.f ? static_cast<float>(gy[base + c]) : 0.f;
+        gz[base + c] = static_cast<scalar_t>(g);
+        if (acc) acc[c] += g;
+      }
+    }
+  });
+  if (!gb) return;
+  for (int64_t c = 0; c < C; ++c) gb[c] = 0.f;
+  for (int64_t t = 0; t < nthreads; ++t)
+    for (int64_t c = 0; c < C; ++c) gb[c] += partial[t * C + c];
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_bias_grad_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in,
+                                                      bool compute_bias_grad) {
+  const bool nhwc = y_in.dim() == 4 && layout_of(y_in) == at::MemoryFormat::ChannelsLast;
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor y = y_in.contiguous(fmt);
+  const at::Tensor grad_y = grad_y_in.contiguous(fmt);
+  at::Tensor grad_z = at::empty_like(y, y.options().memory_format(fmt));
+  const int64_t N = y.size(0), C = y.size(1), HW = y.numel() / std::max<int64_t>(N * C, 1);
+  at::Tensor grad_b32 = compute_bias_grad ? at::empty({C}, y.options().dtype(at::kFloat)) : at::Tensor();
+  float* gb = compute_bias_grad ? grad_b32.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "relu_bias_grad_cpu", [&] {
+    if (nhwc) {
+      relu_bias_grad_nhwc<scalar_t>(grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>(),
+                                    gb, N * HW, C);
+    } else {
+      relu_bias_grad_nchw<scalar_t>(grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>(),
+                                    gb, N, C, HW);
+    }
+  });
+  at::Tensor grad_b = compute_bias_grad ? grad_b32.to(y.scalar_type()) : at::empty({0}, y.options());
+  return {grad_z, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bias_relu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, c10::string_view /*algo*/) {
+  auto [grad_z, grad_b] = relu_bias_grad_cpu(grad_y, y, output_mask[2]);
+  at::Tensor grad_x = at::empty({0}, x.options());
+  at::Tensor grad_w = at::empty({0}, weight.options());
+  if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_w, grad_b};
+  if (x.size(0) == 0) {
+    if (output_mask[0]) grad_x = at::empty_like(x);
+    if (output_mask[1]) grad_w = at::zeros_like(weight);
+    return {grad_x, grad_w, grad_b};
+  }
+  const bool half = x.scalar_type() == at::kHalf;  // float32 math for float16, as in the forward
+  const at::Tensor gz = half ? grad_z.to(at::kFloat) : grad_z;
+  const at::Tensor xx = half ? x.to(at::kFloat) : x;
+  const at::Tensor ww = half ? weight.to(at::kFloat) : weight;
+  auto grads = at::convolution_backward(gz, xx, ww, c10::nullopt, stride, padding, dilation, false, {0, 0}, groups,
+                                        {output_mask[0], output_mask[1], false});
+  if (output_mask[0]) grad_x = half ? std::get<0>(grads).to(at::kHalf) : std::get<0>(grads);
+  if (output_mask[1]) grad_w = half ? std::get<1>(grads).to(at::kHalf) : std::get<1>(grads);
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
+  m.impl("conv_bias_relu", &conv_bias_relu_cpu);
+  m.impl("conv_bias_relu_backward", &conv_bias_relu_backward_cpu);
+  m.impl("relu_bias_grad", &relu_bias_grad_cpu);
+}
+
+}  // namespace fastmtl

@@ -1,0 +1,40 @@
+// Operator schemas of the `fastmtl` namespace, and the Python module that loads them.
+//
+// Only schemas live here. Each kernel file registers its own implementation with TORCH_LIBRARY_IMPL
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*_aten.cpp for CUDA); fake (meta) implementations and autograd are
+// registered in Python (fastmtl/ops/*.py). Importing fastmtl._C runs these registrations; the module itself
+// exports nothing, so pybind11 is not needed and the file compiles in seconds.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastmtl, m) {
+  // ---- conv_bias_relu: y = relu(conv2d(x, weight, bias)) -------------------------------------------------
+  // algo: "default" (the backend's best), "library" (vendor convolution + our fused epilogue),
+  //       "implicit_gemm" (our own convolution kernel, CUDA only).
+  m.def(
+      "conv_bias_relu(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, str algo) -> Tensor");
+  // Gradients from grad_y and the saved output y (y > 0 is the ReLU mask). output_mask selects
+  // (grad_x, grad_weight, grad_bias); an output that is not asked for comes back as an empty tensor.
+  m.def(
+      "conv_bias_relu_backward(Tensor grad_y, Tensor y, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool[3] output_mask, str algo) -> (Tensor, Tensor, Tensor)");
+  // The fused backward epilogue alone: grad_z = grad_y * (y > 0) and grad_bias = sum of grad_z over N, H, W
+  // (float32 accumulation, returned in y's dtype; empty when compute_bias_grad is false).
+  m.def("relu_bias_grad(Tensor grad_y, Tensor y, bool compute_bias_grad) -> (Tensor, Tensor)");
+
+  // ---- masked_loss: one task's masked mean loss and its gradient, in one pass ---------------------------
+  // kind in {"ce", "bce", "l1", "mse"}. Returns (loss, grad): loss is the float32 0-dim mean of the element
+  // losses over valid elements (0 when there is none), grad = d loss / d pred in pred's dtype (an empty
+  // tensor when compute_grad is false).
+  m.def(
+      "masked_loss(Tensor pred, Tensor target, Tensor? mask, str kind, int ignore_index, bool compute_grad) "
+      "-> (Tensor, Tensor)");
+  // Backward of a set of tasks in one launch: out[t] = grads[t] * scales[t] (scales: float32 [T] on device).
+  m.def("masked_loss_scale_grads(Tensor[] grads, Tensor scales) -> Tensor[]");
+}
+
+static struct PyModuleDef fastmtl_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastmtl_C_module); }

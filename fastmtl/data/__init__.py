@@ -1,0 +1,1 @@
+"""fastmtl.data."""

@@ -1,0 +1,200 @@
+"""``fastmtl.conv_bias_relu``: ``relu(conv2d(x, weight, bias))`` as one op, on every backend.
+
+Registered ops (namespace ``fastmtl``):
+
+* ``conv_bias_relu`` / ``conv_bias_relu_backward`` / ``relu_bias_grad`` - native (schemas in ``csrc/ops.cpp``;
+  CPU kernels in ``csrc/cpu/conv_bias_relu.cpp``, CUDA in ``csrc/cuda/conv_bias_relu.cu``). Fake implementations
+  and autograd are registered here, so ``torch.compile`` traces them and ``opcheck`` passes.
+* ``conv_bias_relu_triton`` - the Triton kernels of ``fastmtl.kernels.conv_bias_relu`` (registered lazily, the first
+  time the triton backend is used, since importing Triton is slow).
+
+The backward saves the output ``y`` (not the pre-activation): ``y > 0`` is the ReLU mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmtl import _native, backends
+from fastmtl.ops._checks import FLOAT_DTYPES, check_same, check_tensor, pair
+from fastmtl.reference import conv_bias_relu as reference
+
+NATIVE = "fastmtl::conv_bias_relu"
+NATIVE_BACKWARD = "fastmtl::conv_bias_relu_backward"
+NATIVE_EPILOGUE = "fastmtl::relu_bias_grad"
+
+
+def output_hw(in_hw, kernel_hw, stride, padding, dilation) -> tuple[int, int]:
+    """Spatial output size of a convolution."""
+    return tuple(
+        (in_hw[d] + 2 * padding[d] - dilation[d] * (kernel_hw[d] - 1) - 1) // stride[d] + 1 for d in range(2)
+    )
+
+
+def validate(x, weight, bias, stride, padding, dilation, groups):
+    """Check the arguments of :func:`conv_bias_relu`; return (stride, padding, dilation) as pairs.
+
+    Raises TypeError / ValueError naming the argument and what was expected.
+    """
+    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dim=4)
+    check_same("weight", weight, "x", x)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    out_ch, in_per_group = weight.shape[0], weight.shape[1]
+    if x.shape[1] % groups or out_ch % groups:
+        raise ValueError(
+            f"x channels ({x.shape[1]}) and weight out-channels ({out_ch}) must both be divisible by "
+            f"groups ({groups})"
+        )
+    if in_per_group != x.shape[1] // groups:
+        raise ValueError(
+            f"weight must have shape [out_channels, {x.shape[1] // groups}, kH, kW] for x with {x.shape[1]} "
+            f"channels and groups={groups}, got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, dim=1)
+        check_same("bias", bias, "x", x)
+        if bias.shape[0] != out_ch:
+            raise ValueError(f"bias must have shape [{out_ch}], got {tuple(bias.shape)}")
+    stride = pair("stride", stride, 1)
+    padding = pair("padding", padding, 0)
+    dilation = pair("dilation", dilation, 1)
+    out = output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if min(out) < 1:
+        raise ValueError(
+            f"output size must be >= 1, got {out} for input {tuple(x.shape[2:])}, kernel {tuple(weight.shape[2:])}, "
+            f"stride {stride}, padding {padding}, dilation {dilation}"
+        )
+    return stride, padding, dilation
+
+
+def _output_like(x, weight, stride, padding, dilation):
+    """An empty output of the right shape, in x's layout (channels_last stays channels_last)."""
+    out = output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    shape = (x.shape[0], weight.shape[0], *out)
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return x.new_empty(shape).contiguous(memory_format=fmt)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---- registrations for the native op --------------------------------------------------------------------------
+
+
+def _fake_forward(x, weight, bias, stride, padding, dilation, groups, algo):
+    return _output_like(x, weight, stride, padding, dilation)
+
+
+def _fake_backward(grad_y, y, x, weight, stride, padding, dilation, groups, output_mask, algo):
+    grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
+    grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
+    grad_b = y.new_empty(weight.shape[0]) if output_mask[2] else y.new_empty(0)
+    return grad_x, grad_w, grad_b
+
+
+def _fake_epilogue(grad_y, y, compute_bias_grad):
+    return torch.empty_like(y), y.new_empty(y.shape[1] if compute_bias_grad else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, algo = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.conv_args = (stride, padding, dilation, groups, algo)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight, y = ctx.saved_tensors
+    stride, padding, dilation, groups, algo = ctx.conv_args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    mask = [need_x, need_w, need_b and ctx.has_bias]
+    grad_x, grad_w, grad_b = torch.ops.fastmtl.conv_bias_relu_backward(
+        grad_y, y, x, weight, stride, padding, dilation, groups, mask, algo
+    )
+    return (
+        grad_x if mask[0] else None,
+        grad_w if mask[1] else None,
+        grad_b if mask[2] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def _register_native() -> bool:
+    if not _native.has_cpp():
+        return False
+    torch.library.register_fake(NATIVE, _fake_forward)
+    torch.library.register_fake(NATIVE_BACKWARD, _fake_backward)
+    torch.library.register_fake(NATIVE_EPILOGUE, _fake_epilogue)
+    torch.library.register_autograd(NATIVE, _backward, setup_context=_setup_context)
+    return True
+
+
+HAS_NATIVE = _register_native()
+
+
+# ---- dispatch -------------------------------------------------------------------------------------------------
+
+
+def _run_torch(x, weight, bias, stride, padding, dilation, groups):
+    return reference.conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _run_native(x, weight, bias, stride, padding, dilation, groups, algo="default"):
+    return torch.ops.fastmtl.conv_bias_relu(x, weight, bias, list(stride), list(padding), list(dilation), groups, algo)
+
+
+def _run_triton(x, weight, bias, stride, padding, dilation, groups):
+    from fastmtl.ops import conv_bias_relu_triton
+
+    return conv_bias_relu_triton.run(x, weight, bias, stride, padding, dilation, groups)
+
+
+RUNNERS = {"torch": _run_torch, "cpp": _run_native, "cuda": _run_native, "triton": _run_triton}
+
+
+@torch.compiler.assume_constant_result
+def _selected_backend(device: torch.device) -> str:
+    # Resolved once per trace under torch.compile: the backend choice is a Python-level constant.
+    return backends.select(device)
+
+
+def conv_bias_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Fused ``relu(conv2d(x, weight, bias, stride, padding, dilation, groups))``.
+
+    Args:
+        x: input ``[N, C_in, H, W]``, float32 / float16 / bfloat16, NCHW or channels_last.
+        weight: ``[C_out, C_in / groups, kH, kW]``, same dtype and device as ``x``.
+        bias: optional ``[C_out]``.
+        stride, padding, dilation: an int or a pair (stride, dilation >= 1; padding >= 0).
+        groups: number of channel groups.
+
+    Returns:
+        ``y`` of shape ``[N, C_out, H_out, W_out]`` in x's layout. Differentiable with respect to x, weight and bias.
+
+    The backend follows :mod:`fastmtl.backends`. On the CPU (``cpp``) float16 is computed in float32 and rounded
+    once, as the CPU has no fast float16 convolution.
+    """
+    stride, padding, dilation = validate(x, weight, bias, stride, padding, dilation, groups)
+    backend = _selected_backend(x.device)
+    if backend == backends.AUTO:
+        from fastmtl import autotune
+
+        backend = autotune.choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
+    if backend in ("cpp", "cuda") and not HAS_NATIVE:
+        raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
+    return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups)

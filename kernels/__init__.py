@@ -1,0 +1,1 @@
+"""Triton kernels of fastmtl, installed as the subpackage fastmtl.kernels."""
