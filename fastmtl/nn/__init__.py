@@ -1,1 +1,1 @@
-"""fastmtl.nn."""
+"""Drop-in modules: FusedConv2dReLU, FusedTrunk, fuse()."""

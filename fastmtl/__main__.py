@@ -1,0 +1,7 @@
+"""``python -m fastmtl``: the CLI."""
+
+import sys
+
+from fastmtl.cli import main
+
+sys.exit(main())

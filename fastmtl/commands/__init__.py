@@ -1,0 +1,3 @@
+"""Subcommands of the ``fastmtl`` CLI: each module has ``add_parser(subparsers)`` and ``run(args) -> int``."""
+
+COMMANDS = ("info", "train", "bench")
