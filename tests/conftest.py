@@ -18,13 +18,6 @@ torch.backends.cudnn.allow_tf32 = False
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a visible CUDA GPU")
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm().item()
-    num = (out - ref).norm().item()
-    return num / denom if denom > 0 else num
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,0 +1,28 @@
+"""Helpers for parity tests, shared by fastmtl's own tests and by users checking a backend."""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCES = {  # relative error against a float64 reference (brief, section 3)
+    "loss": {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2},
+    "conv": {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2},
+}
+TF32_TOLERANCE = 5e-3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` computed in float64 on the CPU (the plain norm of ``out`` when ``ref`` is zero).
+
+    NaN anywhere gives NaN, which fails every ``<=`` comparison.
+    """
+    out = out.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
+    num = (out - ref).norm().item()
+    den = ref.norm().item()
+    return num / den if den > 0 else num
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor like ``t`` filled with NaN, to prove a kernel wrote every output element."""
+    return torch.full_like(t, float("nan"))
