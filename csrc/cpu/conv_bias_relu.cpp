@@ -94,22 +94,46 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, con
   return y;
 }
 
+// One contiguous run of n elements: gz = gy where y > 0 else 0; returns the sum of gz. Both inputs are loaded
+// unconditionally and selected without a branch, so the loop vectorizes (y > 0 is a coin flip for a branch).
+template <typename scalar_t, typename acc_t>
+acc_t relu_grad_run(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ y, scalar_t* __restrict__ gz,
+                    int64_t n) {
+  acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(gy[i]);
+    const acc_t v = static_cast<acc_t>(y[i]) > acc_t(0) ? g : acc_t(0);
+    gz[i] = static_cast<scalar_t>(v);
+    acc += v;
+  }
+  return acc;
+}
+
+// The same for a row of C channels (channels_last): gz = gy where y > 0 else 0, and acc[c] += gz[c].
+template <typename scalar_t, typename acc_t>
+void relu_grad_row(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ y, scalar_t* __restrict__ gz,
+                   acc_t* __restrict__ acc, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t g = static_cast<acc_t>(gy[c]);
+    const acc_t v = static_cast<acc_t>(y[c]) > acc_t(0) ? g : acc_t(0);
+    gz[c] = static_cast<scalar_t>(v);
+    acc[c] += v;
+  }
+}
+
 // grad_z = grad_y * (y > 0) and grad_bias[c] = sum over (n, h, w) of grad_z, for NCHW-contiguous tensors:
 // each thread owns whole channels, so the bias sums need no combining step.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void relu_bias_grad_nchw(const scalar_t* gy, const scalar_t* y, scalar_t* gz, acc_t* gb, int64_t N, int64_t C,
                          int64_t HW) {
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, 1, [=](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       acc_t acc = 0;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t base = (n * C + c) * HW;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < HW; ++i) {
-          const acc_t g = static_cast<acc_t>(y[base + i]) > acc_t(0) ? static_cast<acc_t>(gy[base + i]) : acc_t(0);
-          gz[base + i] = static_cast<scalar_t>(g);
-          acc += g;
-        }
+        acc += relu_grad_run<scalar_t, acc_t>(gy + base, y + base, gz + base, HW);
       }
       if (gb) gb[c] = acc;
     }
@@ -117,21 +141,16 @@ void relu_bias_grad_nchw(const scalar_t* gy, const scalar_t* y, scalar_t* gz, ac
 }
 
 // The same for channels_last (NHWC) tensors: rows of C contiguous values; each thread sums a block of rows
-// into its own partial vector, and the partials are added at the end.
+// into its own partial vector, and the partials are added at the end in a fixed order.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void relu_bias_grad_nhwc(const scalar_t* gy, const scalar_t* y, scalar_t* gz, acc_t* gb, int64_t rows, int64_t C) {
   const int64_t nthreads = at::get_num_threads();
-  std::vector<acc_t> partial(gb ? nthreads * C : 0, acc_t(0));
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    acc_t* acc = gb ? partial.data() + at::get_thread_num() * C : nullptr;
+  std::vector<acc_t> partial(nthreads * C, acc_t(0));
+  acc_t* partial_data = partial.data();
+  at::parallel_for(0, rows, 64, [=](int64_t r0, int64_t r1) {
+    acc_t* acc = partial_data + at::get_thread_num() * C;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t g = static_cast<acc_t>(y[base + c]) > acc_t(0) ? static_cast<acc_t>(gy[base + c]) : acc_t(0);
-        gz[base + c] = static_cast<scalar_t>(g);
-        if (acc) acc[c] += g;
-      }
+      relu_grad_row<scalar_t, acc_t>(gy + r * C, y + r * C, gz + r * C, acc, C);
     }
   });
   if (!gb) return;
