@@ -12,7 +12,9 @@ import math
 import torch
 from torch import nn
 
+from fastmtl.ops._checks import FLOAT_DTYPES
 from fastmtl.ops.conv_bias_relu import conv_bias_relu
+from fastmtl.reference import conv_bias_relu as reference
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,7 +72,8 @@ class FusedConv2dReLU(nn.Module):
     A drop-in replacement for ``nn.Sequential(nn.Conv2d(...), nn.ReLU())``: same arguments as ``nn.Conv2d``
     (``padding_mode`` must be ``"zeros"``), parameters ``weight`` ``[out, in / groups, kH, kW]`` and ``bias``
     ``[out]`` initialised as ``nn.Conv2d`` does. Under autocast the input and parameters are cast to the autocast
-    dtype, as autocast would do for a convolution. The backend follows :mod:`fastmtl.backends`.
+    dtype, as autocast would do for a convolution. The backend follows :mod:`fastmtl.backends`; float64 inputs,
+    which the fused op does not take, run PyTorch's own ``relu(conv2d)``.
 
     Attribute ``inference_only`` is set by :func:`fastmtl.fuse` when a BatchNorm was folded into the weights:
     such a module refuses ``train()``.
@@ -175,6 +178,8 @@ class FusedConv2dReLU(nn.Module):
                 weight = weight.to(dtype)
             if bias is not None and bias.dtype in _AUTOCAST_ELIGIBLE:
                 bias = bias.to(dtype)
+        if x.dtype not in FLOAT_DTYPES:  # float64 (e.g. gradcheck): the fused op does not take it; same math
+            return reference.conv_bias_relu(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return conv_bias_relu(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def train(self, mode: bool = True) -> "FusedConv2dReLU":
