@@ -170,11 +170,15 @@ def test_resnet18_train_mode_folds_nothing_and_says_why():
     assert set(fused.state_dict()) == set(model.state_dict())
 
 
+def _vgg11_features(batch_norm=False):
+    """torchvision's VGG-11 convolutional part (configuration "A"), without building the 100M-parameter head."""
+    return torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["A"], batch_norm=batch_norm)
+
+
 def test_vgg11_eval_same_outputs():
     torch.manual_seed(0)
-    model = _randomise_batchnorms(torchvision.models.vgg11_bn(weights=None)).eval()
-    model.avgpool = nn.AdaptiveAvgPool2d(1)  # keep the test cheap: 512 features into the classifier
-    model.classifier = nn.Sequential(nn.Linear(512, 10))
+    model = nn.Sequential(_vgg11_features(batch_norm=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+    model = _randomise_batchnorms(model).eval()
     fused = fastmtl.fuse(model)
     assert fuse_report(fused).num_fused == 8 and fuse_report(fused).num_folded == 8
     x = torch.randn(1, 3, 64, 64)
@@ -184,7 +188,7 @@ def test_vgg11_eval_same_outputs():
 
 def test_vgg11_plain_train_mode_fuses_all_eight_and_keeps_keys():
     torch.manual_seed(0)
-    features = torchvision.models.vgg11(weights=None).features
+    features = _vgg11_features()
     fused = fastmtl.fuse(features)
     assert fuse_report(fused).num_fused == 8
     assert list(fused.state_dict()) == list(features.state_dict())
@@ -319,3 +323,16 @@ def test_fused_graph_module_compiles():
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         fastmtl.fuse(lambda x: x)
+
+
+@pytest.mark.cuda
+def test_cuda_resnet18_eval_fused_same_outputs():
+    model = _resnet18().cuda()
+    fused = fastmtl.fuse(model)
+    assert fuse_report(fused).num_fused == 9
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-4  # conftest turns tf32 off
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = fused(x)
+        assert rel_err(low, model(x)) <= 5e-2  # bf16 through a 20-layer network

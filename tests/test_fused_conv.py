@@ -170,3 +170,17 @@ def test_train_refused_when_inference_only():
     with pytest.raises(RuntimeError, match="inference only"):
         fused.train()
     assert not fused.training
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_channels_last_matches_float64(dtype):
+    fused = FusedConv2dReLU(16, 32, 3, padding=1).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 20, 20, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=dtype):
+        y = fused(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.relu(F.conv2d(x.double(), fused.weight.double(), fused.bias.double(), padding=1))
+    assert rel_err(y, ref) <= TOLERANCES["conv"][dtype]
+    y.float().sum().backward()
+    assert fused.weight.grad.dtype == torch.float32

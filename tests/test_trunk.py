@@ -134,7 +134,7 @@ def test_torch_compile_under_autocast():
 
 def test_from_module_fuses_a_copy():
     torch.manual_seed(0)
-    features = torchvision.models.vgg11(weights=None).features
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["A"])
     trunk = FusedTrunk.from_module(features)
     assert trunk.fuse_report.num_fused == 8
     assert all(isinstance(m, nn.Conv2d) for m in features if not isinstance(m, (nn.ReLU, nn.MaxPool2d)))
@@ -146,7 +146,7 @@ def test_from_module_fuses_a_copy():
 
 def test_from_module_return_features_gives_pool_outputs():
     torch.manual_seed(0)
-    features = torchvision.models.vgg11(weights=None).features
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["A"])
     trunk = FusedTrunk.from_module(features, return_features=True)
     x = torch.randn(1, 3, 32, 32)
     feats = trunk(x)
@@ -176,3 +176,19 @@ def test_from_module_without_pooling_appends_nothing_and_resnet_trunk():
         trunk.train()
     with pytest.raises(ValueError, match="no pooling module"):
         FusedTrunk.from_module(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), return_features=True)
+
+
+@pytest.mark.cuda
+def test_cuda_trunk_train_step_matches_unfused_twin_under_bf16_autocast():
+    trunk = FusedTrunk(3, [(16, 2), (32, 2)]).cuda().to(memory_format=torch.channels_last)
+    twin = _unfused_twin(trunk).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, ref = trunk(x), twin(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, ref) <= 4 * TOLERANCES["conv"][torch.bfloat16]
+    y.float().square().mean().backward()
+    ref.float().square().mean().backward()
+    for p, q in zip(trunk.parameters(), twin.parameters()):
+        assert p.grad.dtype == torch.float32
+        assert rel_err(p.grad, q.grad) <= 8 * TOLERANCES["conv"][torch.bfloat16]
