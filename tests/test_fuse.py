@@ -336,3 +336,9 @@ def test_cuda_resnet18_eval_fused_same_outputs():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low = fused(x)
         assert rel_err(low, model(x)) <= 5e-2  # bf16 through a 20-layer network
+
+
+def test_eval_flags_carried_to_every_submodule():
+    model = _resnet18()
+    fused = fastmtl.fuse(model)
+    assert not any(m.training for m in fused.modules())

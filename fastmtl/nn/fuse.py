@@ -205,7 +205,9 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
 
 def _fuse_graph(model: nn.Module, graph: fx.Graph, report: FuseReport) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    gm.training = model.training
+    for name, module in gm.named_modules():  # fx's placeholder containers start in training mode: copy the flags
+        if type(module) is nn.Module or module is gm:
+            module.training = model.get_submodule(name).training
     modules = dict(gm.named_modules())
     conv_sites: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
