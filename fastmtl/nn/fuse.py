@@ -77,7 +77,10 @@ class FuseReport:
 
 
 def fuse_report(model: nn.Module) -> FuseReport | None:
-    """The :class:`FuseReport` of a model returned by :func:`fuse` (None if it has none)."""
+    """The :class:`FuseReport` of a model returned by :func:`fuse` (None if it has none).
+
+    The report is a plain attribute: pickling keeps it, but ``copy.deepcopy`` of a ``GraphModule`` drops it.
+    """
     return getattr(model, REPORT_ATTR, None)
 
 
