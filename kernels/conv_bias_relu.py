@@ -22,7 +22,9 @@ Kernels:
   ``convolution_backward`` (``impl="aten"``, cuDNN on a GPU).
 
 Indexing is int32 unless a tensor has 2**31 elements or more, then int64 (the ``INT64`` specialisation).
-Under ``TRITON_INTERPRET=1`` each autotuned kernel has a single small config (the interpreter would run every one).
+Under ``TRITON_INTERPRET=1`` each autotuned kernel has a single small config (the interpreter would run every one);
+``FASTMTL_TRITON_AUTOTUNE=0`` keeps only the first GPU config of each list (quick GPU test runs, no tuning).
+Sizes are read as Python ints in the launchers (under dynamic-shape tracing that specialises on them).
 """
 
 from __future__ import annotations
@@ -39,11 +41,16 @@ INT32_MAX = 2**31 - 1
 FLAT_K_MAX_CIN = 15  # below 16 input channels the forward flattens (kh, kw, c) into one K axis
 
 
+AUTOTUNE = os.environ.get("FASTMTL_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _configs(gpu: list[tuple[int, int, int, int, int]], interpret: tuple[int, int, int]) -> list[triton.Config]:
     """Autotune configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples; one config when interpreted."""
     if INTERPRET:
         m, n, k = interpret
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=1)]
+    if not AUTOTUNE:
+        gpu = gpu[:1]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in gpu
     ]
@@ -60,7 +67,7 @@ FORWARD_CONFIGS = _configs(
         (128, 64, 32, 4, 4),
         (64, 64, 32, 4, 3),
     ],
-    interpret=(32, 32, 16),
+    interpret=(64, 32, 16),
 )
 # dgrad: same GEMM shape as the forward (M = N*H*W, N_gemm = C_in, K = C_out*kH*kW).
 DGRAD_CONFIGS = _configs(
@@ -71,7 +78,7 @@ DGRAD_CONFIGS = _configs(
         (128, 32, 64, 4, 4),
         (64, 64, 32, 4, 3),
     ],
-    interpret=(32, 32, 16),
+    interpret=(64, 32, 32),
 )
 # wgrad: per tap, M = C_out, N_gemm = C_in, K = N*H_out*W_out (split across programs).
 WGRAD_CONFIGS = _configs(
@@ -125,6 +132,10 @@ def output_hw(h, w, kh, kw, stride, padding, dilation) -> tuple[int, int]:
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return ho, wo
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values]
 
 
 def _launch(kernel, wrap):
@@ -231,8 +242,9 @@ def conv_bias_relu_forward(x, weight, bias, stride, padding, dilation, *, wrap=N
 
     Arguments are assumed valid (the op validates them). ``groups > 1`` is not handled here.
     """
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
+    n, c_in, h, w = _ints(x.shape)
+    c_out, _, kh, kw = _ints(weight.shape)
+    stride, padding, dilation = _ints(stride), _ints(padding), _ints(dilation)
     ho, wo = output_hw(h, w, kh, kw, stride, padding, dilation)
     y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     wt = weight.contiguous(memory_format=torch.channels_last)
@@ -248,7 +260,7 @@ def conv_bias_relu_forward(x, weight, bias, stride, padding, dilation, *, wrap=N
     _launch(_conv_bias_relu_fwd_kernel, wrap)[grid](
         x, wt, bias if has_bias else wt, y,
         c_in, h, w, c_out, ho, wo,
-        *x.stride(), *wt.stride(), *y.stride(),
+        *_ints(x.stride()), *_ints(wt.stride()), *_ints(y.stride()),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         m, k_total,
         KH=kh, KW=kw, HAS_BIAS=has_bias, FLAT_K=c_in <= FLAT_K_MAX_CIN,
@@ -333,7 +345,7 @@ def relu_bias_grad(grad_y, y, compute_bias_grad: bool = True, *, wrap=None):
     y = y.contiguous(memory_format=fmt)
     if grad_y.stride() != y.stride():
         grad_y = grad_y.contiguous(memory_format=fmt)
-    n, c, h, w = y.shape
+    n, c, h, w = _ints(y.shape)
     grad_z = torch.empty_like(y)
     int64 = _needs_int64(y)
     programs = target_programs(y.device)
@@ -435,9 +447,10 @@ def conv_input_grad(grad_z, x, weight, stride, padding, dilation, *, wrap=None) 
     Only ``x``'s shape, dtype, device and layout are used. Implicit GEMM over (kh, kw, C_out block); with stride
     > 1 the taps that do not land on an output pixel are masked (a 1/(sH*sW) efficiency loss).
     """
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    _, _, ho, wo = grad_z.shape
+    n, c_in, h, w = _ints(x.shape)
+    c_out, _, kh, kw = _ints(weight.shape)
+    _, _, ho, wo = _ints(grad_z.shape)
+    stride, padding, dilation = _ints(stride), _ints(padding), _ints(dilation)
     grad_x = torch.empty_like(x, memory_format=memory_format(x))
     wt = weight.contiguous(memory_format=torch.channels_last)
     m = n * h * w
@@ -450,7 +463,7 @@ def conv_input_grad(grad_z, x, weight, stride, padding, dilation, *, wrap=None) 
     _launch(_conv_dgrad_kernel, wrap)[grid](
         grad_z, wt, grad_x,
         c_in, h, w, c_out, ho, wo,
-        *grad_z.stride(), *wt.stride(), *grad_x.stride(),
+        *_ints(grad_z.stride()), *_ints(wt.stride()), *_ints(grad_x.stride()),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         m, c_out * kh * kw,
         KH=kh, KW=kw, DOT_PRECISION=dot_precision(x.dtype), INT64=_needs_int64(grad_z, grad_x),
@@ -525,9 +538,10 @@ def conv_weight_grad(grad_z, x, weight, stride, padding, dilation, *, wrap=None)
     Split-K implicit GEMM: the N*H_out*W_out pixels are cut into splits so the grid fills the GPU; each program
     writes an fp32 partial and the partials are summed in a fixed order (deterministic).
     """
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    _, _, ho, wo = grad_z.shape
+    n, c_in, h, w = _ints(x.shape)
+    c_out, _, kh, kw = _ints(weight.shape)
+    _, _, ho, wo = _ints(grad_z.shape)
+    stride, padding, dilation = _ints(stride), _ints(padding), _ints(dilation)
     pixels = n * ho * wo
     if pixels == 0 or weight.numel() == 0:
         return torch.zeros_like(weight, memory_format=memory_format(weight))
@@ -542,7 +556,7 @@ def conv_weight_grad(grad_z, x, weight, stride, padding, dilation, *, wrap=None)
     _launch(_conv_wgrad_kernel, wrap)[grid](
         grad_z, x, part,
         c_in, h, w, c_out, ho, wo,
-        *grad_z.stride(), *x.stride(),
+        *_ints(grad_z.stride()), *_ints(x.stride()),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         pixels, pix_per_split, kh * kw,
         KW=kw, DOT_PRECISION=dot_precision(x.dtype), INT64=_needs_int64(grad_z, x),
