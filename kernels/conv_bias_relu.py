@@ -328,6 +328,30 @@ def _relu_bias_grad_planes_kernel(
         tl.store(part_ptr + pid_s * P + planes, tl.sum(acc, axis=1), mask=p_ok)
 
 
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[c] = sum over rows of part[row, c] (fp32 in a fixed order), cast to out's dtype: one launch."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        ok = (r < rows)[:, None] & c_ok[None, :]
+        acc += tl.load(part_ptr + r[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+def _sum_partials(part, c, dtype, wrap):
+    """Column sums of the fp32 partials ``part`` viewed as ``[rows, c]``, as a ``[c]`` tensor of ``dtype``."""
+    rows = part.numel() // c
+    out = torch.empty(c, device=part.device, dtype=dtype)
+    block_c = min(triton.next_power_of_2(c), 128)
+    _launch(_sum_partials_kernel, wrap)[(triton.cdiv(c, block_c),)](
+        part, out, rows, c, BLOCK_R=32, BLOCK_C=block_c, num_warps=4
+    )
+    return out
+
+
 def _split(total: int, parts: int, align: int) -> int:
     """Chunk length (a multiple of ``align``) that splits ``total`` into at most ``parts`` chunks."""
     chunk = triton.cdiv(total, max(1, parts))
@@ -364,7 +388,7 @@ def relu_bias_grad(grad_y, y, compute_bias_grad: bool = True, *, wrap=None):
             grad_y, y, grad_z, part, rows, c, rows_per_prog,
             COMPUTE_BIAS=compute_bias_grad, INT64=int64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
         )  # fmt: skip
-        grad_b = part.sum(0) if compute_bias_grad else None
+        grad_b = _sum_partials(part, c, y.dtype, wrap) if compute_bias_grad else None
     else:
         planes, hw = n * c, h * w
         block_hw = min(triton.next_power_of_2(hw), 1024)
@@ -377,9 +401,8 @@ def relu_bias_grad(grad_y, y, compute_bias_grad: bool = True, *, wrap=None):
             grad_y, y, grad_z, part, planes, hw, hw_per_prog,
             COMPUTE_BIAS=compute_bias_grad, INT64=int64, BLOCK_P=block_p, BLOCK_HW=block_hw, num_warps=4,
         )  # fmt: skip
-        grad_b = part.view(splits, n, c).sum((0, 1)) if compute_bias_grad else None
-    grad_b = grad_b.to(y.dtype) if compute_bias_grad else y.new_empty(0)
-    return grad_z, grad_b
+        grad_b = _sum_partials(part, c, y.dtype, wrap) if compute_bias_grad else None  # part is [splits, n, c]
+    return grad_z, (grad_b if compute_bias_grad else y.new_empty(0))
 
 
 # ---- input gradient (dgrad) ----------------------------------------------------------------------------------------
