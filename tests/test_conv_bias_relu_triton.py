@@ -154,6 +154,15 @@ def test_backward_half_triton(case, dtype, poison):
     check_backward(case, "channels_last", dtype, "triton")
 
 
+@pytest.mark.parametrize(
+    "case,layout", [("blockK-stride2-dil-batch1", "nchw"), ("flatK-3x3-pad1", "channels_last")], ids=["nchw", "nhwc"]
+)
+def test_int64_indexing_path(case, layout, monkeypatch, poison):
+    """The INT64 specialisation (taken for tensors of 2**31+ elements) computes the same thing, forced on small ones."""
+    monkeypatch.setattr(kernels, "_needs_int64", lambda *tensors: True)
+    check_backward(CASES[case], layout, torch.float32, "triton")
+
+
 def test_backward_without_bias_and_partial_needs():
     case = CASES["1x1-odd"]
     check_backward(case, "channels_last", torch.float32, "triton", bias=False)
