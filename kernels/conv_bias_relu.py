@@ -16,7 +16,8 @@ Kernels:
   (kh, kw, C_in block) so NHWC loads are contiguous along C; for C_in < 16 (the RGB stem) K is flattened instead so
   the few input channels do not pad a whole block per tap. Bias and ReLU are applied to the fp32 accumulator.
 * :func:`relu_bias_grad` - ``grad_z = grad_y * (y > 0)`` and ``grad_bias = sum_{N,H,W} grad_z`` in one read of
-  ``grad_y`` and ``y``: per-program fp32 partial sums, then a fixed-order sum over the partials (deterministic).
+  ``grad_y`` and ``y``: per-program fp32 partial sums, then one small kernel sums them in a fixed order
+  (deterministic, no atomics).
 * :func:`conv_input_grad` / :func:`conv_weight_grad` - implicit-GEMM dgrad and wgrad (split-K with fp32 partials,
   deterministic) on ``grad_z``; :func:`conv_backward` chooses them (``impl="triton"``) or ATen's
   ``convolution_backward`` (``impl="aten"``, cuDNN on a GPU).
@@ -115,7 +116,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return any(t.numel() > INT32_MAX for t in tensors)
+    """Whether some element offset of these tensors (views included: the largest stride reach) exceeds int32."""
+    return any(
+        t.numel() > 0 and sum((int(size) - 1) * abs(int(st)) for size, st in zip(t.shape, t.stride())) > INT32_MAX
+        or t.numel() > INT32_MAX
+        for t in tensors
+    )
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
