@@ -196,8 +196,11 @@ def conv_bias_relu(
         from fastmtl import autotune
 
         backend = autotune.choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
+    backend, _, algo = backend.partition(":")  # autotune may name an algorithm: "cuda:library"
     if x.dtype == torch.float64 and backend in ("cuda", "triton"):
         backend = "torch"
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
+    if algo and backend in ("cpp", "cuda"):
+        return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups, algo=algo)
     return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups)
