@@ -202,16 +202,32 @@ def _choice_without_timing(op: str, parts: tuple, device: torch.device) -> str:
     return _cache.get(_key(op, parts), _fixed_choice(device))
 
 
-def choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups) -> str:
-    """Choice (``backend`` or ``backend:algo``) for a CUDA ``conv_bias_relu`` call under ``auto``."""
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    parts = (
+def _needs_grad(x, weight, bias) -> bool:
+    # Written without a generator expression so that torch.compile traces it without a graph break.
+    wants = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    return torch.is_grad_enabled() and wants
+
+
+def _conv_parts(x, weight, bias, stride, padding, dilation, groups, training) -> tuple:
+    return (
         _tensor_meta(x),
         _tensor_meta(weight),
         _tensor_meta(bias),
         (tuple(stride), tuple(padding), tuple(dilation), groups),
         "train" if training else "infer",
     )
+
+
+def conv_bias_relu_key(x, weight, bias, stride, padding, dilation, groups) -> str:
+    """The cache key of a ``conv_bias_relu`` call (stride, padding, dilation as pairs), as the dispatcher forms it."""
+    training = _needs_grad(x, weight, bias)
+    return _key("conv_bias_relu", _conv_parts(x, weight, bias, stride, padding, dilation, groups, training))
+
+
+def choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups) -> str:
+    """Choice (``backend`` or ``backend:algo``) for a CUDA ``conv_bias_relu`` call under ``auto``."""
+    training = _needs_grad(x, weight, bias)
+    parts = _conv_parts(x, weight, bias, stride, padding, dilation, groups, training)
     if torch.compiler.is_compiling():
         return _choice_without_timing("conv_bias_relu", parts, x.device)
     key = _key("conv_bias_relu", parts)
