@@ -129,6 +129,7 @@ def _backward(ctx, grad_y):
 def _register_native() -> bool:
     if not _native.has_cpp():
         return False
+    _native.has_cuda_build()  # imports fastmtl._C_cuda where built: registers the CUDA kernels of the ops
     torch.library.register_fake(NATIVE, _fake_forward)
     torch.library.register_fake(NATIVE_BACKWARD, _fake_backward)
     torch.library.register_fake(NATIVE_EPILOGUE, _fake_epilogue)
