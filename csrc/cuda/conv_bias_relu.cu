@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 namespace fastmtl {
 namespace cuda {
@@ -393,9 +394,9 @@ __device__ __forceinline__ void load_tiles(T* As, T* Bs, const T* __restrict__ x
   }
 }
 
-// grid (ceil(M / BM), ceil(K / BN)); block GEMM_THREADS.
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(GEMM_THREADS)
+// grid (ceil(M / BM), ceil(K / BN)); block GEMM_THREADS. MIN_BLOCKS: blocks per SM the register budget allows.
+template <typename T, bool VEC, int MIN_BLOCKS>
+__global__ void __launch_bounds__(GEMM_THREADS, MIN_BLOCKS)
     implicit_gemm_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                          T* __restrict__ y, ConvShape s, int64_t M, int Kg) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -493,6 +494,28 @@ __global__ void __launch_bounds__(GEMM_THREADS)
 #endif
 }
 
+template <typename T>
+void launch_implicit_gemm(bool vec, const void* x, const void* w, const void* bias, void* y, const ConvShape& s,
+                          int64_t M, int kg, dim3 grid, cudaStream_t stream) {
+  const auto* xx = static_cast<const T*>(x);
+  const auto* ww = static_cast<const T*>(w);
+  const auto* bb = static_cast<const T*>(bias);
+  auto* yy = static_cast<T*>(y);
+  static const int occ = [] {
+    const char* e = std::getenv("FASTMTL_IGEMM_MIN_BLOCKS");
+    return e ? std::atoi(e) : 1;
+  }();
+  if (!vec) {
+    implicit_gemm_kernel<T, false, 1><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
+  } else if (occ == 3) {
+    implicit_gemm_kernel<T, true, 3><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
+  } else if (occ == 4) {
+    implicit_gemm_kernel<T, true, 4><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
+  } else {
+    implicit_gemm_kernel<T, true, 1><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
+  }
+}
+
 }  // namespace
 
 bool implicit_gemm_supported(int dtype, int device_major) {
@@ -510,25 +533,9 @@ cudaError_t conv_bias_relu_implicit_gemm(int dtype, const void* x, const void* w
   const bool vec = s.C % 8 == 0 && aligned16(x) && aligned16(weight);
   const int kg = static_cast<int>(Kg);
   if (dtype == kFloat16) {
-    const auto* xx = static_cast<const __half*>(x);
-    const auto* ww = static_cast<const __half*>(weight);
-    const auto* bb = static_cast<const __half*>(bias);
-    auto* yy = static_cast<__half*>(y);
-    if (vec) {
-      implicit_gemm_kernel<__half, true><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
-    } else {
-      implicit_gemm_kernel<__half, false><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
-    }
+    launch_implicit_gemm<__half>(vec, x, weight, bias, y, s, M, kg, grid, stream);
   } else if (dtype == kBFloat16) {
-    const auto* xx = static_cast<const __nv_bfloat16*>(x);
-    const auto* ww = static_cast<const __nv_bfloat16*>(weight);
-    const auto* bb = static_cast<const __nv_bfloat16*>(bias);
-    auto* yy = static_cast<__nv_bfloat16*>(y);
-    if (vec) {
-      implicit_gemm_kernel<__nv_bfloat16, true><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
-    } else {
-      implicit_gemm_kernel<__nv_bfloat16, false><<<grid, GEMM_THREADS, 0, stream>>>(xx, ww, bb, yy, s, M, kg);
-    }
+    launch_implicit_gemm<__nv_bfloat16>(vec, x, weight, bias, y, s, M, kg, grid, stream);
   } else {
     return cudaErrorInvalidValue;
   }
