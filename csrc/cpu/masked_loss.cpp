@@ -466,12 +466,16 @@ std::vector<at::Tensor> masked_loss_scale_grads_cpu(at::TensorList grads, const 
   std::vector<at::Tensor> out;
   out.reserve(grads.size());
   for (size_t t = 0; t < grads.size(); ++t) {
-    const at::Tensor g = grads[t].is_non_overlapping_and_dense() ? grads[t] : grads[t].contiguous();
-    at::Tensor o = at::empty_like(g);
+    // empty_like keeps a dense gradient's strides, so the scaling is one linear pass over the storage.
+    at::Tensor o = at::empty_like(grads[t]);
+    const bool dense = grads[t].is_non_overlapping_and_dense() && o.strides() == grads[t].strides();
+    const at::Tensor g = dense ? grads[t] : grads[t].contiguous();
+    at::Tensor work = dense ? o : at::empty_like(g);
     const float scale = sp[t];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "masked_loss_scale_grads", [&] {
-      scale_dense(g.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), g.numel(), scale);
+      scale_dense(g.const_data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), g.numel(), scale);
     });
+    if (!dense) o.copy_(work);
     out.push_back(o);
   }
   return out;

@@ -167,7 +167,7 @@ def _fake_masked_loss(pred, target, mask, kind, ignore_index, compute_grad):
 
 
 def _fake_scale_grads(grads, scales):
-    return [torch.empty_like(g) if g.is_non_overlapping_and_dense() else torch.empty_like(g.contiguous()) for g in grads]
+    return [torch.empty_like(g) for g in grads]
 
 
 def _setup_masked_loss(ctx, inputs, output):
