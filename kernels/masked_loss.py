@@ -27,6 +27,8 @@ interpreter).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -331,7 +333,7 @@ def _cross_entropy(pred, target, mask, ignore_index, compute_grad, launch):
         target = target.contiguous()
     loss, grad = _alloc_outputs(pred, compute_grad)
     N, C = pred.shape[0], pred.shape[1]
-    S = pred[0, 0].numel() if pred.dim() > 2 else 1
+    S = math.prod(pred.shape[2:])
     p_sn, p_sc = pred.stride(0), pred.stride(1)
     p_ss = _collapsed_stride(pred.shape[2:], pred.stride()[2:])
     g_src = grad if compute_grad else pred

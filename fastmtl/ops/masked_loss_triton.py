@@ -5,7 +5,8 @@ the kernels of :mod:`fastmtl.kernels.masked_loss`. Importing this module imports
 (:mod:`fastmtl.ops.masked_loss`) imports it only when the triton backend is used.
 
 The ops are registered with ``torch.library.triton_op`` + ``wrap_triton`` where torch has them (>= 2.6), so
-``torch.compile`` sees the kernels; older torch gets a ``custom_op`` with a fake implementation instead.
+``torch.compile`` sees the kernels; older torch, and the interpreter (``TRITON_INTERPRET=1``, where wrap_triton cannot
+trace), get an opaque ``custom_op`` with a fake implementation instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastmtl import backends
 from fastmtl.kernels import masked_loss as kernels
 
 LOSS_OP = "fastmtl::masked_loss_triton"
@@ -22,7 +24,9 @@ SCALE_OP = "fastmtl::masked_loss_scale_grads_triton"
 
 
 def _register() -> None:
-    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+    # Under the interpreter wrap_triton cannot trace the kernels (they would vanish from a traced graph), so the
+    # ops are opaque custom ops there.
+    if hasattr(torch.library, "triton_op") and not backends.triton_interpret():
         wrap = torch.library.wrap_triton
 
         @torch.library.triton_op(LOSS_OP, mutates_args=())
