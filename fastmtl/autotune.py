@@ -231,6 +231,10 @@ def choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups) ->
     if torch.compiler.is_compiling():
         return _choice_without_timing("conv_bias_relu", parts, x.device)
     key = _key("conv_bias_relu", parts)
+    _load_disk()
+    cached = _cache.get(key)
+    if cached is not None:  # the common case: answer before building any candidate runner
+        return cached
     names = conv_bias_relu_candidates(x.device, implicit_gemm_applies(x, weight, groups))
     candidates = {name: _conv_runner(name, x, weight, bias, stride, padding, dilation, groups, training) for name in names}
     if not candidates:
