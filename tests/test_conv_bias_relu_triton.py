@@ -321,19 +321,26 @@ def test_cuda_large_parity(case, dtype):
     """Triton forward and Triton dgrad/wgrad at trunk sizes (the aten backward runs in the small tests on CUDA)."""
     x, weight, b = make_inputs(case, "channels_last", dtype, requires_grad=True)
     stride, padding, dilation = conv_args(case)
+    ref, leaves = gpu_reference(x, weight, b, stride, padding, dilation)
+    grad_y = torch.randn_like(ref)
+    # Outputs within rounding of the ReLU kink may land on either side of it in low precision; at millions of
+    # outputs a few such flips move the input gradient by ~1e-3 relative, which says nothing about the kernels.
+    pre = F.conv2d(*(t.detach() if t is not None else None for t in leaves), stride, padding, dilation)
+    grad_y = grad_y.masked_fill(pre.abs() < KINK_MARGIN[dtype], 0.0)
     tri.set_backward_impl("triton")
     try:
         y = torch.ops.fastmtl.conv_bias_relu_triton(x, weight, b, stride, padding, dilation)
+        y.backward(grad_y.to(dtype))
     finally:
         tri.set_backward_impl(None)
-    ref, leaves = gpu_reference(x, weight, b, stride, padding, dilation)
-    grad_y = torch.randn_like(ref)
-    y.backward(grad_y.to(dtype))
     ref.backward(grad_y)
     tol = CONV_TOL[dtype]
     assert rel_err(y, ref) <= tol
     for got, want in zip((x, weight, b), leaves):
         assert rel_err(got.grad, want.grad) <= tol
+
+
+KINK_MARGIN = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
 
 
 @pytest.mark.cuda
