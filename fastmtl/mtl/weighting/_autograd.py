@@ -3,7 +3,8 @@
 For each task ``t`` one ``torch.autograd.grad`` call returns its gradient with respect to the shared tensors
 (``features`` in representation mode, ``shared_params`` in parameter mode) *and* to its own head's parameters.
 Only the head is traversed in representation mode (the trunk lies behind ``features`` and is not needed), so the
-K calls cost K head backwards; the trunk is then back-propagated once with the combined gradient.
+K calls cost K head backwards (plus, for features computed from other features, the trunk between them);
+the trunk is then back-propagated once with the combined gradient.
 
 A task's head parameters are the leaves of its loss's graph reached without passing through the shared tensors
 (``features``), found by walking ``grad_fn`` nodes; parameters listed as shared are never counted as a head's.
@@ -85,10 +86,21 @@ def _split_like(direction: torch.Tensor, tensors: Sequence[torch.Tensor]) -> lis
 
 
 def backward_through(features: Sequence[torch.Tensor], direction: torch.Tensor) -> None:
-    """Back-propagate the combined ``[P]`` gradient of the representation through the trunk, once."""
+    """Back-propagate the combined ``[P]`` gradient of the representation through the trunk, once.
+
+    The per-task gradients are total derivatives: when one feature feeds another (multi-scale trunks), the
+    gradient of the earlier one already contains the path through the later one. A hook therefore *replaces*
+    the gradient arriving at each feature by its combined total, so that no path is counted twice.
+    """
     pairs = [(t, g) for t, g in zip(features, _split_like(direction, features)) if t.requires_grad]
-    if pairs:
+    if not pairs:
+        return
+    handles = [t.register_hook(lambda _incoming, total=g: total) for t, g in pairs] if len(pairs) > 1 else []
+    try:
         torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
