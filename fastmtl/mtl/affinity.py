@@ -176,12 +176,15 @@ def lookahead_affinity(
         names = list(task_names) if task_names is not None else list(losses)
         before_list = _stack(losses, names)
         before = torch.stack([loss.detach().double() for loss in before_list])
-        rows = []
+        task_grads = []  # all first: the lookahead steps below modify the parameters the graph saved
         for i, loss in enumerate(before_list):
             if loss.requires_grad:
-                grads = torch.autograd.grad(loss, params, retain_graph=i < len(names) - 1, allow_unused=True)
+                task_grads.append(torch.autograd.grad(loss, params, retain_graph=i < len(names) - 1, allow_unused=True))
             else:
-                grads = [None] * len(params)
+                task_grads.append([None] * len(params))
+        del losses, before_list
+        rows = []
+        for grads in task_grads:
             with torch.no_grad():
                 for p, saved, g in zip(params, saved_params, grads):
                     p.copy_(saved if g is None else step(saved, g, lr))
