@@ -36,7 +36,7 @@ def validate(x, weight, bias, stride, padding, dilation, groups):
 
     Raises TypeError / ValueError naming the argument and what was expected.
     """
-    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor("weight", weight, dim=4)
     check_same("weight", weight, "x", x)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -177,7 +177,8 @@ def conv_bias_relu(
     """Fused ``relu(conv2d(x, weight, bias, stride, padding, dilation, groups))``.
 
     Args:
-        x: input ``[N, C_in, H, W]``, float32 / float16 / bfloat16, NCHW or channels_last.
+        x: input ``[N, C_in, H, W]``, float32 / float16 / bfloat16, NCHW or channels_last (float64 is accepted
+            for gradient checks: the cpp backend computes it, the GPU backends hand it to the torch reference).
         weight: ``[C_out, C_in / groups, kH, kW]``, same dtype and device as ``x``.
         bias: optional ``[C_out]``.
         stride, padding, dilation: an int or a pair (stride, dilation >= 1; padding >= 0).
@@ -195,6 +196,8 @@ def conv_bias_relu(
         from fastmtl import autotune
 
         backend = autotune.choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
+    if x.dtype == torch.float64 and backend in ("cuda", "triton"):
+        backend = "torch"
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
     return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups)
