@@ -39,6 +39,7 @@ __all__ = [
     "create",
     "dwa_weights",
     "gram_weights",
+    "registry",
 ]
 
 

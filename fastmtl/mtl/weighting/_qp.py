@@ -83,7 +83,7 @@ def min_quadratic_above(gram: torch.Tensor, lower: torch.Tensor) -> torch.Tensor
 def _pick_best(w: torch.Tensor, gram: torch.Tensor, feasible: torch.Tensor, simplex: bool) -> torch.Tensor:
     values = torch.einsum("sk,kj,sj->s", w, gram, w)
     values = torch.where(feasible, values, torch.full_like(values, float("inf")))
-    chosen = w[values.argmin()].clamp_min(0)
+    chosen = w.index_select(0, values.argmin().reshape(1))[0].clamp_min(0)  # no host read of the index
     return chosen / chosen.sum() if simplex else chosen
 
 
