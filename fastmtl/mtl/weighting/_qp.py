@@ -58,6 +58,50 @@ def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
     return _pick_best(w, gram, (w >= -1e-9).all(1) & (info == 0), simplex=True)
 
 
+def simplex_qp(gram: torch.Tensor, linear: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+    """For each ``curvature[t]``: ``argmin_{w in simplex} linear . w + curvature[t] / 2 w^T gram w``; ``[T, K]``.
+
+    Exact (all active sets of all ``T`` problems in one batched solve) for ``K <= MAX_EXACT_TASKS``; iterative
+    otherwise.
+    """
+    gram = regularize(gram)
+    k = gram.shape[0]
+    if k > MAX_EXACT_TASKS:
+        return torch.stack([_simplex_qp_iterative(gram, linear, float_c) for float_c in curvature.unbind(0)])
+    masks = _subset_masks(k, str(gram.device), False)  # [S, K]
+    inside = masks.to(gram.dtype)
+    pair = inside[:, :, None] * inside[:, None, :]
+    t, s = curvature.shape[0], masks.shape[0]
+    system = torch.zeros(t, s, k + 1, k + 1, dtype=gram.dtype, device=gram.device)
+    system[:, :, :k, :k] = curvature[:, None, None, None] * gram * pair + torch.diag_embed(1 - inside)
+    system[:, :, :k, k] = inside
+    system[:, :, k, :k] = inside
+    rhs = torch.zeros(t, s, k + 1, 1, dtype=gram.dtype, device=gram.device)
+    rhs[:, :, :k, 0] = -linear * inside
+    rhs[:, :, k, 0] = 1
+    solution, info = torch.linalg.solve_ex(system, rhs)
+    w = solution[..., :k, 0]  # [T, S, K]
+    feasible = (w >= -1e-9).all(-1) & (info == 0)
+    values = w @ linear + 0.5 * curvature[:, None] * torch.einsum("tsk,kj,tsj->ts", w, gram, w)
+    values = torch.where(feasible, values, torch.full_like(values, float("inf")))
+    best = values.argmin(1)  # [T]
+    chosen = w.gather(1, best[:, None, None].expand(t, 1, k))[:, 0].clamp_min(0)
+    return chosen / chosen.sum(-1, keepdim=True)
+
+
+def _simplex_qp_iterative(gram, linear, curvature):
+    step = 1.0 / (curvature * gram.diagonal().sum()).clamp_min(1e-30)
+    k = gram.shape[0]
+    w = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+    y, t = w, 1.0
+    for _ in range(ITERATIVE_STEPS):
+        w_next = project_simplex(y - step * (linear + curvature * (gram @ y)))
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = w_next + ((t - 1) / t_next) * (w_next - w)
+        w, t = w_next, t_next
+    return w
+
+
 def min_quadratic_above(gram: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     """For each column ``c`` of ``lower`` ``[K, C]``: ``argmin_{u >= lower[:, c]} u^T gram u``; returns ``[K, C]``."""
     gram = regularize(gram)
