@@ -170,6 +170,31 @@ def test_cagrad_two_tasks_solves_its_dual_and_stays_in_the_ball():
     assert float((grads @ d).min()) >= float((grads @ g0).min()) - 1e-9
 
 
+def test_simplex_qp_matches_a_grid_for_three_tasks():
+    grads = conflicting(k=3, p=5, seed=15)
+    gram = grads @ grads.T
+    linear = torch.tensor([0.3, -0.2, 0.1], dtype=D)
+    curvature = torch.tensor([0.1, 1.0, 10.0], dtype=D)
+    w = _qp.simplex_qp(gram, linear, curvature)
+    steps = 150
+    points = [(i, j, steps - i - j) for i, j in itertools.product(range(steps + 1), repeat=2) if i + j <= steps]
+    grid = torch.tensor(points, dtype=D) / steps
+    for t, lam in enumerate(curvature):
+        value = lambda v: v @ linear + 0.5 * lam * torch.einsum("...k,kj,...j->...", v, gram, v)  # noqa: E731
+        assert float(value(w[t])) <= float(value(grid).min()) + 1e-12
+        assert abs(float(w[t].sum()) - 1) < 1e-12 and torch.all(w[t] >= 0)
+
+
+def test_cagrad_exact_solve_agrees_with_long_projected_gradient():
+    grads = conflicting(k=4, p=9, seed=16)
+    gram = grads @ grads.T
+    gram = gram / gram.diagonal().mean()
+    exact = weighting.create("cagrad", list("abcd"), c=0.5).solve(gram)
+    iterative = weighting.create("cagrad", list("abcd"), c=0.5, steps=3000)._solve_iterative(gram)
+    a, b = cagrad_objective(exact, gram, 0.5), cagrad_objective(iterative, gram, 0.5)
+    assert float(a) <= float(b) + 1e-5 * abs(float(b))
+
+
 def test_cagrad_rescale_divides_by_one_plus_c_squared():
     grads = conflicting(seed=7)
     raw = weighting.aggregate("cagrad", grads, c=0.4, rescale=0)

@@ -297,3 +297,13 @@ def test_state_dict_round_trip(name):
     for t in TASKS:
         torch.testing.assert_close(used_first[t], used_second[t], rtol=0, atol=0)
     assert_grads_close(grads_first, grads_second, rtol=0)
+
+
+def test_a_frozen_feature_gets_no_gradient_and_the_rest_still_trains():
+    model, batch = Toy(), make_batch()
+    features = model.encode(batch[0])
+    features[0] = features[0].detach()  # as if the first stage were frozen
+    losses = model.losses(features, batch)
+    weighting.create("mgda", TASKS).backward(losses, features=features)
+    assert model.trunk2.weight.grad is not None and model.head_a.weight.grad is not None
+    assert torch.isfinite(model.trunk2.weight.grad).all()

@@ -59,12 +59,17 @@ def task_gradients(losses: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], 
     device = wrt[0].device
     grads = torch.empty(len(losses), sum(sizes), dtype=acc_dtype, device=device)
     head_grads = []
+    live = [i for i, t in enumerate(wrt) if t.requires_grad]  # a frozen part of the trunk gets zeros
     for row, loss in enumerate(losses):
         heads = head_parameters(loss, stop_at, wrt)
-        if loss.requires_grad:
-            got = torch.autograd.grad(loss, list(wrt) + heads, retain_graph=True, allow_unused=True)
-        else:  # a constant loss (e.g. a task with no label anywhere) has no gradient
-            got = [None] * (len(wrt) + len(heads))
+        got = [None] * (len(wrt) + len(heads))
+        if loss.requires_grad:  # a constant loss (e.g. a task with no label anywhere) has no gradient
+            inputs = [wrt[i] for i in live] + heads
+            if inputs:
+                computed = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+                for i, g in zip(live, computed):
+                    got[i] = g
+                got[len(wrt) :] = computed[len(live) :]
         start = 0
         for size, g in zip(sizes, got[: len(wrt)]):
             part = grads[row, start : start + size]
