@@ -307,3 +307,25 @@ def test_a_frozen_feature_gets_no_gradient_and_the_rest_still_trains():
     weighting.create("mgda", TASKS).backward(losses, features=features)
     assert model.trunk2.weight.grad is not None and model.head_a.weight.grad is not None
     assert torch.isfinite(model.trunk2.weight.grad).all()
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm", "pcgrad", "mgda", "nash_mtl"])
+def test_loss_scale_scales_every_gradient_and_no_weight(name):
+    """fp16 loss scaling: gradients (the strategy's own parameters' too) are S times the unscaled ones."""
+    scale = torch.tensor(1024.0, dtype=torch.float64)
+    results = []
+    for loss_scale in (None, scale):
+        torch.manual_seed(0)
+        model, batch = Toy(), make_batch()
+        strategy = weighting.create(name, TASKS, **options(name)).to(torch.float64)
+        features = model.encode(batch[0])
+        used = strategy.backward(model.losses(features, batch), features=features, loss_scale=loss_scale)
+        own = [p.grad.clone() for p in strategy.parameters()]
+        results.append((used, grads_of(model), own))
+    (used, plain, own), (used_scaled, scaled, own_scaled) = results
+    for t in TASKS:
+        torch.testing.assert_close(used_scaled[t], used[t], rtol=1e-9, atol=0)
+    for key in plain:
+        torch.testing.assert_close(scaled[key], scale * plain[key], rtol=1e-9, atol=1e-12)
+    for a, b in zip(own, own_scaled):
+        torch.testing.assert_close(b, scale * a, rtol=1e-9, atol=1e-12)

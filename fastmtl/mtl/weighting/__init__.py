@@ -8,7 +8,23 @@ One interface, two families (every strategy a small file):
 
 ``create(name, task_names, **options)`` builds a strategy; ``strategy.backward(losses, features=...,
 shared_params=..., counts=...)`` runs the whole backward pass of a step and returns the weights used. The
-functional core, ``aggregate(name, grads)`` and ``dwa_weights(history)``, is there for testing and reuse.
+functional core, ``aggregate(name, grads)``, ``gram_weights(name, gram)`` and ``dwa_weights(history)``, is there
+for testing and reuse.
+
+Gradient-level strategies work, by default, on the gradients w.r.t. the shared representation (``features``):
+K cheap head backwards, a ``K x K`` Gramian, a small solve on the device, one trunk backward with the combined
+gradient (``mode="params"`` takes the gradients w.r.t. the trunk parameters instead, one trunk backward per task).
+Each head's parameters get their own task's gradient (times the task weight for GradNorm and Nash-MTL). The
+Gramian of the last step is kept as ``strategy.last_gram`` for :mod:`fastmtl.mtl.affinity`.
+
+Typical use::
+
+    strategy = weighting.create("pcgrad", ["digit", "parity"]).to(device)
+    optimizer = torch.optim.SGD([*model.parameters(), *strategy.parameters()], lr=0.01)
+    features = model.encode(x)
+    _, per_task = fastmtl.masked_multitask_loss(model.decode(features), targets, kinds, masks)
+    weights = strategy.backward(per_task, features=features, shared_params=list(model.trunk.parameters()))
+    optimizer.step()
 """
 
 from __future__ import annotations

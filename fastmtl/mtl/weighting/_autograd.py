@@ -8,6 +8,8 @@ the trunk is then back-propagated once with the combined gradient.
 
 A task's head parameters are the leaves of its loss's graph reached without passing through the shared tensors
 (``features``), found by walking ``grad_fn`` nodes; parameters listed as shared are never counted as a head's.
+A parameter that several tasks reach behind the features (a shared neck) gets the sum of their gradients, as
+under EW.
 """
 
 from __future__ import annotations

@@ -78,14 +78,21 @@ class Weighting(nn.Module):
         features: Sequence[torch.Tensor] | None = None,
         shared_params: Sequence[torch.Tensor] | None = None,
         counts: Mapping[str, torch.Tensor] | None = None,
+        loss_scale: torch.Tensor | float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the whole backward pass for one step and return the task weights used (0-dim, detached).
 
         Args:
-            losses: per-task 0-dim losses keyed by task name, each carrying its own autograd graph.
+            losses: per-task 0-dim losses keyed by task name, each carrying its own autograd graph. Pass them
+                unscaled, also with fp16 loss scaling (see ``loss_scale``).
             features: the shared representation the heads consume (gradient-level strategies).
             shared_params: the trunk's parameters (parameter mode of gradient-level strategies).
             counts: labelled samples per task in the batch (data-size weighting).
+            loss_scale: fp16 loss scaling: every gradient written (the strategy's own parameters' included) is
+                multiplied by it, while the weights are computed from the unscaled losses (UW's ``+ s`` term,
+                FAMO's and GradNorm's loss ratios would be wrong on scaled losses). With a GradScaler, pass
+                ``scaler.scale(torch.ones((), device=device))`` (a device tensor: no host synchronisation) and
+                unscale the optimizer as usual.
         """
         raise NotImplementedError
 
@@ -156,11 +163,13 @@ class LossWeighting(Weighting):
         """Return ``(total, weights)`` for the ``[K]`` loss vector (and ``[K]`` labelled counts, if given)."""
         raise NotImplementedError
 
-    def backward(self, losses, *, features=None, shared_params=None, counts=None):
+    def backward(self, losses, *, features=None, shared_params=None, counts=None, loss_scale=None):
         """Back-propagate the weighted total once; return the weights (see :meth:`Weighting.backward`)."""
         vec = self._loss_vector(losses)
         count_vec = None if counts is None else self._count_vector(counts, vec)
         total, weights = self.total_loss(vec, count_vec)
+        if loss_scale is not None:
+            total = total * loss_scale
         total.backward()
         return self._weights_dict(weights)
 
@@ -206,10 +215,16 @@ class GradientWeighting(Weighting):
         weights = weights.to(work.dtype)
         return weights @ work, weights
 
-    def backward(self, losses, *, features=None, shared_params=None, counts=None):
-        """Per-task gradients, on-device combination, one trunk backward (see :class:`GradientWeighting`)."""
+    def backward(self, losses, *, features=None, shared_params=None, counts=None, loss_scale=None):
+        """Per-task gradients, on-device combination, one trunk backward (see :class:`GradientWeighting`).
+
+        With ``loss_scale`` the per-task gradients are taken of the scaled losses (no fp16 underflow); every
+        strategy here is invariant to a common scale of the gradients, and the losses it reads are unscaled.
+        """
         vec = self._loss_vector(losses)
         loss_list = [losses[n] for n in self.task_names]
+        if loss_scale is not None:
+            loss_list = [loss * loss_scale for loss in loss_list]
         if self.mode == "representation":
             if features is None:
                 raise ValueError(f"weighting {self.name!r} in representation mode needs features=[...]")

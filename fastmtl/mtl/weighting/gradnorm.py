@@ -52,6 +52,6 @@ class GradNorm(GradientWeighting):
             norms = gram.diagonal().clamp_min(0).sqrt()
             weighted = w.to(gram.dtype) * norms
             target = weighted.mean() * relative**self.alpha
-            grad = (torch.sign(weighted - target) * norms).to(w.dtype)
+            grad = (torch.sign(weighted - target) * norms).to(w.dtype)  # scaled like the model's under loss_scale
             w.grad = grad if w.grad is None else w.grad + grad
         return w.detach().to(gram.dtype)
