@@ -439,3 +439,14 @@ def test_famo_weights_and_logit_update():
     famo.backward({"a": torch.tensor(1.0, requires_grad=True), "b": torch.tensor(0.5, requires_grad=True)})
     assert float(famo.logits[0]) < 0 < float(famo.logits[1])
     assert list(famo.parameters()) == []
+
+
+def test_options_given_as_strings_from_a_command_line():
+    cagrad = weighting.create("cagrad", ["a", "b"], c="0.3", rescale="0", steps="50")
+    assert (cagrad.c, cagrad.rescale, cagrad.steps) == (0.3, 0, 50)
+    assert weighting.create("pcgrad", ["a"], scale_heads="false").scale_heads is False
+    assert weighting.create("mgda", ["a"], scale_heads="true").scale_heads is True
+    assert weighting.create("nash_mtl", ["a"], steps="5").steps == 5
+    assert weighting.create("dwa", ["a"], temperature="3").temperature == 3.0
+    with pytest.raises(ValueError, match="scale_heads"):
+        weighting.create("pcgrad", ["a"], scale_heads="maybe")

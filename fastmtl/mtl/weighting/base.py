@@ -152,6 +152,18 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def _as_bool(value, name: str) -> bool:
+    """A bool option that may arrive as a string from the command line ("true"/"false"/"1"/"0")."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
 class LossWeighting(Weighting):
     """A strategy that weights the losses: ``total_loss`` builds the scalar, ``backward`` back-propagates it."""
 
@@ -199,7 +211,7 @@ class GradientWeighting(Weighting):
         if mode not in ("representation", "params"):
             raise ValueError(f"mode must be 'representation' or 'params', got {mode!r}")
         self.mode = mode
-        self.scale_heads = self.default_scale_heads if scale_heads is None else bool(scale_heads)
+        self.scale_heads = self.default_scale_heads if scale_heads is None else _as_bool(scale_heads, "scale_heads")
         self.last_gram: torch.Tensor | None = None
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:

@@ -37,6 +37,7 @@ class CAGrad(GradientWeighting):
 
     def __init__(self, task_names, *, c: float = 0.5, rescale: int = 1, steps: int = 100, **options):
         super().__init__(task_names, **options)
+        c, rescale, steps = float(c), int(rescale), int(steps)  # options may arrive as strings from a CLI
         if not c >= 0:
             raise ValueError(f"c must be non-negative, got {c}")
         if rescale not in (0, 1, 2):

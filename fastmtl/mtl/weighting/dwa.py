@@ -44,6 +44,7 @@ class DynamicWeightAverage(LossWeighting):
 
     def __init__(self, task_names, *, temperature: float = 2.0):
         super().__init__(task_names)
+        temperature = float(temperature)
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)

@@ -29,6 +29,7 @@ class GradVac(GradientWeighting):
 
     def __init__(self, task_names, *, beta: float = 0.01, generator: torch.Generator | None = None, **options):
         super().__init__(task_names, **options)
+        beta = float(beta)
         if not 0 <= beta <= 1:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta = float(beta)

@@ -52,7 +52,8 @@ class NashMTL(GradientWeighting):
 
     def __init__(self, task_names, *, steps: int = 20, update_every: int = 1, max_norm: float = 0.0, **options):
         super().__init__(task_names, **options)
-        if int(steps) < 1 or int(update_every) < 1:
+        steps, update_every, max_norm = int(steps), int(update_every), float(max_norm)
+        if steps < 1 or update_every < 1:
             raise ValueError(f"steps and update_every must be positive, got {steps} and {update_every}")
         self.steps, self.update_every, self.max_norm = int(steps), int(update_every), float(max_norm)
         self.calls = 0
