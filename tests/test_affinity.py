@@ -120,14 +120,16 @@ def test_lookahead_tracker_measures_every_n_steps():
     model = TwoHeads().eval()
     batch = (torch.randn(8, 4, dtype=D), torch.randn(8, 2, dtype=D))
     tracker = affinity.LookaheadAffinityTracker(["a", "b"], every=2, lr=0.05)
-    measured = [tracker.maybe_update(step, model, batch, two_head_losses, list(model.trunk.parameters())) for step in range(5)]
+    shared = list(model.trunk.parameters())
+    measured = [tracker.maybe_update(step, model, batch, two_head_losses, shared) for step in range(5)]
     assert [m is not None for m in measured] == [True, False, True, False, True]
     assert tracker.count == 3
     torch.testing.assert_close(tracker.matrix(), measured[0])  # same batch, model restored: same matrix each time
 
 
 def test_plot_affinity_writes_a_png(tmp_path):
-    path = affinity.plot_affinity(torch.tensor([[1.0, -0.3], [0.2, 1.0]]), ["seg", "depth"], tmp_path / "aff.png", title="cos")
+    matrix = torch.tensor([[1.0, -0.3], [0.2, 1.0]])
+    path = affinity.plot_affinity(matrix, ["seg", "depth"], tmp_path / "aff.png", title="cos")
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     with pytest.raises(ValueError, match=r"\[K, K\]"):

@@ -14,6 +14,11 @@ GRADIENT_METHODS = ["pcgrad", "mgda", "cagrad", "imtl_g", "gradvac", "aligned_mt
 D = torch.float64
 
 
+def seeded(name, seed=0):
+    """Options that fix the random orders of PCGrad and GradVac (nothing for the others)."""
+    return {"generator": torch.Generator().manual_seed(seed)} if name in ("pcgrad", "gradvac") else {}
+
+
 def conflicting(k=3, p=7, seed=0):
     """Random gradients with at least one conflicting pair (fresh values, never zeros)."""
     g = torch.Generator().manual_seed(seed)
@@ -320,10 +325,8 @@ def test_nash_mtl_orthogonal_gradients_closed_form():
 @pytest.mark.parametrize("scale", [1e-3, 7.0])
 def test_gradient_methods_are_scale_equivariant(name, scale):
     grads = conflicting(k=3, seed=12)
-    options = {"generator": torch.Generator().manual_seed(0)} if name in ("pcgrad", "gradvac") else {}
-    base = weighting.aggregate(name, grads, **options)
-    options = {"generator": torch.Generator().manual_seed(0)} if name in ("pcgrad", "gradvac") else {}
-    scaled = weighting.aggregate(name, scale * grads, **options)
+    base = weighting.aggregate(name, grads, **seeded(name))
+    scaled = weighting.aggregate(name, scale * grads, **seeded(name))
     rtol = 1e-3 if name == "cagrad" else 1e-7  # CAGrad's inner solve is iterative (same iterates up to rounding)
     torch.testing.assert_close(scaled, scale * base, rtol=rtol, atol=1e-12 * scale)
 
@@ -331,9 +334,8 @@ def test_gradient_methods_are_scale_equivariant(name, scale):
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_gram_weights_reproduce_aggregate(name):
     grads = conflicting(k=4, seed=13)
-    options = lambda: {"generator": torch.Generator().manual_seed(2)} if name in ("pcgrad", "gradvac") else {}  # noqa: E731
-    w = weighting.gram_weights(name, grads @ grads.T, **options())
-    torch.testing.assert_close(w @ grads, weighting.aggregate(name, grads, **options()), rtol=1e-10, atol=1e-12)
+    w = weighting.gram_weights(name, grads @ grads.T, **seeded(name, 2))
+    torch.testing.assert_close(w @ grads, weighting.aggregate(name, grads, **seeded(name, 2)), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS + ["ew"])
@@ -347,10 +349,9 @@ def test_single_task_is_left_alone_up_to_scale(name):
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_float32_and_bfloat16_gradients(name):
     grads = conflicting(k=3, seed=14)
-    ref = weighting.aggregate(name, grads, **({"generator": torch.Generator().manual_seed(0)} if name in ("pcgrad", "gradvac") else {}))
+    ref = weighting.aggregate(name, grads, **seeded(name))
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
-        opts = {"generator": torch.Generator().manual_seed(0)} if name in ("pcgrad", "gradvac") else {}
-        out = weighting.aggregate(name, grads.to(dtype), **opts)
+        out = weighting.aggregate(name, grads.to(dtype), **seeded(name))
         assert out.dtype == dtype
         assert float((out.double() - ref).norm() / ref.norm()) < tol, name
 

@@ -50,7 +50,8 @@ class Toy(nn.Module):
 
 def make_batch(n=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 5, generator=g, dtype=dtype)
+    return x, torch.randn(n, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
 
 
 def grads_of(model):
@@ -247,7 +248,8 @@ class ConvToy(nn.Module):
 def _autocast_errors(name):
     """Relative error of each parameter gradient under bf16 autocast against float32, for strategy ``name``."""
     g = torch.Generator().manual_seed(0)
-    x, ya, yb = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+    x, ya = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 8, 8, generator=g)
+    yb = torch.randint(0, 4, (4,), generator=g)
     torch.manual_seed(0)
     reference = ConvToy()
     model = copy.deepcopy(reference)

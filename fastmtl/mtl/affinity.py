@@ -86,7 +86,9 @@ class _RunningMatrix:
     def _add(self, matrix: torch.Tensor) -> None:
         k = len(self.task_names)
         if matrix.shape != (k, k):
-            raise ValueError(f"expected a [{k}, {k}] matrix for tasks {list(self.task_names)}, got {tuple(matrix.shape)}")
+            raise ValueError(
+                f"expected a [{k}, {k}] matrix for tasks {list(self.task_names)}, got {tuple(matrix.shape)}"
+            )
         matrix = matrix.detach().double()
         self.total = matrix.clone() if self.total is None else self.total + matrix.to(self.total.device)
         self.count += 1
