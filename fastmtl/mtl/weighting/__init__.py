@@ -33,18 +33,25 @@ from collections.abc import Sequence
 
 import torch
 
-from fastmtl.mtl.weighting import ew  # noqa: F401  (registers the strategies)
+# Importing each strategy's module registers it.
+from fastmtl.mtl.weighting import (  # noqa: F401
+    aligned_mtl,
+    cagrad,
+    datasize,
+    dwa,
+    ew,
+    famo,
+    gradnorm,
+    gradvac,
+    imtl_g,
+    mgda,
+    nash_mtl,
+    pcgrad,
+    rlw,
+    upgrad,
+    uw,
+)
 from fastmtl.mtl.weighting.base import GradientWeighting, LossWeighting, Weighting, registry
-
-for _module in (
-    "datasize", "uw", "dwa", "rlw", "famo",
-    "gradnorm", "pcgrad", "mgda", "cagrad", "imtl_g", "gradvac", "aligned_mtl", "upgrad", "nash_mtl",
-):  # fmt: skip
-    try:
-        __import__(f"fastmtl.mtl.weighting.{_module}")
-    except ModuleNotFoundError as error:  # a strategy not written yet
-        if error.name != f"fastmtl.mtl.weighting.{_module}":
-            raise
 
 __all__ = [
     "GradientWeighting",
