@@ -331,3 +331,26 @@ def test_loss_scale_scales_every_gradient_and_no_weight(name):
         torch.testing.assert_close(scaled[key], scale * plain[key], rtol=1e-9, atol=1e-12)
     for a, b in zip(own, own_scaled):
         torch.testing.assert_close(b, scale * a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LOSS_LEVEL + GRADIENT_LEVEL)
+def test_a_short_training_run_lowers_both_losses(name):
+    """30 Adam steps on a fixed batch with each strategy (its own parameters trained too) lower both task losses."""
+    torch.manual_seed(0)
+    model, batch = Toy(), make_batch(n=16)
+    strategy = weighting.create(name, TASKS, **options(name)).to(torch.float64)
+    optimizer = torch.optim.Adam([*model.parameters(), *strategy.parameters()], lr=1e-2)
+    counts = {"a": torch.tensor(16), "b": torch.tensor(16)}
+    with torch.no_grad():
+        first = {t: float(v) for t, v in model.losses(model.encode(batch[0]), batch).items()}
+    for epoch in range(30):
+        optimizer.zero_grad(set_to_none=True)
+        run(strategy, model, batch, counts)
+        optimizer.step()
+        if epoch % 5 == 4:
+            with torch.no_grad():
+                strategy.epoch_end({t: float(v) for t, v in model.losses(model.encode(batch[0]), batch).items()})
+    with torch.no_grad():
+        last = {t: float(v) for t, v in model.losses(model.encode(batch[0]), batch).items()}
+    for t in TASKS:
+        assert last[t] < 0.9 * first[t], (t, first[t], last[t])
