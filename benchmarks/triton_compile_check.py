@@ -104,34 +104,26 @@ def conv_cases(conv, tag, x, w, b):
     """Conv forward, epilogue and gradient kernels via their host launchers."""
     import torch
 
-    found = []
-    for name in ("conv_bias_relu_fwd", "conv_bias_relu_forward", "conv_bias_relu"):
-        if hasattr(conv, name):
-            fwd = getattr(conv, name)
-            found.append((f"conv fwd {tag} s1p1", lambda fwd=fwd: fwd(x, w, b, (1, 1), (1, 1), (1, 1), 1)))
-            found.append((f"conv fwd {tag} s2p0d2 nobias", lambda fwd=fwd: fwd(x, w, None, (2, 2), (0, 0), (2, 2), 1)))
-            break
-    y = torch.relu(torch.randn(2, 32, 9, 10)).to(x.dtype).contiguous(memory_format=torch.channels_last
-                                                                     if not x.is_contiguous() else torch.contiguous_format)
+    fwd = conv.conv_bias_relu_forward
+    found = [
+        (f"conv fwd {tag} s1p1", lambda: fwd(x, w, b, (1, 1), (1, 1), (1, 1))),
+        (f"conv fwd {tag} s2p0d2 nobias", lambda: fwd(x, w, None, (2, 2), (0, 0), (2, 2))),
+        (f"conv fwd {tag} stem", lambda: fwd(x[:, :3].contiguous(memory_format=torch.channels_last), w[:, :3].contiguous(),
+                                             b, (1, 1), (1, 1), (1, 1))),
+    ]
+    memory_format = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    y = torch.relu(torch.randn(2, 32, 9, 10)).to(x.dtype).contiguous(memory_format=memory_format)
     gy = torch.randn_like(y)
-    if hasattr(conv, "relu_bias_grad"):
-        found.append((f"relu_bias_grad {tag}", lambda: conv.relu_bias_grad(gy, y, True)))
-    for name in ("conv_backward", "conv_bias_relu_backward"):
-        if hasattr(conv, name):
-            bwd = getattr(conv, name)
-            found.append((f"{name} {tag}", lambda bwd=bwd: _call_backward(bwd, gy, y, x, w)))
+    found.append((f"relu_bias_grad {tag}", lambda: conv.relu_bias_grad(gy, y, True)))
+    for stride in (1, 2):
+        ys = y[:, :, ::stride, ::stride].contiguous(memory_format=memory_format)
+        found.append((
+            f"conv_backward triton {tag} stride {stride}",
+            lambda ys=ys, stride=stride: conv.conv_backward(
+                torch.randn_like(ys), ys, x, w, (stride, stride), (1, 1), (1, 1), [True, True, True], impl="triton"
+            ),
+        ))
     return found
-
-
-def _call_backward(bwd, gy, y, x, w):
-    import inspect
-
-    params = inspect.signature(bwd).parameters
-    kwargs = {"impl": "triton"} if "impl" in params else {}
-    try:
-        return bwd(gy, y, x, w, (1, 1), (1, 1), (1, 1), 1, [True, True, True], **kwargs)
-    except TypeError:
-        return bwd(gy, y, x, w, (1, 1), (1, 1), (1, 1), 1, **kwargs)
 
 
 def loss_cases(loss, tag, dtype, cl):
