@@ -22,7 +22,7 @@ log "device and versions"
 log "build (pip install --no-build-isolation --no-deps .)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
-if ! timeout 300 $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
+if ! timeout ${BUILD_TIMEOUT:-300} $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
   log "BUILD FAILED"; tail -40 "$OUT/build.log"
 fi
 $PY -P -m fastmtl info 2>&1 | tee -a "$OUT/env.txt"
@@ -35,10 +35,10 @@ echo "tests exit code: $?" >>"$OUT/tests.log"
 tail -25 "$OUT/tests.log"
 
 log "bandwidth check"
-timeout 90 $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
+timeout ${BW_TIMEOUT:-90} $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
 
 log "benchmarks (CUDA cases)"
-timeout ${BENCH_TIMEOUT:-240} $PY -P -m pytest benchmarks --benchmark-only -k cuda -q -p no:cacheprovider \
+timeout ${BENCH_TIMEOUT:-240} $PY -P -m pytest benchmarks --benchmark-only -k "${BENCH_K:-cuda}" -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json" --benchmark-min-rounds=10 --benchmark-max-time=0.25 \
   --benchmark-columns=median >"$OUT/bench.log" 2>&1
 echo "benchmarks exit code: $?" >>"$OUT/bench.log"

@@ -21,9 +21,10 @@ def _read(path: str) -> str:
 
 
 def test_counts(log: str) -> dict:
-    """passed/failed/skipped/error counts from pytest's closing line."""
+    """passed/failed/skipped/error counts from pytest's closing line (empty if pytest did not finish)."""
+    closing = [line for line in log.splitlines() if re.search(r"\d+ (passed|failed)", line)]
     counts = {}
-    for num, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed)", log):
+    for num, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed)", closing[-1] if closing else ""):
         counts[word.rstrip("s") if word.startswith("error") else word] = int(num)
     return counts
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", tests_log, flags=re.M)
     results = {
         "env": env.strip().splitlines(),
-        "tests": test_counts(tests_log.strip().splitlines()[-2] if tests_log.strip() else ""),
+        "tests": test_counts(tests_log),
         "test_failures": failures,
         "bandwidth": bandwidth,
         "benchmarks": table,

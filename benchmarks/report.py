@@ -15,7 +15,7 @@ import json
 import sys
 from collections import defaultdict
 
-EAGER_NAMES = ("eager",)
+EAGER_NAMES = ("eager", "ew")  # "ew": equal weighting is the baseline of the weighting benchmarks
 COMPILE_NAMES = ("compile",)
 
 

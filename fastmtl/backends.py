@@ -59,7 +59,12 @@ def _triton_importable() -> tuple[bool, str]:
 
 def backend_status() -> dict[str, tuple[bool, str]]:
     """For each backend: (usable on this machine for some device, a human-readable status)."""
-    gpu = torch.cuda.is_available()
+    return dict(_status(torch.cuda.is_available(), triton_interpret()))
+
+
+@functools.lru_cache(maxsize=None)
+def _status(gpu: bool, interpret: bool) -> dict[str, tuple[bool, str]]:
+    # Cached: it is consulted on every op call, and what is built or visible does not change within a process.
     status = {"torch": (True, "available (pure PyTorch)")}
     cpp_ok, cpp_why = _native.load("_C")
     status["cpp"] = (cpp_ok, "available (CPU tensors)" if cpp_ok else cpp_why)
@@ -75,7 +80,7 @@ def backend_status() -> dict[str, tuple[bool, str]]:
         status["triton"] = (False, tri_why)
     elif gpu:
         status["triton"] = (True, "available (CUDA tensors)")
-    elif triton_interpret():
+    elif interpret:
         status["triton"] = (True, "available in the interpreter (TRITON_INTERPRET=1, CPU tensors)")
     else:
         status["triton"] = (False, "needs a CUDA device or TRITON_INTERPRET=1")
@@ -89,7 +94,7 @@ def available_backends() -> list[str]:
 
 def can_run(backend: str, device: torch.device) -> tuple[bool, str]:
     """Whether ``backend`` can run tensors on ``device``; if not, why."""
-    ok, why = backend_status()[backend]
+    ok, why = _status(torch.cuda.is_available(), triton_interpret())[backend]
     if backend == "torch":
         return True, ""
     if backend == "cpp":

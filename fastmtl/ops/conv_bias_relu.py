@@ -129,6 +129,7 @@ def _backward(ctx, grad_y):
 def _register_native() -> bool:
     if not _native.has_cpp():
         return False
+    _native.has_cuda_build()  # imports fastmtl._C_cuda where built: registers the CUDA kernels of the ops
     torch.library.register_fake(NATIVE, _fake_forward)
     torch.library.register_fake(NATIVE_BACKWARD, _fake_backward)
     torch.library.register_fake(NATIVE_EPILOGUE, _fake_epilogue)
@@ -196,8 +197,11 @@ def conv_bias_relu(
         from fastmtl import autotune
 
         backend = autotune.choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
+    backend, _, algo = backend.partition(":")  # autotune may name an algorithm: "cuda:library"
     if x.dtype == torch.float64 and backend in ("cuda", "triton"):
         backend = "torch"
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
+    if algo and backend in ("cpp", "cuda"):
+        return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups, algo=algo)
     return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups)

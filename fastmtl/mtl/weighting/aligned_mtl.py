@@ -1,0 +1,31 @@
+"""Aligned-MTL: independent component alignment."""
+
+from __future__ import annotations
+
+import torch
+
+from fastmtl.mtl.weighting.base import GradientWeighting, register
+
+
+@register("aligned_mtl")
+class AlignedMTL(GradientWeighting):
+    """Aligned-MTL of Senushkin, Patakin, Kuznetsov and Konushin, "Independent Component Alignment for
+    Multi-Task Learning", CVPR 2023 (arXiv:2305.19000).
+
+    The task gradients ``G`` are replaced by the aligned ``B G`` whose rows are orthogonal with equal norms, the
+    smallest singular value of ``G``: with the Gramian ``M = V diag(lambda) V^T``,
+    ``B = sqrt(lambda_min) V diag(lambda^{-1/2}) V^T`` (directions with ``lambda`` below a relative tolerance are
+    dropped, so a rank-deficient ``G`` is handled). The update is the sum of the aligned gradients, i.e.
+    coefficients ``B 1``. The eigendecomposition of the ``K x K`` Gramian runs on the device (note: on CUDA,
+    ``torch.linalg.eigh`` checks its convergence flag on the host, the one synchronisation of this method).
+    """
+
+    def compute_weights(self, gram, losses):
+        """``B 1`` from the eigendecomposition of the Gramian."""
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        keep = eigenvalues > eigenvalues.amax().clamp_min(0) * (gram.shape[0] * 1e-12) + 1e-300
+        inverse_root = torch.where(keep, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
+        smallest = torch.where(keep, eigenvalues, torch.full_like(eigenvalues, float("inf"))).amin()
+        smallest = torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest))
+        balance = smallest.sqrt() * (eigenvectors * inverse_root) @ eigenvectors.T
+        return balance.sum(1)

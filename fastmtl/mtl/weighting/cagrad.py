@@ -1,0 +1,105 @@
+"""Conflict-averse gradient descent."""
+
+from __future__ import annotations
+
+import torch
+
+from fastmtl.mtl.weighting import _qp
+from fastmtl.mtl.weighting.base import GradientWeighting, register
+
+
+def cagrad_objective(w: torch.Tensor, gram: torch.Tensor, c: float) -> torch.Tensor:
+    """CAGrad's dual objective ``w . (G g0) + c |g0| |G^T w|`` for weights ``w`` ``[..., K]`` (``g0`` the mean)."""
+    k = gram.shape[0]
+    mean_dots = gram.sum(1) / k  # g_i . g0
+    g0_norm = (gram.sum() / k**2).clamp_min(0).sqrt()
+    quad = torch.einsum("...i,ij,...j->...", w, gram, w).clamp_min(0)
+    return w @ mean_dots + c * g0_norm * quad.sqrt()
+
+
+@register("cagrad")
+class CAGrad(GradientWeighting):
+    """CAGrad of Liu, Liu, Jin, Stone and Liu, "Conflict-Averse Gradient Descent for Multi-task Learning",
+    NeurIPS 2021 (arXiv:2110.14048).
+
+    The update ``d`` maximises the worst task improvement ``min_i g_i . d`` within a ball of radius ``c |g0|``
+    around the mean gradient ``g0``. Its dual: ``w* = argmin_{w in simplex} w . (G g0) + c |g0| |G^T w|``, then
+    ``d = g0 + (c |g0| / |g_w|) g_w`` with ``g_w = G^T w*``; ``c = 0`` gives the mean gradient. The simplex
+    problem is solved on the device as a family of exact quadratic programs (see :meth:`solve`).
+
+    Args:
+        task_names: the tasks.
+        c: the radius factor (0.5 in the paper's image experiments).
+        rescale: 0 returns ``d``; 1 (default, as in the paper's code) ``d / (1 + c^2)``; 2 ``d / (1 + c)``.
+        steps: projected-gradient steps of the inner solve when there are more than 10 tasks (100).
+        mode, scale_heads: see :class:`GradientWeighting`.
+    """
+
+    def __init__(self, task_names, *, c: float = 0.5, rescale: int = 1, steps: int = 100, **options):
+        super().__init__(task_names, **options)
+        c, rescale, steps = float(c), int(rescale), int(steps)  # options may arrive as strings from a CLI
+        if not c >= 0:
+            raise ValueError(f"c must be non-negative, got {c}")
+        if rescale not in (0, 1, 2):
+            raise ValueError(f"rescale must be 0, 1 or 2, got {rescale}")
+        if int(steps) < 1:
+            raise ValueError(f"steps must be positive, got {steps}")
+        self.c, self.rescale, self.steps = float(c), int(rescale), int(steps)
+
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
+        """The dual weights ``w*`` on the simplex.
+
+        ``sqrt(q) = min_{r > 0} q / (2 r) + r / 2``, so for a fixed ``r`` the dual is a quadratic program on the
+        simplex (solved exactly, :func:`fastmtl.mtl.weighting._qp.simplex_qp`); the optimal ``r`` is ``|g_w*|``.
+        ``r`` is scanned on a log grid and then on a fine grid around the best point, all in two batched solves,
+        keeping the ``w`` with the smallest true objective. With more than ``_qp.MAX_EXACT_TASKS`` tasks,
+        ``steps`` projected-gradient steps are used instead.
+        """
+        k = gram.shape[0]
+        gram = gram / gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+        if k > _qp.MAX_EXACT_TASKS:
+            return self._solve_iterative(gram)
+        mean_dots = gram.sum(1) / k
+        radius = self.c * (gram.sum() / k**2).clamp_min(0).sqrt()
+        top = gram.diagonal().amax().clamp_min(1e-30).sqrt()  # |g_w| <= the largest gradient norm
+        exponents = torch.linspace(-4, 0, 48, dtype=gram.dtype, device=gram.device)
+        coarse = top * 10**exponents
+        w = _qp.simplex_qp(gram, mean_dots, radius / coarse)
+        best = cagrad_objective(w, gram, self.c).argmin()
+        low = coarse.gather(0, (best - 1).clamp_min(0).reshape(1))
+        high = coarse.gather(0, (best + 1).clamp_max(coarse.shape[0] - 1).reshape(1))
+        fine = low + (high - low) * torch.linspace(0, 1, 32, dtype=gram.dtype, device=gram.device)
+        w = torch.cat([w, _qp.simplex_qp(gram, mean_dots, radius / fine)])
+        values = cagrad_objective(w, gram, self.c)
+        return w.index_select(0, values.argmin().reshape(1))[0]
+
+    def _solve_iterative(self, gram: torch.Tensor) -> torch.Tensor:
+        k = gram.shape[0]
+        w = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+        best_w, best_value = w, cagrad_objective(w, gram, self.c)
+        mean_dots = gram.sum(1) / k
+        radius = self.c * (gram.sum() / k**2).clamp_min(0).sqrt()
+        for step in range(self.steps):
+            gw_norm = (w @ gram @ w).clamp_min(1e-20).sqrt()
+            grad = mean_dots + radius * (gram @ w) / gw_norm
+            w = _qp.project_simplex(w - grad * (0.5 / (step + 1) ** 0.5))
+            value = cagrad_objective(w, gram, self.c)
+            better = value < best_value
+            best_w = torch.where(better, w, best_w)
+            best_value = torch.where(better, value, best_value)
+        return best_w
+
+    def compute_weights(self, gram, losses):
+        """Coefficients of ``d`` on the task gradients: ``1/K + (c |g0| / |g_w|) w*``, rescaled."""
+        k = gram.shape[0]
+        coefficients = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+        if self.c > 0:
+            w = self.solve(gram)
+            g0_norm = (gram.sum() / k**2).clamp_min(0).sqrt()
+            gw_norm = (w @ gram @ w).clamp_min(0).sqrt()
+            coefficients = coefficients + self.c * g0_norm / gw_norm.clamp_min(1e-30) * w
+        if self.rescale == 1:
+            coefficients = coefficients / (1 + self.c**2)
+        elif self.rescale == 2:
+            coefficients = coefficients / (1 + self.c)
+        return coefficients
