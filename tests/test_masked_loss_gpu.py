@@ -244,11 +244,19 @@ def test_triton_strided_inputs(tri):
     ref_loss, ref_grad = reference(pred, target, mask, "ce")
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
+    pred = torch.randn(3, 5, 4, 6, device=DEVICE).permute(0, 1, 3, 2)  # dense, spatial dims not one progression
+    target = torch.randint(0, 5, (3, 6, 4), device=DEVICE)
+    loss, grad = tri.masked_loss(pred, target, None, "ce", -100, True)
+    ref_loss, ref_grad = reference(pred, target, None, "ce")
+    assert grad.stride() == pred.stride()
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+
     pred = torch.randn(5, 12, device=DEVICE).t()  # [12, 5], dim 0 not outermost
     target = torch.randn(12, 5, device=DEVICE)
     mask = make_mask(12, "random")
     loss, grad = tri.masked_loss(pred, target, mask, "mse", -100, True)
     ref_loss, ref_grad = reference(pred, target, mask, "mse")
+    assert grad.stride() == pred.stride()
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
     pred, target = make_dense("l1", (4, 3, 5, 6), "channels_last")
@@ -395,11 +403,18 @@ def test_gpu_unaligned_and_strided(tri, backend):
     mask = make_mask(3, "random", device="cuda")
     check(_run(backend, tri, pred, target, mask, "mse"), pred, target, mask, "mse")
     big = torch.randn(6, 7, 8, 10, device="cuda")
-    pred = big[::2, :, 1:7, ::2]
-    target = torch.randint(0, 7, (3, 6, 5), device="cuda")
-    loss, grad = _run(backend, tri, pred, target, None, "ce")
-    ref_loss, ref_grad = reference(pred, target, None, "ce")
-    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+    permuted = torch.randn(3, 5, 4, 6, device="cuda").permute(0, 1, 3, 2)
+    transposed = torch.randn(5, 12, device="cuda").t()
+    cases = [
+        (big[::2, :, 1:7, ::2], torch.randint(0, 7, (3, 6, 5), device="cuda"), "ce"),
+        (permuted, torch.randint(0, 5, (3, 6, 4), device="cuda"), "ce"),
+        (transposed, torch.randn(12, 5, device="cuda"), "mse"),
+    ]
+    for pred, target, kind in cases:
+        loss, grad = _run(backend, tri, pred, target, None, kind)
+        ref_loss, ref_grad = reference(pred, target, None, kind)
+        assert grad.stride() == torch.empty_like(pred).stride()
+        assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
 
 @pytest.mark.cuda
