@@ -298,10 +298,10 @@ def _launch_count(launch, target, mask_u8, has_mask, counts_total, counts, loss,
                   ignore_index, is_ce):  # fmt: skip
     blocks = triton.cdiv(counts_total, COUNT_BLOCK)
     programs = max(1, min(COUNT_PROGRAMS, blocks))
-    counts_buf = counts[:programs] if counts is not None else None
     if launch is not None:
         launch(_count_kernel)[(programs,)](
-            target, mask_u8, counts_buf, loss, counts_total, triton.cdiv(blocks, programs), S, t_sn, t_ss, m_sn, m_ss, C, ignore_index,
+            target, mask_u8, counts, loss, counts_total, triton.cdiv(blocks, programs),
+            S, t_sn, t_ss, m_sn, m_ss, C, ignore_index,
             IS_CE=is_ce, HAS_MASK=has_mask, BIG_S=S >= COUNT_BLOCK, BLOCK=COUNT_BLOCK, num_warps=8,
         )  # fmt: skip
     return programs

@@ -163,7 +163,10 @@ def test_triton_ce_parity(tri, poisoned, shape, layout, mask_mode):
 @pytest.mark.parametrize("kind", ["bce", "l1", "mse"])
 @pytest.mark.parametrize(
     "shape,layout",
-    [((5, 3, 6, 4), "contiguous"), ((5, 3, 6, 4), "channels_last"), ((300, 1), "contiguous"), ((3, 5000), "contiguous")],
+    [
+        ((5, 3, 6, 4), "contiguous"), ((5, 3, 6, 4), "channels_last"),
+        ((300, 1), "contiguous"), ((3, 5000), "contiguous"),
+    ],
 )
 @pytest.mark.parametrize("mask_mode", ["none", "random", "empty"])
 def test_triton_elementwise_parity(tri, poisoned, kind, shape, layout, mask_mode):
@@ -367,7 +370,12 @@ def test_gpu_ce_parity(tri, backend, dtype, shape, layout, mask_mode):
 @pytest.mark.parametrize("kind", ["bce", "l1", "mse"])
 @pytest.mark.parametrize(
     "shape,layout",
-    [((5, 3, 6, 4), "contiguous"), ((5, 3, 6, 4), "channels_last"), ((300, 1), "contiguous"), ((3, 5001), "contiguous")],
+    [
+        ((5, 3, 6, 4), "contiguous"),
+        ((5, 3, 6, 4), "channels_last"),
+        ((300, 1), "contiguous"),
+        ((3, 5001), "contiguous"),  # odd size: vector tail
+    ],
 )
 @pytest.mark.parametrize("mask_mode", ["none", "random", "empty"])
 def test_gpu_elementwise_parity(tri, backend, dtype, kind, shape, layout, mask_mode):
@@ -424,7 +432,8 @@ def test_gpu_large_shapes(tri, layout, dtype):
     """The NYUv2-like sizes: 13-class segmentation 8x13x288x384, depth with holes, 3-channel normals, attributes."""
     mask = make_mask(8, "random", device="cuda")
     cases = [("ce", make_ce((8, 13, 288, 384), layout, dtype, device="cuda"))]
-    for kind, shape in (("l1", (8, 1, 288, 384)), ("l1", (8, 3, 288, 384)), ("bce", (8, 40)), ("mse", (8, 1, 288, 384))):
+    dense_cases = (("l1", (8, 1, 288, 384)), ("l1", (8, 3, 288, 384)), ("bce", (8, 40)), ("mse", (8, 1, 288, 384)))
+    for kind, shape in dense_cases:
         cases.append((kind, make_dense(kind, shape, layout if len(shape) == 4 else "contiguous", dtype, device="cuda")))
     for kind, (pred, target) in cases:
         ref_loss, ref_grad = reference(pred, target, mask, kind)

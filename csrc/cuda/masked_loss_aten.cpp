@@ -69,8 +69,9 @@ bool flat_by_sample(const at::Tensor& t) {
   return n <= 1 || t.stride(0) == t.numel() / n;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor target, const c10::optional<at::Tensor>& mask,
-                                                 int64_t ignore_index, bool compute_grad, cudaStream_t stream) {
+std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor target,
+                                                 const c10::optional<at::Tensor>& mask, int64_t ignore_index,
+                                                 bool compute_grad, cudaStream_t stream) {
   TORCH_CHECK(pred.dim() >= 2, "masked_loss (CUDA): ce pred must be [N, C, *], got ", pred.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "masked_loss (CUDA): ce target must be int64");
   TORCH_CHECK(target.dim() == pred.dim() - 1 && target.size(0) == pred.size(0),
@@ -126,8 +127,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor tar
   return {loss, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> elementwise(at::Tensor pred, at::Tensor target, const c10::optional<at::Tensor>& mask,
-                                               cuda::ElementwiseKind kind, bool compute_grad, cudaStream_t stream) {
+std::tuple<at::Tensor, at::Tensor> elementwise(at::Tensor pred, at::Tensor target,
+                                               const c10::optional<at::Tensor>& mask, cuda::ElementwiseKind kind,
+                                               bool compute_grad, cudaStream_t stream) {
   TORCH_CHECK(pred.dim() >= 1 && target.sizes() == pred.sizes(),
               "masked_loss (CUDA): target must have pred's shape ", pred.sizes(), ", got ", target.sizes());
   at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
