@@ -147,6 +147,7 @@ CE_CASES = [
     ((3, 13, 6, 7), "channels_last"),
     ((2, 40, 5, 3), "contiguous"),  # NCHW with C over the class block
     ((4, 6, 9), "contiguous"),  # [N, C, L]
+    ((2, 3, 48, 48), "contiguous"),  # S >= the count block: block-wise sample index
 ]
 
 
@@ -187,6 +188,13 @@ def test_triton_low_precision(tri, poisoned, dtype, kind):
     else:
         pred, target = make_dense(kind, (4, 3, 5, 6), "contiguous", dtype)
     check(tri.masked_loss(pred, target, mask, kind, -100, True), pred, target, mask, kind, dtype=dtype)
+
+
+def test_triton_count_grid_stride(tri, poisoned):
+    """More target blocks than count programs: each count program loops (and sample boundaries fall mid-block)."""
+    pred, target = make_dense("mse", (3, 181_000), "contiguous")
+    mask = torch.tensor([True, False, True], device=DEVICE)
+    check(tri.masked_loss(pred, target, mask, "mse", -100, True), pred, target, mask, "mse")
 
 
 def test_triton_fp16_target_with_fp32_pred(tri):
