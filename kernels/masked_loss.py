@@ -302,7 +302,7 @@ def _launch_count(launch, target, mask_u8, has_mask, counts_total, counts, loss,
         launch(_count_kernel)[(programs,)](
             target, mask_u8, counts, loss, counts_total, triton.cdiv(blocks, programs),
             S, t_sn, t_ss, m_sn, m_ss, C, ignore_index,
-            IS_CE=is_ce, HAS_MASK=has_mask, BIG_S=S >= COUNT_BLOCK, BLOCK=COUNT_BLOCK, num_warps=8,
+            IS_CE=is_ce, HAS_MASK=has_mask, BIG_S=bool(S >= COUNT_BLOCK), BLOCK=COUNT_BLOCK, num_warps=8,
         )  # fmt: skip
     return programs
 
@@ -358,6 +358,7 @@ def _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, l
     if launch is None or N * S == 0:
         return grad
 
+    # constexpr block sizes are made concrete below (under dynamic-shape tracing this specialises on C and S)
     if p_sc == 1 and C > 1:  # classes contiguous ([N, C], channels_last): rows of BLOCK_C lanes
         block_c = min(triton.next_power_of_2(C), 1024)
         block_s = max(1, min(128, 4096 // block_c))
@@ -370,8 +371,9 @@ def _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, l
         pred, target, mask_u8, grad if compute_grad else pred, counts, loss,
         S, C, num_s_blocks, num_counts, ignore_index,
         p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
-        HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=C <= block_c,
-        COUNTS_P2=COUNT_PROGRAMS, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8 if block_s * block_c >= 4096 else 4,
+        HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c),
+        COUNTS_P2=COUNT_PROGRAMS, BLOCK_S=int(block_s), BLOCK_C=int(block_c),
+        num_warps=8 if block_s * block_c >= 4096 else 4,
     )  # fmt: skip
     return grad
 
@@ -399,7 +401,7 @@ def _elementwise(pred, target, mask, kind, compute_grad, grad, loss, launch):
         return grad
     launch(_elementwise_kernel)[(triton.cdiv(total, ELEMENTWISE_BLOCK),)](
         pred, target, mask_u8, grad if compute_grad else pred, counts, loss, total, M, num_counts,
-        KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, BIG_S=M >= ELEMENTWISE_BLOCK,
+        KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, BIG_S=bool(M >= ELEMENTWISE_BLOCK),
         COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK, num_warps=8,
     )  # fmt: skip
     return grad
