@@ -10,6 +10,8 @@ The oracle is a float64 reference written here (independent of the op layer): el
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -385,6 +387,302 @@ def test_triton_opcheck(tri):
     torch.library.opcheck(
         torch.ops.fastmtl.masked_loss_scale_grads_triton.default, (grads, torch.rand(2, device=DEVICE))
     )
+
+
+# ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss.cu compiled by g++ against a small emulation ---------------
+# Without a GPU the .cu kernels would otherwise only be compiled. The emulation runs each block's 256 threads as
+# std::threads; __syncthreads and warp shuffles are block-wide barriers (every kernel calls them with all threads),
+# blocks run one after another. It checks the kernels' arithmetic, indexing, masking and reductions (and the launchers'
+# choice of kernel), not memory-model or timing behaviour, and not the ATen glue (the @pytest.mark.cuda tests do).
+
+_EMU_HEADER = r"""// Minimal CPU emulation of the CUDA features used by csrc/cuda/masked_loss.cu (tests only): each block runs its
+// threads as std::threads, __syncthreads and warp shuffles use a block-wide barrier (the kernels call them with
+// every thread of the block).
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline std::barrier<>* emu_barrier = nullptr;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+#define __shared__ static
+
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+
+using std::isnan;
+inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  static T buf[1024];
+  (void)width;
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  T r = buf[threadIdx.x ^ lane_mask];
+  __syncthreads();
+  return r;
+}
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+struct __half { _Float16 v; __half() = default; };
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { __half h; h.v = static_cast<_Float16>(f); return h; }
+struct __nv_bfloat16 { uint16_t bits; __nv_bfloat16() = default; };
+inline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = uint32_t(b.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  __nv_bfloat16 b;
+  if (std::isnan(f)) { b.bits = 0x7fc0; return b; }
+  u += 0x7fff + ((u >> 16) & 1);
+  b.bits = uint16_t(u >> 16);
+  return b;
+}
+
+template <typename G, typename B, typename F>
+void emu_launch(G grid, B block, F&& body) {
+  gridDim.x = static_cast<unsigned>(grid);
+  blockDim.x = static_cast<unsigned>(block);
+  std::barrier<> bar(blockDim.x);
+  emu_barrier = &bar;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < blockDim.x; ++t)
+    threads.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (unsigned b = 0; b < gridDim.x; ++b) {  // blocks one after another, all threads of a block together
+        blockIdx.x = b;
+        body();
+        bar.arrive_and_wait();
+      }
+    });
+  for (auto& th : threads) th.join();
+}
+"""
+
+_EMU_SHIM = r"""#include "masked_loss.h"
+using namespace fastmtl::cuda;
+extern "C" {
+int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, int64_t ignore_index, int32_t* counts,
+                 int num_blocks, float* loss) {
+  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+  return masked_loss_count_ce(target, mask, g, ignore_index, counts, num_blocks, loss, nullptr);
+}
+int emu_ce(const void* pred, int dtype, const int64_t* target, const bool* mask, void* grad, const int64_t* geom,
+           int64_t ignore_index, const int32_t* counts, int num_counts, float* loss) {
+  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+  return masked_loss_ce(pred, DType(dtype), target, mask, grad, g, ignore_index, counts, num_counts, loss, nullptr);
+}
+int emu_count_float(const void* target, int tdtype, const bool* mask, int64_t total, int64_t M, int32_t* counts,
+                    int num_blocks, float* loss) {
+  return masked_loss_count_float(target, DType(tdtype), mask, total, M, counts, num_blocks, loss, nullptr);
+}
+int emu_elementwise(int kind, const void* pred, int dtype, const void* target, int tdtype, const bool* mask, void* grad,
+                    int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss) {
+  return masked_loss_elementwise(ElementwiseKind(kind), pred, DType(dtype), target, DType(tdtype), mask, grad, total, M,
+                                 counts, num_counts, loss, nullptr);
+}
+int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales) {
+  ScaleTask tasks[kMaxScaleTasks];
+  for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i])};
+  return masked_loss_scale_grads(tasks, n, scales, nullptr);
+}
+int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
+}
+"""
+
+
+def _rewrite_launches(src: str) -> str:
+    """``kernel<<<grid, block, 0, stream>>>(args);`` -> ``emu_launch(grid, block, [&]() { kernel(args); });``."""
+    import re
+
+    def split_top(text):
+        parts, depth, cur = [], 0, ""
+        for ch in text:
+            depth += ch in "(<"
+            depth -= ch in ")>"
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        return parts + [cur]
+
+    def launch(m):
+        grid, block = (x.strip() for x in split_top(m.group(2))[:2])
+        return f"emu_launch({grid}, {block}, [&]() {{ {m.group(1)}({m.group(3)}); }});"
+
+    out, n = re.subn(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", launch, src, flags=re.S)
+    assert n >= 8, f"expected every kernel launch to be rewritten, got {n}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The CUDA launchers of masked_loss.cu built for the CPU emulation, loaded with ctypes."""
+    import ctypes
+    import pathlib
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ (C++20) to build the CPU emulation of the CUDA kernels")
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    if not (csrc / "masked_loss.cu").exists():
+        pytest.skip("the CUDA sources are not beside the tests (installed package without csrc/)")
+    out = tmp_path_factory.mktemp("cuda_emulation")
+    (out / "inc").mkdir()
+    (out / "emu_cuda.h").write_text(_EMU_HEADER)
+    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (out / "inc" / name).write_text('#pragma once\n#include "../emu_cuda.h"\n')
+    shutil.copy(csrc / "masked_loss.h", out / "inc" / "masked_loss.h")
+    (out / "kernels.cpp").write_text('#include "emu_cuda.h"\n' + _rewrite_launches((csrc / "masked_loss.cu").read_text()))
+    (out / "shim.cpp").write_text(_EMU_SHIM)
+    lib = out / "libemu.so"
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{out / 'inc'}", f"-I{out}",
+           str(out / "kernels.cpp"), str(out / "shim.cpp"), "-o", str(lib)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+_EMU_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t):
+    import ctypes
+
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _emu_ce(lib, pred, target, mask, ignore_index=-100):
+    """The geometry masked_loss_aten.cpp builds, then the count and loss launchers, on poisoned outputs."""
+    import ctypes
+
+    from fastmtl.kernels.masked_loss import _collapsed_stride
+
+    grad = torch.full_like(pred, float("nan"))
+    N, C = pred.shape[:2]
+    S = math.prod(pred.shape[2:])
+    ms = mask.stride(0) if mask is not None else 0
+    if pred.dim() == 2:  # [N, C] as [1, C, N]
+        g = [1, C, N, N * pred.stride(0), pred.stride(1), pred.stride(0), N * grad.stride(0), grad.stride(1),
+             grad.stride(0), N * target.stride(0), target.stride(0), N * ms, ms]  # fmt: skip
+    else:
+        g = [N, C, S, pred.stride(0), pred.stride(1), _collapsed_stride(pred.shape[2:], pred.stride()[2:]),
+             grad.stride(0), grad.stride(1), _collapsed_stride(grad.shape[2:], grad.stride()[2:]),
+             target.stride(0), _collapsed_stride(target.shape[1:], target.stride()[1:]), ms, 0]  # fmt: skip
+    geom = (ctypes.c_int64 * 13)(*g)
+    blocks = lib.emu_count_blocks(ctypes.c_int64(g[0] * g[2]))
+    counts = torch.full((blocks,), -1, dtype=torch.int32)
+    loss = torch.full((), float("nan"))
+    ii = ctypes.c_int64(ignore_index)
+    assert lib.emu_count_ce(_ptr(target), _ptr(mask), geom, ii, _ptr(counts), blocks, _ptr(loss)) == 0
+    dt = _EMU_DTYPE[pred.dtype]
+    assert lib.emu_ce(_ptr(pred), dt, _ptr(target), _ptr(mask), _ptr(grad), geom, ii, _ptr(counts), blocks,
+                      _ptr(loss)) == 0  # fmt: skip
+    return loss, grad
+
+
+def _emu_elementwise(lib, pred, target, mask, kind):
+    import ctypes
+
+    grad = torch.full_like(pred, float("nan"))
+    total = ctypes.c_int64(pred.numel())
+    M = ctypes.c_int64(pred.numel() // pred.shape[0])
+    blocks = lib.emu_count_blocks(total)
+    counts = torch.full((blocks,), -1, dtype=torch.int32)
+    loss = torch.full((), float("nan"))
+    tdt, pdt = _EMU_DTYPE[target.dtype], _EMU_DTYPE[pred.dtype]
+    assert lib.emu_count_float(_ptr(target), tdt, _ptr(mask), total, M, _ptr(counts), blocks, _ptr(loss)) == 0
+    code = {"bce": 0, "l1": 1, "mse": 2}[kind]
+    assert lib.emu_elementwise(code, _ptr(pred), pdt, _ptr(target), tdt, _ptr(mask), _ptr(grad), total, M,
+                               _ptr(counts), blocks, _ptr(loss)) == 0  # fmt: skip
+    return loss, grad
+
+
+@pytest.mark.parametrize(
+    "shape,layout,dtype,mask_mode",
+    [
+        ((37, 5), "contiguous", torch.float32, "random"),  # rows kernel, 4 threads per row
+        ((6, 20), "contiguous", torch.bfloat16, "random"),  # 8 threads per row
+        ((5, 100), "contiguous", torch.float16, "random"),  # 32 threads per row, cached
+        ((3, 300), "contiguous", torch.float32, "random"),  # 32 threads per row, online softmax + re-read
+        ((3, 300), "contiguous", torch.float32, "empty"),
+        ((7, 1), "contiguous", torch.float32, "random"),  # C == 1: pixel kernel
+        ((3, 13, 6, 7), "contiguous", torch.float32, "random"),  # NCHW: pixel kernel, logits in registers
+        ((3, 13, 6, 7), "channels_last", torch.float16, "random"),  # channels_last: rows kernel
+        ((2, 40, 5, 3), "contiguous", torch.bfloat16, "random"),  # NCHW, C > 16: online softmax
+        ((2, 40, 5, 3), "contiguous", torch.float32, "empty"),
+    ],
+)
+def test_cuda_kernels_emulated_ce(emu, shape, layout, dtype, mask_mode):
+    pred, target = make_ce(shape, layout, dtype, device="cpu")
+    mask = make_mask(shape[0], mask_mode, device="cpu")
+    loss, grad = _emu_ce(emu, pred, target, mask)
+    ref_loss, ref_grad = reference(pred, target, mask, "ce")
+    if ref_loss.item() == 0.0:
+        assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
+    else:
+        tol = TOLERANCES["loss"][dtype]
+        assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
+
+
+@pytest.mark.parametrize(
+    "kind,dtype,target_dtype,misaligned",
+    [
+        ("bce", torch.float32, torch.float32, True),
+        ("l1", torch.bfloat16, torch.float32, False),
+        ("mse", torch.float16, torch.float16, False),
+        ("bce", torch.float16, torch.float32, False),
+        ("mse", torch.float32, torch.float32, False),
+    ],
+)
+def test_cuda_kernels_emulated_elementwise(emu, kind, dtype, target_dtype, misaligned):
+    """16-byte vectors where aligned (scalar path otherwise), odd sizes (vector tail), mixed target dtype."""
+    pred, target = make_dense(kind, (3, 1201), "contiguous", dtype, device="cpu")
+    target = target.to(target_dtype)
+    if misaligned:
+        pred = torch.cat([pred.new_zeros(1), pred.flatten()])[1:].view(3, 1201)
+    mask = torch.tensor([True, False, True])
+    loss, grad = _emu_elementwise(emu, pred, target, mask, kind)
+    ref_loss, ref_grad = reference(pred, target, mask, kind)
+    tol = TOLERANCES["loss"][dtype]
+    assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
+
+
+def test_cuda_kernels_emulated_scale_grads(emu):
+    import ctypes
+
+    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16()]
+    outs = [torch.full_like(g, float("nan")) for g in grads]
+    scales = torch.randn(len(grads))
+    n = len(grads)
+    ins = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
+    out_ptrs = (ctypes.c_void_p * n)(*[o.data_ptr() for o in outs])
+    numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
+    dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
+    assert emu.emu_scale(ins, out_ptrs, numels, dtypes, n, _ptr(scales)) == 0
+    for g, o, s in zip(grads, outs, scales):
+        assert rel_err(o, (g.double() * s.double()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
 
 
 # ---- CUDA (native op and Triton on the GPU) ---------------------------------------------------------------------
