@@ -366,7 +366,7 @@ print("compiled")
 
 @pytest.mark.skipif(GPU, reason="with a GPU the kernels are compiled and run by the other tests")
 def test_triton_kernels_compile_for_sm90():
-    """The interpreter skips Triton's compiler: compile each kernel for sm_90 (no GPU needed) to catch what it misses."""
+    """The interpreter skips Triton's compiler: compile each kernel for sm_90 (no GPU needed)."""
     import os
     import subprocess
     import sys
@@ -395,7 +395,8 @@ def test_triton_opcheck(tri):
 # blocks run one after another. It checks the kernels' arithmetic, indexing, masking and reductions (and the launchers'
 # choice of kernel), not memory-model or timing behaviour, and not the ATen glue (the @pytest.mark.cuda tests do).
 
-_EMU_HEADER = r"""// Minimal CPU emulation of the CUDA features used by csrc/cuda/masked_loss.cu (tests only): each block runs its
+_EMU_HEADER = r"""
+// Minimal CPU emulation of the CUDA features used by csrc/cuda/masked_loss.cu (tests only): each block runs its
 // threads as std::threads, __syncthreads and warp shuffles use a block-wide barrier (the kernels call them with
 // every thread of the block).
 #pragma once
@@ -448,7 +449,12 @@ struct __half { _Float16 v; __half() = default; };
 inline float __half2float(__half h) { return static_cast<float>(h.v); }
 inline __half __float2half_rn(float f) { __half h; h.v = static_cast<_Float16>(f); return h; }
 struct __nv_bfloat16 { uint16_t bits; __nv_bfloat16() = default; };
-inline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = uint32_t(b.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   uint32_t u; std::memcpy(&u, &f, 4);
   __nv_bfloat16 b;
@@ -483,12 +489,14 @@ using namespace fastmtl::cuda;
 extern "C" {
 int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, int64_t ignore_index, int32_t* counts,
                  int num_blocks, float* loss) {
-  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
+               geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
   return masked_loss_count_ce(target, mask, g, ignore_index, counts, num_blocks, loss, nullptr);
 }
 int emu_ce(const void* pred, int dtype, const int64_t* target, const bool* mask, void* grad, const int64_t* geom,
            int64_t ignore_index, const int32_t* counts, int num_counts, float* loss) {
-  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
+               geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
   return masked_loss_ce(pred, DType(dtype), target, mask, grad, g, ignore_index, counts, num_counts, loss, nullptr);
 }
 int emu_count_float(const void* target, int tdtype, const bool* mask, int64_t total, int64_t M, int32_t* counts,
@@ -554,7 +562,8 @@ def emu(tmp_path_factory):
     for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
         (out / "inc" / name).write_text('#pragma once\n#include "../emu_cuda.h"\n')
     shutil.copy(csrc / "masked_loss.h", out / "inc" / "masked_loss.h")
-    (out / "kernels.cpp").write_text('#include "emu_cuda.h"\n' + _rewrite_launches((csrc / "masked_loss.cu").read_text()))
+    kernels = _rewrite_launches((csrc / "masked_loss.cu").read_text())
+    (out / "kernels.cpp").write_text('#include "emu_cuda.h"\n' + kernels)
     (out / "shim.cpp").write_text(_EMU_SHIM)
     lib = out / "libemu.so"
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{out / 'inc'}", f"-I{out}",
