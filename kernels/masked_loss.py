@@ -298,11 +298,11 @@ def _launch_count(launch, target, mask_u8, has_mask, counts_total, counts, loss,
                   ignore_index, is_ce):  # fmt: skip
     blocks = triton.cdiv(counts_total, COUNT_BLOCK)
     programs = max(1, min(COUNT_PROGRAMS, blocks))
-    counts_buf = counts[:programs] if counts is not None else None
     if launch is not None:
         launch(_count_kernel)[(programs,)](
-            target, mask_u8, counts_buf, loss, counts_total, triton.cdiv(blocks, programs), S, t_sn, t_ss, m_sn, m_ss, C, ignore_index,
-            IS_CE=is_ce, HAS_MASK=has_mask, BIG_S=S >= COUNT_BLOCK, BLOCK=COUNT_BLOCK, num_warps=8,
+            target, mask_u8, counts, loss, counts_total, triton.cdiv(blocks, programs),
+            S, t_sn, t_ss, m_sn, m_ss, C, ignore_index,
+            IS_CE=is_ce, HAS_MASK=has_mask, BIG_S=bool(S >= COUNT_BLOCK), BLOCK=COUNT_BLOCK, num_warps=8,
         )  # fmt: skip
     return programs
 
@@ -321,17 +321,24 @@ def masked_loss(pred, target, mask, kind, ignore_index=-100, compute_grad=True, 
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    loss, grad = _alloc_outputs(pred, compute_grad)  # grad is empty_like(pred): pred's layout, as the fakes say
     if kind == "ce":
-        return _cross_entropy(pred, target, mask, ignore_index, compute_grad, launch)
-    return _elementwise(pred, target, mask, kind, compute_grad, launch)
+        work_grad = _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, launch)
+    else:
+        work_grad = _elementwise(pred, target, mask, kind, compute_grad, grad, loss, launch)
+    if compute_grad and launch is not None and work_grad is not grad:
+        grad.copy_(work_grad)  # rare: the kernel could not write pred's own layout
+    return loss, grad
 
 
-def _cross_entropy(pred, target, mask, ignore_index, compute_grad, launch):
+def _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, launch):
+    """Launch the ce kernels; returns the tensor the gradient was written to (``grad`` unless a copy is needed)."""
     if _collapsed_stride(pred.shape[2:], pred.stride()[2:]) is None:
         pred = pred.contiguous()
     if _collapsed_stride(target.shape[1:], target.stride()[1:]) is None:
         target = target.contiguous()
-    loss, grad = _alloc_outputs(pred, compute_grad)
+    if compute_grad and _collapsed_stride(grad.shape[2:], grad.stride()[2:]) is None:
+        grad = torch.empty_like(pred)
     N, C = pred.shape[0], pred.shape[1]
     S = math.prod(pred.shape[2:])
     p_sn, p_sc = pred.stride(0), pred.stride(1)
@@ -349,8 +356,9 @@ def _cross_entropy(pred, target, mask, ignore_index, compute_grad, launch):
     num_counts = _launch_count(launch, target, mask_u8, has_mask, N * S, counts, loss, S, t_sn, t_ss, m_sn, m_ss,
                                C, ignore_index, True)  # fmt: skip
     if launch is None or N * S == 0:
-        return loss, grad
+        return grad
 
+    # constexpr block sizes are made concrete below (under dynamic-shape tracing this specialises on C and S)
     if p_sc == 1 and C > 1:  # classes contiguous ([N, C], channels_last): rows of BLOCK_C lanes
         block_c = min(triton.next_power_of_2(C), 1024)
         block_s = max(1, min(128, 4096 // block_c))
@@ -363,18 +371,21 @@ def _cross_entropy(pred, target, mask, ignore_index, compute_grad, launch):
         pred, target, mask_u8, grad if compute_grad else pred, counts, loss,
         S, C, num_s_blocks, num_counts, ignore_index,
         p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
-        HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=C <= block_c,
-        COUNTS_P2=COUNT_PROGRAMS, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8 if block_s * block_c >= 4096 else 4,
+        HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c),
+        COUNTS_P2=COUNT_PROGRAMS, BLOCK_S=int(block_s), BLOCK_C=int(block_c),
+        num_warps=8 if block_s * block_c >= 4096 else 4,
     )  # fmt: skip
-    return loss, grad
+    return grad
 
 
-def _elementwise(pred, target, mask, kind, compute_grad, launch):
+def _elementwise(pred, target, mask, kind, compute_grad, grad, loss, launch):
+    """Launch the bce/l1/mse kernels; returns the tensor the gradient was written to."""
     if not _flat_by_sample(pred):
         pred = pred.contiguous()
     if not (_dense(target) and _same_layout(pred, target)):
         target = torch.empty_like(pred, dtype=target.dtype).copy_(target)  # rare: bring target to pred's layout
-    loss, grad = _alloc_outputs(pred, compute_grad)
+    if compute_grad and not (_dense(grad) and _same_layout(grad, pred)):
+        grad = torch.empty_like(pred)
     N = pred.shape[0]
     total = pred.numel()
     M = total // N if N else 0
@@ -387,13 +398,13 @@ def _elementwise(pred, target, mask, kind, compute_grad, launch):
     num_counts = _launch_count(launch, target, mask_u8, has_mask, total, counts, loss, max(M, 1), max(M, 1), 1, 1,
                                0, 0, 0, False)  # fmt: skip
     if launch is None or total == 0:
-        return loss, grad
+        return grad
     launch(_elementwise_kernel)[(triton.cdiv(total, ELEMENTWISE_BLOCK),)](
         pred, target, mask_u8, grad if compute_grad else pred, counts, loss, total, M, num_counts,
-        KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, BIG_S=M >= ELEMENTWISE_BLOCK,
+        KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, BIG_S=bool(M >= ELEMENTWISE_BLOCK),
         COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK, num_warps=8,
     )  # fmt: skip
-    return loss, grad
+    return grad
 
 
 def scale_grads(grads, scales, launch=_direct):

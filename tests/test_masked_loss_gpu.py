@@ -10,6 +10,8 @@ The oracle is a float64 reference written here (independent of the op layer): el
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -147,6 +149,7 @@ CE_CASES = [
     ((3, 13, 6, 7), "channels_last"),
     ((2, 40, 5, 3), "contiguous"),  # NCHW with C over the class block
     ((4, 6, 9), "contiguous"),  # [N, C, L]
+    ((2, 3, 48, 48), "contiguous"),  # S >= the count block: block-wise sample index
 ]
 
 
@@ -163,7 +166,10 @@ def test_triton_ce_parity(tri, poisoned, shape, layout, mask_mode):
 @pytest.mark.parametrize("kind", ["bce", "l1", "mse"])
 @pytest.mark.parametrize(
     "shape,layout",
-    [((5, 3, 6, 4), "contiguous"), ((5, 3, 6, 4), "channels_last"), ((300, 1), "contiguous"), ((3, 5000), "contiguous")],
+    [
+        ((5, 3, 6, 4), "contiguous"), ((5, 3, 6, 4), "channels_last"),
+        ((300, 1), "contiguous"), ((3, 5000), "contiguous"),
+    ],
 )
 @pytest.mark.parametrize("mask_mode", ["none", "random", "empty"])
 def test_triton_elementwise_parity(tri, poisoned, kind, shape, layout, mask_mode):
@@ -184,6 +190,13 @@ def test_triton_low_precision(tri, poisoned, dtype, kind):
     else:
         pred, target = make_dense(kind, (4, 3, 5, 6), "contiguous", dtype)
     check(tri.masked_loss(pred, target, mask, kind, -100, True), pred, target, mask, kind, dtype=dtype)
+
+
+def test_triton_count_grid_stride(tri, poisoned):
+    """More target blocks than count programs: each count program loops (and sample boundaries fall mid-block)."""
+    pred, target = make_dense("mse", (3, 181_000), "contiguous")
+    mask = torch.tensor([True, False, True], device=DEVICE)
+    check(tri.masked_loss(pred, target, mask, "mse", -100, True), pred, target, mask, "mse")
 
 
 def test_triton_fp16_target_with_fp32_pred(tri):
@@ -244,11 +257,19 @@ def test_triton_strided_inputs(tri):
     ref_loss, ref_grad = reference(pred, target, mask, "ce")
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
+    pred = torch.randn(3, 5, 4, 6, device=DEVICE).permute(0, 1, 3, 2)  # dense, spatial dims not one progression
+    target = torch.randint(0, 5, (3, 6, 4), device=DEVICE)
+    loss, grad = tri.masked_loss(pred, target, None, "ce", -100, True)
+    ref_loss, ref_grad = reference(pred, target, None, "ce")
+    assert grad.stride() == pred.stride()
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+
     pred = torch.randn(5, 12, device=DEVICE).t()  # [12, 5], dim 0 not outermost
     target = torch.randn(12, 5, device=DEVICE)
     mask = make_mask(12, "random")
     loss, grad = tri.masked_loss(pred, target, mask, "mse", -100, True)
     ref_loss, ref_grad = reference(pred, target, mask, "mse")
+    assert grad.stride() == pred.stride()
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
     pred, target = make_dense("l1", (4, 3, 5, 6), "channels_last")
@@ -307,6 +328,55 @@ def test_triton_launch_count(kernels, kind):
     assert len(launched) == 1
 
 
+_COMPILE_SCRIPT = r"""
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton
+from fastmtl.kernels import masked_loss as K
+
+def compile_one(fn, sig, consts):
+    sig = dict(sig, **{name: "constexpr" for name in consts})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8})
+
+i64 = lambda *names: {n: "i64" for n in names}
+count = {"target_ptr": "*i64", "mask_ptr": "*u8", "counts_ptr": "*i32", "loss_ptr": "*fp32", "total": "i64",
+         "iters": "i32", "C": "i32", "ignore_index": "i32", **i64("S", "t_sn", "t_ss", "m_sn", "m_ss")}
+compile_one(K._count_kernel, count, {"IS_CE": True, "HAS_MASK": True, "BIG_S": True, "BLOCK": 2048})
+compile_one(K._count_kernel, dict(count, target_ptr="*bf16"), {"IS_CE": False, "HAS_MASK": True, "BIG_S": False,
+                                                               "BLOCK": 2048})
+for dt, single, bs, bc in (("fp32", True, 256, 16), ("bf16", False, 4, 1024)):
+    ce = {"pred_ptr": "*" + dt, "target_ptr": "*i64", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
+          "loss_ptr": "*fp32", "S": "i32", "C": "i32", "num_s_blocks": "i32", "num_counts": "i32",
+          "ignore_index": "i32", **i64("p_sn", "p_sc", "p_ss", "g_sn", "g_sc", "g_ss", "t_sn", "t_ss", "m_sn", "m_ss")}
+    compile_one(K._ce_kernel, ce, {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE_C": single, "COUNTS_P2": 256,
+                                   "BLOCK_S": bs, "BLOCK_C": bc})
+for dt, kind in (("fp16", 0), ("bf16", 1), ("fp32", 2)):
+    el = {"pred_ptr": "*" + dt, "target_ptr": "*fp32", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
+          "loss_ptr": "*fp32", "total": "i64", "M": "i64", "num_counts": "i32"}
+    compile_one(K._elementwise_kernel, el, {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1,
+                                            "COUNTS_P2": 256, "BLOCK": 4096})
+scale = {"scales_ptr": "*fp32"}
+for i in range(8):
+    scale.update({f"g{i}": "*bf16", f"o{i}": "*bf16", f"n{i}": "i64", f"f{i}": "i32"})
+compile_one(K._scale_grads_kernel, scale, {"NUM": 8, "BLOCK": 4096})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(GPU, reason="with a GPU the kernels are compiled and run by the other tests")
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter skips Triton's compiler: compile each kernel for sm_90 (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-P", "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_triton_opcheck(tri):
     pred, target = make_ce((3, 5, 4, 2), "channels_last")
     mask = make_mask(3, "random")
@@ -317,6 +387,311 @@ def test_triton_opcheck(tri):
     torch.library.opcheck(
         torch.ops.fastmtl.masked_loss_scale_grads_triton.default, (grads, torch.rand(2, device=DEVICE))
     )
+
+
+# ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss.cu compiled by g++ against a small emulation ---------------
+# Without a GPU the .cu kernels would otherwise only be compiled. The emulation runs each block's 256 threads as
+# std::threads; __syncthreads and warp shuffles are block-wide barriers (every kernel calls them with all threads),
+# blocks run one after another. It checks the kernels' arithmetic, indexing, masking and reductions (and the launchers'
+# choice of kernel), not memory-model or timing behaviour, and not the ATen glue (the @pytest.mark.cuda tests do).
+
+_EMU_HEADER = r"""
+// Minimal CPU emulation of the CUDA features used by csrc/cuda/masked_loss.cu (tests only): each block runs its
+// threads as std::threads, __syncthreads and warp shuffles use a block-wide barrier (the kernels call them with
+// every thread of the block).
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline std::barrier<>* emu_barrier = nullptr;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+#define __shared__ static
+
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+
+using std::isnan;
+inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  static T buf[1024];
+  (void)width;
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  T r = buf[threadIdx.x ^ lane_mask];
+  __syncthreads();
+  return r;
+}
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+struct __half { _Float16 v; __half() = default; };
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { __half h; h.v = static_cast<_Float16>(f); return h; }
+struct __nv_bfloat16 { uint16_t bits; __nv_bfloat16() = default; };
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  __nv_bfloat16 b;
+  if (std::isnan(f)) { b.bits = 0x7fc0; return b; }
+  u += 0x7fff + ((u >> 16) & 1);
+  b.bits = uint16_t(u >> 16);
+  return b;
+}
+
+template <typename G, typename B, typename F>
+void emu_launch(G grid, B block, F&& body) {
+  gridDim.x = static_cast<unsigned>(grid);
+  blockDim.x = static_cast<unsigned>(block);
+  std::barrier<> bar(blockDim.x);
+  emu_barrier = &bar;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < blockDim.x; ++t)
+    threads.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (unsigned b = 0; b < gridDim.x; ++b) {  // blocks one after another, all threads of a block together
+        blockIdx.x = b;
+        body();
+        bar.arrive_and_wait();
+      }
+    });
+  for (auto& th : threads) th.join();
+}
+"""
+
+_EMU_SHIM = r"""#include "masked_loss.h"
+using namespace fastmtl::cuda;
+extern "C" {
+int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, int64_t ignore_index, int32_t* counts,
+                 int num_blocks, float* loss) {
+  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
+               geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+  return masked_loss_count_ce(target, mask, g, ignore_index, counts, num_blocks, loss, nullptr);
+}
+int emu_ce(const void* pred, int dtype, const int64_t* target, const bool* mask, void* grad, const int64_t* geom,
+           int64_t ignore_index, const int32_t* counts, int num_counts, float* loss) {
+  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
+               geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+  return masked_loss_ce(pred, DType(dtype), target, mask, grad, g, ignore_index, counts, num_counts, loss, nullptr);
+}
+int emu_count_float(const void* target, int tdtype, const bool* mask, int64_t total, int64_t M, int32_t* counts,
+                    int num_blocks, float* loss) {
+  return masked_loss_count_float(target, DType(tdtype), mask, total, M, counts, num_blocks, loss, nullptr);
+}
+int emu_elementwise(int kind, const void* pred, int dtype, const void* target, int tdtype, const bool* mask, void* grad,
+                    int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss) {
+  return masked_loss_elementwise(ElementwiseKind(kind), pred, DType(dtype), target, DType(tdtype), mask, grad, total, M,
+                                 counts, num_counts, loss, nullptr);
+}
+int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales) {
+  ScaleTask tasks[kMaxScaleTasks];
+  for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i])};
+  return masked_loss_scale_grads(tasks, n, scales, nullptr);
+}
+int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
+}
+"""
+
+
+def _rewrite_launches(src: str) -> str:
+    """``kernel<<<grid, block, 0, stream>>>(args);`` -> ``emu_launch(grid, block, [&]() { kernel(args); });``."""
+    import re
+
+    def split_top(text):
+        parts, depth, cur = [], 0, ""
+        for ch in text:
+            depth += ch in "(<"
+            depth -= ch in ")>"
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        return parts + [cur]
+
+    def launch(m):
+        grid, block = (x.strip() for x in split_top(m.group(2))[:2])
+        return f"emu_launch({grid}, {block}, [&]() {{ {m.group(1)}({m.group(3)}); }});"
+
+    out, n = re.subn(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", launch, src, flags=re.S)
+    assert n >= 8, f"expected every kernel launch to be rewritten, got {n}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The CUDA launchers of masked_loss.cu built for the CPU emulation, loaded with ctypes."""
+    import ctypes
+    import pathlib
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ (C++20) to build the CPU emulation of the CUDA kernels")
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    if not (csrc / "masked_loss.cu").exists():
+        pytest.skip("the CUDA sources are not beside the tests (installed package without csrc/)")
+    out = tmp_path_factory.mktemp("cuda_emulation")
+    (out / "inc").mkdir()
+    (out / "emu_cuda.h").write_text(_EMU_HEADER)
+    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (out / "inc" / name).write_text('#pragma once\n#include "../emu_cuda.h"\n')
+    shutil.copy(csrc / "masked_loss.h", out / "inc" / "masked_loss.h")
+    kernels = _rewrite_launches((csrc / "masked_loss.cu").read_text())
+    (out / "kernels.cpp").write_text('#include "emu_cuda.h"\n' + kernels)
+    (out / "shim.cpp").write_text(_EMU_SHIM)
+    lib = out / "libemu.so"
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{out / 'inc'}", f"-I{out}",
+           str(out / "kernels.cpp"), str(out / "shim.cpp"), "-o", str(lib)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+_EMU_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t):
+    import ctypes
+
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _emu_ce(lib, pred, target, mask, ignore_index=-100):
+    """The geometry masked_loss_aten.cpp builds, then the count and loss launchers, on poisoned outputs."""
+    import ctypes
+
+    from fastmtl.kernels.masked_loss import _collapsed_stride
+
+    grad = torch.full_like(pred, float("nan"))
+    N, C = pred.shape[:2]
+    S = math.prod(pred.shape[2:])
+    ms = mask.stride(0) if mask is not None else 0
+    if pred.dim() == 2:  # [N, C] as [1, C, N]
+        g = [1, C, N, N * pred.stride(0), pred.stride(1), pred.stride(0), N * grad.stride(0), grad.stride(1),
+             grad.stride(0), N * target.stride(0), target.stride(0), N * ms, ms]  # fmt: skip
+    else:
+        g = [N, C, S, pred.stride(0), pred.stride(1), _collapsed_stride(pred.shape[2:], pred.stride()[2:]),
+             grad.stride(0), grad.stride(1), _collapsed_stride(grad.shape[2:], grad.stride()[2:]),
+             target.stride(0), _collapsed_stride(target.shape[1:], target.stride()[1:]), ms, 0]  # fmt: skip
+    geom = (ctypes.c_int64 * 13)(*g)
+    blocks = lib.emu_count_blocks(ctypes.c_int64(g[0] * g[2]))
+    counts = torch.full((blocks,), -1, dtype=torch.int32)
+    loss = torch.full((), float("nan"))
+    ii = ctypes.c_int64(ignore_index)
+    assert lib.emu_count_ce(_ptr(target), _ptr(mask), geom, ii, _ptr(counts), blocks, _ptr(loss)) == 0
+    dt = _EMU_DTYPE[pred.dtype]
+    assert lib.emu_ce(_ptr(pred), dt, _ptr(target), _ptr(mask), _ptr(grad), geom, ii, _ptr(counts), blocks,
+                      _ptr(loss)) == 0  # fmt: skip
+    return loss, grad
+
+
+def _emu_elementwise(lib, pred, target, mask, kind):
+    import ctypes
+
+    grad = torch.full_like(pred, float("nan"))
+    total = ctypes.c_int64(pred.numel())
+    M = ctypes.c_int64(pred.numel() // pred.shape[0])
+    blocks = lib.emu_count_blocks(total)
+    counts = torch.full((blocks,), -1, dtype=torch.int32)
+    loss = torch.full((), float("nan"))
+    tdt, pdt = _EMU_DTYPE[target.dtype], _EMU_DTYPE[pred.dtype]
+    assert lib.emu_count_float(_ptr(target), tdt, _ptr(mask), total, M, _ptr(counts), blocks, _ptr(loss)) == 0
+    code = {"bce": 0, "l1": 1, "mse": 2}[kind]
+    assert lib.emu_elementwise(code, _ptr(pred), pdt, _ptr(target), tdt, _ptr(mask), _ptr(grad), total, M,
+                               _ptr(counts), blocks, _ptr(loss)) == 0  # fmt: skip
+    return loss, grad
+
+
+@pytest.mark.parametrize(
+    "shape,layout,dtype,mask_mode",
+    [
+        ((37, 5), "contiguous", torch.float32, "random"),  # rows kernel, 4 threads per row
+        ((6, 20), "contiguous", torch.bfloat16, "random"),  # 8 threads per row
+        ((5, 100), "contiguous", torch.float16, "random"),  # 32 threads per row, cached
+        ((3, 300), "contiguous", torch.float32, "random"),  # 32 threads per row, online softmax + re-read
+        ((3, 300), "contiguous", torch.float32, "empty"),
+        ((7, 1), "contiguous", torch.float32, "random"),  # C == 1: pixel kernel
+        ((3, 13, 6, 7), "contiguous", torch.float32, "random"),  # NCHW: pixel kernel, logits in registers
+        ((3, 13, 6, 7), "channels_last", torch.float16, "random"),  # channels_last: rows kernel
+        ((2, 40, 5, 3), "contiguous", torch.bfloat16, "random"),  # NCHW, C > 16: online softmax
+        ((2, 40, 5, 3), "contiguous", torch.float32, "empty"),
+    ],
+)
+def test_cuda_kernels_emulated_ce(emu, shape, layout, dtype, mask_mode):
+    pred, target = make_ce(shape, layout, dtype, device="cpu")
+    mask = make_mask(shape[0], mask_mode, device="cpu")
+    loss, grad = _emu_ce(emu, pred, target, mask)
+    ref_loss, ref_grad = reference(pred, target, mask, "ce")
+    if ref_loss.item() == 0.0:
+        assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
+    else:
+        tol = TOLERANCES["loss"][dtype]
+        assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
+
+
+@pytest.mark.parametrize(
+    "kind,dtype,target_dtype,misaligned",
+    [
+        ("bce", torch.float32, torch.float32, True),
+        ("l1", torch.bfloat16, torch.float32, False),
+        ("mse", torch.float16, torch.float16, False),
+        ("bce", torch.float16, torch.float32, False),
+        ("mse", torch.float32, torch.float32, False),
+    ],
+)
+def test_cuda_kernels_emulated_elementwise(emu, kind, dtype, target_dtype, misaligned):
+    """16-byte vectors where aligned (scalar path otherwise), odd sizes (vector tail), mixed target dtype."""
+    pred, target = make_dense(kind, (3, 1201), "contiguous", dtype, device="cpu")
+    target = target.to(target_dtype)
+    if misaligned:
+        pred = torch.cat([pred.new_zeros(1), pred.flatten()])[1:].view(3, 1201)
+    mask = torch.tensor([True, False, True])
+    loss, grad = _emu_elementwise(emu, pred, target, mask, kind)
+    ref_loss, ref_grad = reference(pred, target, mask, kind)
+    tol = TOLERANCES["loss"][dtype]
+    assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
+
+
+def test_cuda_kernels_emulated_scale_grads(emu):
+    import ctypes
+
+    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16()]
+    outs = [torch.full_like(g, float("nan")) for g in grads]
+    scales = torch.randn(len(grads))
+    n = len(grads)
+    ins = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
+    out_ptrs = (ctypes.c_void_p * n)(*[o.data_ptr() for o in outs])
+    numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
+    dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
+    assert emu.emu_scale(ins, out_ptrs, numels, dtypes, n, _ptr(scales)) == 0
+    for g, o, s in zip(grads, outs, scales):
+        assert rel_err(o, (g.double() * s.double()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
 
 
 # ---- CUDA (native op and Triton on the GPU) ---------------------------------------------------------------------
@@ -359,7 +734,12 @@ def test_gpu_ce_parity(tri, backend, dtype, shape, layout, mask_mode):
 @pytest.mark.parametrize("kind", ["bce", "l1", "mse"])
 @pytest.mark.parametrize(
     "shape,layout",
-    [((5, 3, 6, 4), "contiguous"), ((5, 3, 6, 4), "channels_last"), ((300, 1), "contiguous"), ((3, 5001), "contiguous")],
+    [
+        ((5, 3, 6, 4), "contiguous"),
+        ((5, 3, 6, 4), "channels_last"),
+        ((300, 1), "contiguous"),
+        ((3, 5001), "contiguous"),  # odd size: vector tail
+    ],
 )
 @pytest.mark.parametrize("mask_mode", ["none", "random", "empty"])
 def test_gpu_elementwise_parity(tri, backend, dtype, kind, shape, layout, mask_mode):
@@ -395,11 +775,18 @@ def test_gpu_unaligned_and_strided(tri, backend):
     mask = make_mask(3, "random", device="cuda")
     check(_run(backend, tri, pred, target, mask, "mse"), pred, target, mask, "mse")
     big = torch.randn(6, 7, 8, 10, device="cuda")
-    pred = big[::2, :, 1:7, ::2]
-    target = torch.randint(0, 7, (3, 6, 5), device="cuda")
-    loss, grad = _run(backend, tri, pred, target, None, "ce")
-    ref_loss, ref_grad = reference(pred, target, None, "ce")
-    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+    permuted = torch.randn(3, 5, 4, 6, device="cuda").permute(0, 1, 3, 2)
+    transposed = torch.randn(5, 12, device="cuda").t()
+    cases = [
+        (big[::2, :, 1:7, ::2], torch.randint(0, 7, (3, 6, 5), device="cuda"), "ce"),
+        (permuted, torch.randint(0, 5, (3, 6, 4), device="cuda"), "ce"),
+        (transposed, torch.randn(12, 5, device="cuda"), "mse"),
+    ]
+    for pred, target, kind in cases:
+        loss, grad = _run(backend, tri, pred, target, None, kind)
+        ref_loss, ref_grad = reference(pred, target, None, kind)
+        assert grad.stride() == torch.empty_like(pred).stride()
+        assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
 
 @pytest.mark.cuda
@@ -409,7 +796,8 @@ def test_gpu_large_shapes(tri, layout, dtype):
     """The NYUv2-like sizes: 13-class segmentation 8x13x288x384, depth with holes, 3-channel normals, attributes."""
     mask = make_mask(8, "random", device="cuda")
     cases = [("ce", make_ce((8, 13, 288, 384), layout, dtype, device="cuda"))]
-    for kind, shape in (("l1", (8, 1, 288, 384)), ("l1", (8, 3, 288, 384)), ("bce", (8, 40)), ("mse", (8, 1, 288, 384))):
+    dense_cases = (("l1", (8, 1, 288, 384)), ("l1", (8, 3, 288, 384)), ("bce", (8, 40)), ("mse", (8, 1, 288, 384)))
+    for kind, shape in dense_cases:
         cases.append((kind, make_dense(kind, shape, layout if len(shape) == 4 else "contiguous", dtype, device="cuda")))
     for kind, (pred, target) in cases:
         ref_loss, ref_grad = reference(pred, target, mask, kind)

@@ -69,17 +69,22 @@ bool flat_by_sample(const at::Tensor& t) {
   return n <= 1 || t.stride(0) == t.numel() / n;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor target, const c10::optional<at::Tensor>& mask,
-                                                 int64_t ignore_index, bool compute_grad, cudaStream_t stream) {
+std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor target,
+                                                 const c10::optional<at::Tensor>& mask, int64_t ignore_index,
+                                                 bool compute_grad, cudaStream_t stream) {
   TORCH_CHECK(pred.dim() >= 2, "masked_loss (CUDA): ce pred must be [N, C, *], got ", pred.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "masked_loss (CUDA): ce target must be int64");
   TORCH_CHECK(target.dim() == pred.dim() - 1 && target.size(0) == pred.size(0),
               "masked_loss (CUDA): ce target must be [N, *spatial] matching pred");
-  if (collapsed_stride(pred, 2) < 0) pred = pred.contiguous();
-  if (collapsed_stride(target, 1) < 0) target = target.contiguous();
+  // grad always has pred's own layout (empty_like, as the fake implementation says); the kernel writes it directly
+  // unless its spatial dims do not collapse to one stride (rare), then a temporary is copied into it.
   at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty_like(pred) : pred.new_empty({0});
-  const at::Tensor& g_src = compute_grad ? grad : pred;
+  if (collapsed_stride(pred, 2) < 0) pred = pred.contiguous();
+  if (collapsed_stride(target, 1) < 0) target = target.contiguous();
+  at::Tensor work_grad = grad;
+  if (compute_grad && collapsed_stride(grad, 2) < 0) work_grad = at::empty_like(pred);
+  const at::Tensor& g_src = compute_grad ? work_grad : pred;
 
   CeGeometry g{};
   g.N = pred.size(0);
@@ -115,17 +120,24 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor tar
                                         counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream),
              "count kernel");
   check_cuda(cuda::masked_loss_ce(pred.data_ptr(), dtype_of(pred, "pred"), target.data_ptr<int64_t>(), mask_ptr,
-                                  compute_grad ? grad.data_ptr() : nullptr, g, ignore_index,
+                                  compute_grad ? work_grad.data_ptr() : nullptr, g, ignore_index,
                                   counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream),
              "cross-entropy kernel");
+  if (compute_grad && !work_grad.is_same(grad)) grad.copy_(work_grad);
   return {loss, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> elementwise(at::Tensor pred, at::Tensor target, const c10::optional<at::Tensor>& mask,
-                                               cuda::ElementwiseKind kind, bool compute_grad, cudaStream_t stream) {
+std::tuple<at::Tensor, at::Tensor> elementwise(at::Tensor pred, at::Tensor target,
+                                               const c10::optional<at::Tensor>& mask, cuda::ElementwiseKind kind,
+                                               bool compute_grad, cudaStream_t stream) {
   TORCH_CHECK(pred.dim() >= 1 && target.sizes() == pred.sizes(),
               "masked_loss (CUDA): target must have pred's shape ", pred.sizes(), ", got ", target.sizes());
+  at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty_like(pred) : pred.new_empty({0});  // pred's layout
   if (!flat_by_sample(pred)) pred = pred.contiguous();
+  at::Tensor work_grad = grad;
+  if (compute_grad && !(grad.is_non_overlapping_and_dense() && same_layout(grad, pred)))
+    work_grad = at::empty_like(pred);  // rare: the kernel writes in pred's working layout, copied at the end
   const DType pdt = dtype_of(pred, "pred");
   DType tdt = dtype_of(target, "target");
   if (tdt != pdt && tdt != DType::kFloat32) {  // the kernels take a target in pred's dtype or float32
@@ -134,8 +146,6 @@ std::tuple<at::Tensor, at::Tensor> elementwise(at::Tensor pred, at::Tensor targe
   }
   if (!(target.is_non_overlapping_and_dense() && same_layout(pred, target)))
     target = at::empty_like(pred, target.options()).copy_(target);  // rare: bring target to pred's layout
-  at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty_like(pred) : pred.new_empty({0});
   const int64_t total = pred.numel();
   const int64_t n = pred.size(0);
   const int64_t M = n > 0 ? total / n : 0;
@@ -151,9 +161,10 @@ std::tuple<at::Tensor, at::Tensor> elementwise(at::Tensor pred, at::Tensor targe
                                            num_counts, loss.data_ptr<float>(), stream),
              "count kernel");
   check_cuda(cuda::masked_loss_elementwise(kind, pred.data_ptr(), pdt, target.data_ptr(), tdt, mask_ptr,
-                                           compute_grad ? grad.data_ptr() : nullptr, total, M,
+                                           compute_grad ? work_grad.data_ptr() : nullptr, total, M,
                                            counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream),
              "loss kernel");
+  if (compute_grad && !work_grad.is_same(grad)) grad.copy_(work_grad);
   return {loss, grad};
 }
 

@@ -1,4 +1,4 @@
-"""The Triton backend of the masked loss: ``fastmtl::masked_loss_triton`` and ``fastmtl::masked_loss_scale_grads_triton``.
+"""The Triton backend of the masked loss: ops ``fastmtl::masked_loss_triton`` and ``masked_loss_scale_grads_triton``.
 
 Same contract as the native ops ``fastmtl::masked_loss`` / ``fastmtl::masked_loss_scale_grads`` (csrc/ops.cpp), run by
 the kernels of :mod:`fastmtl.kernels.masked_loss`. Importing this module imports Triton (slow), so the op layer
