@@ -15,7 +15,7 @@ import json
 import sys
 from collections import defaultdict
 
-EAGER_NAMES = ("eager", "ew")  # "ew": equal weighting is the baseline of the weighting benchmarks
+EAGER_NAMES = ("eager", "eager_index", "ew")  # the fastest of these is the baseline ("ew": weighting)
 COMPILE_NAMES = ("compile",)
 
 
