@@ -15,20 +15,11 @@ import sys
 import torch
 
 
-def median_ms(fn, warmup: int = 5, repeat: int = 30) -> float:
-    """Median time of ``fn()`` in ms, with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def median_ms(fn) -> float:
+    """Median time of ``fn()`` in ms, with CUDA events (fastmtl.autotune's timer, with more repeats)."""
+    from fastmtl.autotune import time_ms
+
+    return time_ms(fn, warmup=5, repeat=30)
 
 
 def copy_bandwidth() -> float:
