@@ -146,6 +146,18 @@ class MultiDigits(torch.utils.data.Dataset):
         seg = torch.zeros(n, size, size, dtype=torch.uint8)
         depth = torch.full((n, 1, size, size), float("nan"))
         cls = torch.zeros(n, dtype=torch.int64)
+        cache = {}
+
+        def shapes(pick: int, side: int):
+            # (upsampled digit, its ink, the one-pixel halo around the ink), cached: sides are whole pixels.
+            if (pick, side) not in cache:
+                patch = F.interpolate(src[pick : pick + 1], size=(side, side), mode="bilinear", align_corners=False)
+                patch = patch[0, 0]
+                ink = patch > _INK_THRESHOLD
+                halo = F.max_pool2d(ink[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & ~ink
+                cache[pick, side] = (patch, ink, halo)
+            return cache[pick, side]
+
         for i in range(n):
             count = int(rng.integers(digits[0], digits[1] + 1))
             picks = rng.integers(0, len(src_labels), count)
@@ -153,12 +165,8 @@ class MultiDigits(torch.utils.data.Dataset):
             # Paint far to near, so nearer digits overwrite (occlude) farther ones.
             for k in np.argsort(scales):
                 side = int(round(8 * scales[k]))
-                patch = F.interpolate(src[picks[k] : picks[k] + 1], size=(side, side), mode="bilinear",
-                                      align_corners=False)[0, 0]
+                patch, ink, halo = shapes(int(picks[k]), side)
                 y, x = (int(v) for v in rng.integers(0, size - side + 1, 2))
-                ink = patch > _INK_THRESHOLD
-                # A one-pixel background halo around the ink keeps an occluder's outline visible.
-                halo = F.max_pool2d(ink[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & ~ink
                 brightness = 0.6 + 0.4 * (scales[k] - scale[0]) / max(scale[1] - scale[0], 1e-6)
                 region = (slice(y, y + side), slice(x, x + side))
                 img, lab, dep = image[i, 0][region], seg[i][region], depth[i, 0][region]
