@@ -65,8 +65,25 @@ def _want_cuda(torch):
     return True, cuda_home
 
 
+def _release_build_ext(base):
+    """BuildExtension without the ``-g`` that Python's own build flags add (it makes the .so ~10x larger)."""
+
+    class ReleaseBuildExt(base):
+        def build_extensions(self):
+            for attr in ("compiler_so", "compiler_cxx", "linker_so"):
+                cmd = getattr(self.compiler, attr, None)
+                if cmd:
+                    setattr(self.compiler, attr, [arg for arg in cmd if arg != "-g"])
+            super().build_extensions()
+
+    return ReleaseBuildExt
+
+
 def _extensions():
     import torch
+
+    # Decide on CUDA (and set CUDA_HOME) before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    want_cuda, why = _want_cuda(torch)
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     ext_modules = [
@@ -77,9 +94,7 @@ def _extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
-    want_cuda, why = _want_cuda(torch)
     if want_cuda:
-        # torch.utils.cpp_extension reads CUDA_HOME at import time: import it only after CUDA_HOME is set.
         from torch.utils.cpp_extension import CUDAExtension
 
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -95,7 +110,7 @@ def _extensions():
         )
     else:
         print(f"fastmtl: building without CUDA ({why})", file=sys.stderr)
-    return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return ext_modules, {"build_ext": _release_build_ext(BuildExtension).with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,10 +1,21 @@
 """Measured backend choice for CUDA tensors under ``auto``.
 
-The first call for a key (op, shapes, strides, dtype, arguments) times each candidate backend with CUDA events
-and remembers the fastest, in memory and, when ``FASTMTL_AUTOTUNE_CACHE`` names a file, on disk (JSON).
-``FASTMTL_AUTOTUNE=0`` skips the measurement and takes the first candidate of the fixed order
-(:data:`fastmtl.backends.GPU_ORDER`). While ``torch.compile`` traces, a cached choice is used if there is one,
-else the fixed order.
+The first call for a key (op, shapes, strides, dtypes, arguments, training or inference) times each candidate
+with CUDA events and remembers the fastest, in memory and, when ``FASTMTL_AUTOTUNE_CACHE`` names a file, on disk
+(JSON, read once, rewritten after each new choice). A choice is a backend name, optionally with an algorithm
+after a colon: ``"cuda:library"`` runs the native op with ``algo="library"``.
+
+Candidates of ``conv_bias_relu`` (fixed preference order): ``cuda:implicit_gemm`` (our tensor-core kernel, only
+where it applies), ``cuda:library`` (cuDNN convolution with the fused bias + ReLU, and our backward epilogue),
+``triton``, ``torch``. When inputs require grad, a candidate is timed forward + backward, so the choice reflects
+training cost; otherwise forward only.
+
+No measurement happens:
+
+* with ``FASTMTL_AUTOTUNE=0``: the fixed order decides (``cuda`` with its default algorithm, then triton, torch);
+* while ``torch.compile`` traces (tensors are fake there): a cached choice if there is one, else the fixed order;
+* while a CUDA graph is being captured (timing would synchronize inside the capture): likewise, and the
+  uncached fallback is not remembered, so a later eager call still measures.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import torch
 from fastmtl import backends
 
 _cache: dict[str, str] = {}
+_timings: dict[str, dict[str, float]] = {}
 _lock = threading.Lock()
 _disk_loaded = False
 
@@ -40,9 +52,13 @@ def _load_disk() -> None:
     _disk_loaded = True
     try:
         with open(path) as f:
-            _cache.update({k: v for k, v in json.load(f).items() if isinstance(v, str)})
+            stored = json.load(f)
     except (OSError, ValueError):
-        pass
+        return
+    if isinstance(stored, dict):
+        for key, value in stored.items():
+            if isinstance(value, str):
+                _cache.setdefault(key, value)  # a choice made in this process wins over the file
 
 
 def _save_disk() -> None:
@@ -50,20 +66,32 @@ def _save_disk() -> None:
     if not path:
         return
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_cache, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_cache, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the on-disk cache is an optimisation: an unwritable path must not break the op
 
 
 def cached_choices() -> dict[str, str]:
-    """A copy of the cache: key -> chosen backend."""
+    """A copy of the cache: key -> chosen backend (``backend`` or ``backend:algo``)."""
     _load_disk()
     return dict(_cache)
 
 
+def timings() -> dict[str, dict[str, float]]:
+    """Median milliseconds of each candidate, per key, for the choices measured in this process."""
+    return {key: dict(value) for key, value in _timings.items()}
+
+
 def clear() -> None:
-    """Forget every cached choice (memory only)."""
-    _cache.clear()
+    """Forget every cached choice and timing (memory only; the disk file is read again on next use)."""
+    global _disk_loaded
+    with _lock:
+        _cache.clear()
+        _timings.clear()
+        _disk_loaded = False
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> float:
@@ -82,50 +110,157 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> floa
     return times[len(times) // 2]
 
 
-def choose(key: str, candidates: dict[str, Callable[[], object]]) -> str:
-    """The fastest backend of ``candidates`` (name -> zero-argument runner) for ``key``, measured once.
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
-    A candidate that raises is skipped (it cannot run this case). The order of ``candidates`` is the fallback
-    order used when measuring is off or impossible.
+
+def choose(
+    key: str,
+    candidates: dict[str, Callable[[], object]],
+    fallback: str | None = None,
+    timer: Callable[[Callable[[], object]], float] | None = None,
+) -> str:
+    """The fastest of ``candidates`` (name -> zero-argument runner) for ``key``, measured once and cached.
+
+    ``fallback`` (default: the first candidate) is returned, and not cached, when measuring is off
+    (``FASTMTL_AUTOTUNE=0``), impossible (torch.compile tracing, CUDA graph capture) or when every candidate
+    raised. A candidate that raises is skipped: it cannot run this case. ``timer`` replaces :func:`time_ms`
+    (tests use it).
     """
     _load_disk()
-    names = list(candidates)
-    if key in _cache and _cache[key] in candidates:
-        return _cache[key]
-    if not enabled() or torch.compiler.is_compiling():
-        return names[0]
-    best, best_ms = None, float("inf")
-    for name in names:
+    fallback = fallback if fallback is not None else next(iter(candidates))
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    if not enabled() or torch.compiler.is_compiling() or _capturing():
+        return fallback
+    timer = timer or time_ms
+    measured: dict[str, float] = {}
+    for name, runner in candidates.items():
         try:
-            ms = time_ms(candidates[name])
+            measured[name] = timer(runner)
         except Exception:  # noqa: BLE001 - a candidate that cannot run this case is not a choice
             continue
-        if ms < best_ms:
-            best, best_ms = name, ms
-    best = best or names[-1]
+    if not measured:
+        return fallback
+    best = min(measured, key=measured.get)  # ties go to the earlier (preferred) candidate
     with _lock:
         _cache[key] = best
+        _timings[key] = measured
         _save_disk()
     return best
 
 
-def tensor_key(t: torch.Tensor | None) -> str:
-    """Shape, strides and dtype of a tensor, as a cache-key fragment."""
+def _tensor_meta(t: torch.Tensor | None):
+    """Shape, strides and dtype of a tensor as plain Python values (None for None)."""
     if t is None:
-        return "None"
-    return f"{tuple(t.shape)}/{t.stride()}/{str(t.dtype).replace('torch.', '')}"
+        return None
+    return (tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _key(op: str, parts) -> str:
+    def fmt(part):
+        if part is None:
+            return "None"
+        if isinstance(part, tuple) and len(part) == 3 and isinstance(part[2], torch.dtype):
+            return f"{part[0]}/{part[1]}/{str(part[2]).replace('torch.', '')}"
+        return str(part)
+
+    return "|".join([op] + [fmt(p) for p in parts])
+
+
+def implicit_gemm_applies(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """Whether the CUDA ``implicit_gemm`` algorithm runs this case (mirrors csrc/cuda/conv_bias_relu_aten.cpp)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or groups != 1 or x.device.type != "cuda":
+        return False
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
+def conv_bias_relu_candidates(device: torch.device, implicit_gemm: bool = True) -> list[str]:
+    """The choices of ``conv_bias_relu`` for CUDA tensors on ``device``, in fixed preference order."""
+    names = []
+    for backend in backends.gpu_candidates(device):
+        if backend == "cuda":
+            names += (["cuda:implicit_gemm"] if implicit_gemm else []) + ["cuda:library"]
+        else:
+            names.append(backend)
+    return names
+
+
+def _fixed_choice(device: torch.device) -> str:
+    names = backends.gpu_candidates(device)
+    return names[0] if names else "torch"
+
+
+@torch.compiler.assume_constant_result
+def _choice_without_timing(op: str, parts: tuple, device: torch.device) -> str:
+    # Evaluated (not traced) once per trace under torch.compile, on plain Python values: the cached choice,
+    # else the fixed order.
+    _load_disk()
+    return _cache.get(_key(op, parts), _fixed_choice(device))
+
+
+def _needs_grad(x, weight, bias) -> bool:
+    # Written without a generator expression so that torch.compile traces it without a graph break.
+    wants = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    return torch.is_grad_enabled() and wants
+
+
+def _conv_parts(x, weight, bias, stride, padding, dilation, groups, training) -> tuple:
+    return (
+        _tensor_meta(x),
+        _tensor_meta(weight),
+        _tensor_meta(bias),
+        (tuple(stride), tuple(padding), tuple(dilation), groups),
+        "train" if training else "infer",
+    )
+
+
+def conv_bias_relu_key(x, weight, bias, stride, padding, dilation, groups) -> str:
+    """The cache key of a ``conv_bias_relu`` call (stride, padding, dilation as pairs), as the dispatcher forms it."""
+    training = _needs_grad(x, weight, bias)
+    return _key("conv_bias_relu", _conv_parts(x, weight, bias, stride, padding, dilation, groups, training))
 
 
 def choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups) -> str:
-    """Backend for a CUDA ``conv_bias_relu`` call under ``auto``."""
+    """Choice (``backend`` or ``backend:algo``) for a CUDA ``conv_bias_relu`` call under ``auto``."""
+    training = _needs_grad(x, weight, bias)
+    parts = _conv_parts(x, weight, bias, stride, padding, dilation, groups, training)
+    if torch.compiler.is_compiling():
+        return _choice_without_timing("conv_bias_relu", parts, x.device)
+    key = _key("conv_bias_relu", parts)
+    names = conv_bias_relu_candidates(x.device, implicit_gemm_applies(x, weight, groups))
+    candidates = {name: _conv_runner(name, x, weight, bias, stride, padding, dilation, groups, training) for name in names}
+    if not candidates:
+        return "torch"
+    return choose(key, candidates, fallback=_fixed_choice(x.device))
+
+
+def _conv_runner(name, x, weight, bias, stride, padding, dilation, groups, training) -> Callable[[], object]:
+    """A zero-argument function running one candidate on copies of the inputs (forward, + backward if training)."""
     from fastmtl.ops import conv_bias_relu as op
 
-    key = "|".join(
-        ["conv_bias_relu", tensor_key(x), tensor_key(weight), tensor_key(bias), str((stride, padding, dilation, groups))]
-    )
-    names = backends.gpu_candidates(x.device)
-    candidates = {
-        name: (lambda name=name: op.RUNNERS[name](x, weight, bias, stride, padding, dilation, groups)) for name in names
-    }
-    with torch.no_grad():
-        return choose(key, candidates)
+    backend, _, algo = name.partition(":")
+    run = op.RUNNERS[backend]
+    kwargs = {"algo": algo} if algo else {}
+    if not training:
+
+        def forward():
+            with torch.no_grad():
+                return run(x, weight, bias, stride, padding, dilation, groups, **kwargs)
+
+        return forward
+
+    leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, weight, bias)]
+    grad_y: list[torch.Tensor] = []
+
+    def forward_backward():
+        y = run(*leaves, stride, padding, dilation, groups, **kwargs)
+        if not grad_y:
+            grad_y.append(torch.randn_like(y))
+        inputs = [t for t in leaves if t is not None and t.requires_grad]
+        torch.autograd.grad(y, inputs, grad_y[0])
+
+    return forward_backward

@@ -2,7 +2,8 @@
 //
 // Forward: oneDNN's convolution with a ReLU post-op (ATen's mkldnn::_convolution_pointwise), so the output is
 // written once; where this torch lacks it, or for algo="library", ATen's convolution followed by one in-place
-// OpenMP ReLU pass. float16 has no fast CPU convolution: it is computed in float32 and rounded once.
+// OpenMP ReLU pass. float16 has no fast CPU convolution: it is computed in float32 and rounded once;
+// float64 (for gradient checks) takes the ATen path.
 //
 // Backward: one OpenMP pass over (grad_y, y) gives grad_z = grad_y * (y > 0) and grad_bias; ATen's
 // convolution_backward then gives grad_x and grad_weight from grad_z. Only y is saved, never the
@@ -10,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -38,8 +40,7 @@ void relu_inplace(at::Tensor& y) {
     const int64_t n = y.numel();
     at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const float v = static_cast<float>(data[i]);
-        data[i] = static_cast<scalar_t>(v > 0.f ? v : 0.f);
+        if (!(static_cast<at::opmath_type<scalar_t>>(data[i]) > 0)) data[i] = scalar_t(0);
       }
     });
   });
@@ -82,7 +83,8 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, con
                               algo)
         .to(at::kHalf);
   }
-  const bool use_onednn = algo != "library" && has_mkldnn_pointwise() && at::hasMKLDNN();
+  const bool use_onednn =
+      algo != "library" && x.scalar_type() != at::kDouble && has_mkldnn_pointwise() && at::hasMKLDNN();
   if (use_onednn) {
     return conv_relu_onednn(x, weight, bias, stride, padding, dilation, groups);
   }
@@ -92,22 +94,46 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, con
   return y;
 }
 
+// One contiguous run of n elements: gz = gy where y > 0 else 0; returns the sum of gz. Both inputs are loaded
+// unconditionally and selected without a branch, so the loop vectorizes (y > 0 is a coin flip for a branch).
+template <typename scalar_t, typename acc_t>
+acc_t relu_grad_run(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ y, scalar_t* __restrict__ gz,
+                    int64_t n) {
+  acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(gy[i]);
+    const acc_t v = static_cast<acc_t>(y[i]) > acc_t(0) ? g : acc_t(0);
+    gz[i] = static_cast<scalar_t>(v);
+    acc += v;
+  }
+  return acc;
+}
+
+// The same for a row of C channels (channels_last): gz = gy where y > 0 else 0, and acc[c] += gz[c].
+template <typename scalar_t, typename acc_t>
+void relu_grad_row(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ y, scalar_t* __restrict__ gz,
+                   acc_t* __restrict__ acc, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t g = static_cast<acc_t>(gy[c]);
+    const acc_t v = static_cast<acc_t>(y[c]) > acc_t(0) ? g : acc_t(0);
+    gz[c] = static_cast<scalar_t>(v);
+    acc[c] += v;
+  }
+}
+
 // grad_z = grad_y * (y > 0) and grad_bias[c] = sum over (n, h, w) of grad_z, for NCHW-contiguous tensors:
 // each thread owns whole channels, so the bias sums need no combining step.
-template <typename scalar_t>
-void relu_bias_grad_nchw(const scalar_t* gy, const scalar_t* y, scalar_t* gz, float* gb, int64_t N, int64_t C,
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void relu_bias_grad_nchw(const scalar_t* gy, const scalar_t* y, scalar_t* gz, acc_t* gb, int64_t N, int64_t C,
                          int64_t HW) {
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, 1, [=](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      float acc = 0.f;
+      acc_t acc = 0;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t base = (n * C + c) * HW;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < HW; ++i) {
-          const float g = static_cast<float>(y[base + i]) > 0.f ? static_cast<float>(gy[base + i]) : 0.f;
-          gz[base + i] = static_cast<scalar_t>(g);
-          acc += g;
-        }
+        acc += relu_grad_run<scalar_t, acc_t>(gy + base, y + base, gz + base, HW);
       }
       if (gb) gb[c] = acc;
     }
@@ -115,25 +141,20 @@ void relu_bias_grad_nchw(const scalar_t* gy, const scalar_t* y, scalar_t* gz, fl
 }
 
 // The same for channels_last (NHWC) tensors: rows of C contiguous values; each thread sums a block of rows
-// into its own partial vector, and the partials are added at the end.
-template <typename scalar_t>
-void relu_bias_grad_nhwc(const scalar_t* gy, const scalar_t* y, scalar_t* gz, float* gb, int64_t rows, int64_t C) {
+// into its own partial vector, and the partials are added at the end in a fixed order.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void relu_bias_grad_nhwc(const scalar_t* gy, const scalar_t* y, scalar_t* gz, acc_t* gb, int64_t rows, int64_t C) {
   const int64_t nthreads = at::get_num_threads();
-  std::vector<float> partial(gb ? nthreads * C : 0, 0.f);
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    float* acc = gb ? partial.data() + at::get_thread_num() * C : nullptr;
+  std::vector<acc_t> partial(nthreads * C, acc_t(0));
+  acc_t* partial_data = partial.data();
+  at::parallel_for(0, rows, 64, [=](int64_t r0, int64_t r1) {
+    acc_t* acc = partial_data + at::get_thread_num() * C;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float g = static_cast<float>(y[base + c]) > 0.f ? static_cast<float>(gy[base + c]) : 0.f;
-        gz[base + c] = static_cast<scalar_t>(g);
-        if (acc) acc[c] += g;
-      }
+      relu_grad_row<scalar_t, acc_t>(gy + r * C, y + r * C, gz + r * C, acc, C);
     }
   });
   if (!gb) return;
-  for (int64_t c = 0; c < C; ++c) gb[c] = 0.f;
+  for (int64_t c = 0; c < C; ++c) gb[c] = acc_t(0);
   for (int64_t t = 0; t < nthreads; ++t)
     for (int64_t c = 0; c < C; ++c) gb[c] += partial[t * C + c];
 }
@@ -146,9 +167,11 @@ std::tuple<at::Tensor, at::Tensor> relu_bias_grad_cpu(const at::Tensor& grad_y_i
   const at::Tensor grad_y = grad_y_in.contiguous(fmt);
   at::Tensor grad_z = at::empty_like(y, y.options().memory_format(fmt));
   const int64_t N = y.size(0), C = y.size(1), HW = y.numel() / std::max<int64_t>(N * C, 1);
-  at::Tensor grad_b32 = compute_bias_grad ? at::empty({C}, y.options().dtype(at::kFloat)) : at::Tensor();
-  float* gb = compute_bias_grad ? grad_b32.data_ptr<float>() : nullptr;
+  const auto acc_dtype = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_b_acc = at::empty({compute_bias_grad ? C : 0}, y.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "relu_bias_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* gb = compute_bias_grad ? grad_b_acc.data_ptr<acc_t>() : nullptr;
     if (nhwc) {
       relu_bias_grad_nhwc<scalar_t>(grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>(),
                                     gb, N * HW, C);
@@ -157,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> relu_bias_grad_cpu(const at::Tensor& grad_y_i
                                     gb, N, C, HW);
     }
   });
-  at::Tensor grad_b = compute_bias_grad ? grad_b32.to(y.scalar_type()) : at::empty({0}, y.options());
+  at::Tensor grad_b = compute_bias_grad ? grad_b_acc.to(y.scalar_type()) : at::empty({0}, y.options());
   return {grad_z, grad_b};
 }
 
@@ -180,8 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bias_relu_backward_cpu(
   const at::Tensor ww = half ? weight.to(at::kFloat) : weight;
   auto grads = at::convolution_backward(gz, xx, ww, c10::nullopt, stride, padding, dilation, false, {0, 0}, groups,
                                         {output_mask[0], output_mask[1], false});
-  if (output_mask[0]) grad_x = half ? std::get<0>(grads).to(at::kHalf) : std::get<0>(grads);
-  if (output_mask[1]) grad_w = half ? std::get<1>(grads).to(at::kHalf) : std::get<1>(grads);
+  // Gradients come back in the layout of their inputs, whatever layout the library preferred.
+  if (output_mask[0]) grad_x = std::get<0>(grads).to(x.scalar_type()).contiguous(layout_of(x));
+  if (output_mask[1]) grad_w = std::get<1>(grads).to(weight.scalar_type()).contiguous(layout_of(weight));
   return {grad_x, grad_w, grad_b};
 }
 

@@ -36,7 +36,7 @@ def validate(x, weight, bias, stride, padding, dilation, groups):
 
     Raises TypeError / ValueError naming the argument and what was expected.
     """
-    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor("weight", weight, dim=4)
     check_same("weight", weight, "x", x)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -129,6 +129,7 @@ def _backward(ctx, grad_y):
 def _register_native() -> bool:
     if not _native.has_cpp():
         return False
+    _native.has_cuda_build()  # imports fastmtl._C_cuda where built: registers the CUDA kernels of the ops
     torch.library.register_fake(NATIVE, _fake_forward)
     torch.library.register_fake(NATIVE_BACKWARD, _fake_backward)
     torch.library.register_fake(NATIVE_EPILOGUE, _fake_epilogue)
@@ -177,7 +178,8 @@ def conv_bias_relu(
     """Fused ``relu(conv2d(x, weight, bias, stride, padding, dilation, groups))``.
 
     Args:
-        x: input ``[N, C_in, H, W]``, float32 / float16 / bfloat16, NCHW or channels_last.
+        x: input ``[N, C_in, H, W]``, float32 / float16 / bfloat16, NCHW or channels_last (float64 is accepted
+            for gradient checks: the cpp backend computes it, the GPU backends hand it to the torch reference).
         weight: ``[C_out, C_in / groups, kH, kW]``, same dtype and device as ``x``.
         bias: optional ``[C_out]``.
         stride, padding, dilation: an int or a pair (stride, dilation >= 1; padding >= 0).
@@ -195,6 +197,11 @@ def conv_bias_relu(
         from fastmtl import autotune
 
         backend = autotune.choose_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
+    backend, _, algo = backend.partition(":")  # autotune may name an algorithm: "cuda:library"
+    if x.dtype == torch.float64 and backend in ("cuda", "triton"):
+        backend = "torch"
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
+    if algo and backend in ("cpp", "cuda"):
+        return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups, algo=algo)
     return RUNNERS[backend](x, weight, bias, stride, padding, dilation, groups)

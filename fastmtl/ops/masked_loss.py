@@ -1,6 +1,375 @@
-"""Placeholder: masked_multitask_loss lands with its issue (see README)."""
+"""``fastmtl.masked_multitask_loss``: several masked task losses, weighted and summed, with fused gradients.
+
+Each task's loss and its gradient come from one per-task op (``masked_loss``) on the selected backend: the
+gradient is computed in the forward, already divided by the task's valid count, and saved. The whole backward is
+one call of ``masked_loss_scale_grads`` with per-task scales computed on the device
+(``scale_t = g_total * w_t + g_per_task[t]``), so there is no host synchronisation anywhere.
+
+Registered ops (namespace ``fastmtl``, schemas in ``csrc/ops.cpp``): ``masked_loss`` and
+``masked_loss_scale_grads``, with CPU kernels in ``csrc/cpu/masked_loss.cpp`` and CUDA kernels in
+``csrc/cuda/masked_loss*``. Their fake implementations (and autograd for ``masked_loss``) are registered here.
+The Triton versions live in ``fastmtl.ops.masked_loss_triton``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fastmtl import _native, backends, debug
+from fastmtl.reference import masked_loss as reference
+
+KINDS = reference.KINDS
+PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+NATIVE = "fastmtl::masked_loss"
+NATIVE_SCALE = "fastmtl::masked_loss_scale_grads"
 
 
-def masked_multitask_loss(*args, **kwargs):
-    """Not implemented yet."""
-    raise NotImplementedError("masked_multitask_loss is not implemented yet")
+# ---- validation -----------------------------------------------------------------------------------------------
+
+
+def _check_keys(name: str, d, names: list[str], required: bool) -> None:
+    if not isinstance(d, dict):
+        raise TypeError(f"{name} must be a dict keyed by task name, got {type(d).__name__}")
+    missing = [k for k in names if k not in d]
+    if required and missing:
+        raise KeyError(f"{name} has no entry for task(s) {missing} (tasks are the keys of preds: {names})")
+    extra = [k for k in d if k not in names]
+    if extra:
+        raise KeyError(f"{name} has entries for unknown task(s) {extra} (tasks are the keys of preds: {names})")
+
+
+def _check_task(name: str, pred, target, mask, kind, device) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kinds[{name!r}] must be one of {KINDS}, got {kind!r}")
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(f"preds[{name!r}] must be a torch.Tensor, got {type(pred).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"targets[{name!r}] must be a torch.Tensor, got {type(target).__name__}")
+    if pred.dtype not in PRED_DTYPES:
+        raise TypeError(f"preds[{name!r}] must be float32, float16, bfloat16 or float64, got {pred.dtype}")
+    if pred.device != device:
+        raise ValueError(f"preds[{name!r}] is on {pred.device}, but the first task's pred is on {device}")
+    if target.device != device:
+        raise ValueError(f"targets[{name!r}] must be on {device} (its pred's device), got {target.device}")
+    if kind == "ce":
+        if pred.dim() < 2:
+            raise ValueError(f"preds[{name!r}] (ce) must be [N, C] or [N, C, *spatial], got shape {tuple(pred.shape)}")
+        if target.dtype != torch.int64:
+            raise TypeError(f"targets[{name!r}] (ce) must be int64 class indices, got {target.dtype}")
+        expected = (pred.shape[0], *pred.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"targets[{name!r}] (ce) must have shape {expected} for preds of shape {tuple(pred.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        if pred.shape[1] < 1:
+            raise ValueError(f"preds[{name!r}] (ce) must have at least one class, got shape {tuple(pred.shape)}")
+    else:
+        if pred.dim() < 1:
+            raise ValueError(f"preds[{name!r}] ({kind}) must be [N, ...], got a 0-dim tensor")
+        if not target.is_floating_point():
+            raise TypeError(f"targets[{name!r}] ({kind}) must be a float tensor (NaN = no label), got {target.dtype}")
+        if target.shape != pred.shape:
+            raise ValueError(
+                f"targets[{name!r}] ({kind}) must have the shape of its pred {tuple(pred.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"masks[{name!r}] must be a bool tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor, got {mask.dtype}")
+        if tuple(mask.shape) != (pred.shape[0],):
+            raise ValueError(
+                f"masks[{name!r}] must have shape [N] = [{pred.shape[0]}] (one flag per sample), got {tuple(mask.shape)}"
+            )
+        if mask.device != device:
+            raise ValueError(f"masks[{name!r}] must be on {device}, got {mask.device}")
+
+
+def _check_weight(name: str, w, device):
+    if isinstance(w, bool) or not isinstance(w, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"weights[{name!r}] must be a float or a 0-dim tensor, got {type(w).__name__}")
+    if isinstance(w, torch.Tensor):
+        if w.dim() != 0 and tuple(w.shape) != (1,):
+            raise ValueError(f"weights[{name!r}] must be a 0-dim tensor, got shape {tuple(w.shape)}")
+        if not w.is_floating_point():
+            raise TypeError(f"weights[{name!r}] must be a floating tensor, got {w.dtype}")
+        if w.device != device:
+            raise ValueError(f"weights[{name!r}] must be on {device} (the preds' device), got {w.device}")
+
+
+def validate(preds, targets, kinds, masks=None, weights=None, ignore_index=-100) -> list[str]:
+    """Check the arguments of :func:`masked_multitask_loss`; return the task names in order.
+
+    Raises KeyError / TypeError / ValueError naming the argument and what was expected. Reads shapes, dtypes and
+    devices only (never tensor values).
+    """
+    if not isinstance(preds, dict) or not preds:
+        raise TypeError("preds must be a non-empty dict of task name -> tensor")
+    names = list(preds)
+    _check_keys("targets", targets, names, required=True)
+    _check_keys("kinds", kinds, names, required=True)
+    if masks is not None:
+        _check_keys("masks", masks, names, required=False)
+    if weights is not None:
+        _check_keys("weights", weights, names, required=False)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    first = preds[names[0]]
+    device = first.device if isinstance(first, torch.Tensor) else None
+    for name in names:
+        mask = masks.get(name) if masks is not None else None
+        _check_task(name, preds[name], targets[name], mask, kinds[name], device)
+        if weights is not None and name in weights:
+            _check_weight(name, weights[name], device)
+    return names
+
+
+def class_range_error(name: str, pred, target, ignore_index: int) -> torch.Tensor:
+    """A bool 0-dim tensor: whether task ``name``'s ce target holds a class outside [0, C) other than ignore_index."""
+    num_classes = pred.shape[1]
+    return ((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()
+
+
+def _check_class_range(names, preds, targets, kinds, ignore_index) -> None:
+    """Raise ValueError for out-of-range ce classes: always on the CPU, under ``fastmtl.debug()`` on other devices.
+
+    On the CPU under torch.compile the check becomes an asynchronous assertion (RuntimeError) in the graph.
+    """
+    for name in names:
+        if kinds[name] != "ce":
+            continue
+        pred, target = preds[name], targets[name]
+        if pred.device.type != "cpu" and not debug.enabled():
+            continue
+        msg = (
+            f"targets[{name!r}] (ce) holds a class index outside [0, {pred.shape[1]}) that is not "
+            f"ignore_index={ignore_index}"
+        )
+        bad = class_range_error(name, pred, target, ignore_index)
+        if torch.compiler.is_compiling():
+            if pred.device.type == "cpu":
+                torch._assert_async(~bad, msg)
+            continue
+        if bad.item():
+            raise ValueError(msg)
+
+
+# ---- registrations for the native ops ---------------------------------------------------------------------------
+
+
+def _fake_masked_loss(pred, target, mask, kind, ignore_index, compute_grad):
+    loss = pred.new_empty((), dtype=reference.math_dtype(pred.dtype))
+    return loss, (torch.empty_like(pred) if compute_grad else pred.new_empty(0))
+
+
+def _fake_scale_grads(grads, scales):
+    return [torch.empty_like(g) for g in grads]
+
+
+def _setup_masked_loss(ctx, inputs, output):
+    ctx.compute_grad = inputs[5]
+    ctx.save_for_backward(output[1])
+
+
+def _backward_masked_loss(ctx, grad_loss, grad_grad):
+    # d loss / d pred was computed in the forward; the returned gradient output is treated as a constant.
+    if not ctx.compute_grad:
+        raise RuntimeError("fastmtl::masked_loss was called with compute_grad=False: it has no gradient to return")
+    (grad,) = ctx.saved_tensors
+    scaled = torch.ops.fastmtl.masked_loss_scale_grads([grad], grad_loss.reshape(1).float())[0]
+    return scaled, None, None, None, None, None
+
+
+def _register_native() -> bool:
+    if not _native.has_cpp():
+        return False
+    torch.library.register_fake(NATIVE, _fake_masked_loss)
+    torch.library.register_fake(NATIVE_SCALE, _fake_scale_grads)
+    torch.library.register_autograd(NATIVE, _backward_masked_loss, setup_context=_setup_masked_loss)
+    return True
+
+
+HAS_NATIVE = _register_native()
+
+
+# ---- backends ---------------------------------------------------------------------------------------------------
+
+
+def _triton_module():
+    """``fastmtl.ops.masked_loss_triton``, or raise BackendUnavailableError saying why it cannot be used."""
+    try:
+        from fastmtl.ops import masked_loss_triton
+    except ImportError as exc:
+        raise backends.BackendUnavailableError(
+            f"the triton backend of masked_multitask_loss is not available: fastmtl.ops.masked_loss_triton "
+            f"cannot be imported ({exc})"
+        ) from exc
+    return masked_loss_triton
+
+
+def triton_available() -> bool:
+    """Whether ``fastmtl.ops.masked_loss_triton`` imports (the Triton kernels of this op are installed)."""
+    try:
+        _triton_module()
+    except backends.BackendUnavailableError:
+        return False
+    return True
+
+
+def _native_loss(pred, target, mask, kind, ignore_index, compute_grad):
+    return torch.ops.fastmtl.masked_loss(pred, target, mask, kind, ignore_index, compute_grad)
+
+
+def _native_scale(grads, scales):
+    return torch.ops.fastmtl.masked_loss_scale_grads(grads, scales)
+
+
+def _triton_loss(pred, target, mask, kind, ignore_index, compute_grad):
+    return _triton_module().masked_loss(pred, target, mask, kind, ignore_index, compute_grad)
+
+
+def _triton_scale(grads, scales):
+    return _triton_module().scale_grads(grads, scales)
+
+
+# backend -> (per-task loss and gradient, backward scaling)
+RUNNERS = {
+    "torch": (reference.masked_loss, reference.scale_grads),
+    "cpp": (_native_loss, _native_scale),
+    "cuda": (_native_loss, _native_scale),
+    "triton": (_triton_loss, _triton_scale),
+}
+
+
+@torch.compiler.assume_constant_result
+def _selected_backend(device: torch.device) -> str:
+    # Resolved once per trace under torch.compile: the backend choice is a Python-level constant.
+    backend = backends.select(device)
+    if backend == backends.AUTO:  # CUDA tensors: fixed preference order, no measurement for the loss
+        if HAS_NATIVE and backends.can_run("cuda", device)[0]:
+            return "cuda"
+        if backends.can_run("triton", device)[0] and triton_available():
+            return "triton"
+        return "torch"
+    return backend
+
+
+# ---- autograd ---------------------------------------------------------------------------------------------------
+
+
+class _MaskedMultitaskLoss(torch.autograd.Function):
+    """All tasks in one autograd node: forward runs the per-task op, backward scales the saved gradients once.
+
+    Inputs: (backend, kinds, ignore_index, weights or None, *preds, *targets, *masks). Outputs:
+    (total, *per_task_losses). Gradients are not materialised, so backward from ``per_task[t]`` alone returns a
+    gradient for pred t only (None for the others) and never runs the other tasks' graphs.
+    """
+
+    @staticmethod
+    def forward(ctx, backend, kinds, ignore_index, weights, *tensors):
+        n = len(kinds)
+        preds, targets, masks = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        run_loss = RUNNERS[backend][0]
+        losses, grads = [], []
+        for t in range(n):
+            loss, grad = run_loss(preds[t], targets[t], masks[t], kinds[t], ignore_index, ctx.needs_input_grad[4 + t])
+            losses.append(loss)
+            grads.append(grad)
+        stacked = torch.stack(losses)
+        total = (stacked * weights).sum() if weights is not None else stacked.sum()
+        ctx.set_materialize_grads(False)
+        ctx.backend = backend
+        ctx.has_weights = weights is not None
+        ctx.save_for_backward(stacked, weights, *grads)
+        return (total, *losses)
+
+    @staticmethod
+    def backward(ctx, grad_total, *grad_losses):
+        stacked, weights, *grads = ctx.saved_tensors
+        n = len(grads)
+        scales = None
+        if grad_total is not None:
+            scales = grad_total * weights if ctx.has_weights else grad_total.expand(n)
+        present = [g for g in grad_losses if g is not None]
+        if present:
+            zero = torch.zeros_like(present[0])
+            per_task = torch.stack([g if g is not None else zero for g in grad_losses])
+            scales = per_task if scales is None else scales + per_task
+        active = [
+            ctx.needs_input_grad[4 + t] and (grad_total is not None or grad_losses[t] is not None) for t in range(n)
+        ]
+        grad_preds = [None] * n
+        if any(active):
+            inputs = [grads[t] if active[t] else grads[t].new_empty(0) for t in range(n)]
+            scaled = RUNNERS[ctx.backend][1](inputs, scales.to(torch.float32).contiguous())
+            grad_preds = [scaled[t] if active[t] else None for t in range(n)]
+        grad_weights = None
+        if ctx.has_weights and ctx.needs_input_grad[3] and grad_total is not None:
+            grad_weights = grad_total * stacked
+        return (None, None, None, grad_weights, *grad_preds, *([None] * (2 * n)))
+
+
+def _weight_vector(names, weights, like: torch.Tensor):
+    """The weights as a float32 [T] tensor on the device (None when every weight is the default 1.0).
+
+    Float weights become device tensors with ``new_full`` (a fill, never a host-to-device copy); tensor weights keep
+    their autograd history through ``torch.stack``.
+    """
+    if weights is None:
+        return None
+    values = [weights.get(name, 1.0) for name in names]
+    if all(not isinstance(w, torch.Tensor) and float(w) == 1.0 for w in values):
+        return None
+    parts = [
+        w.reshape(()).to(torch.float32) if isinstance(w, torch.Tensor) else like.new_full((), float(w), dtype=torch.float32)
+        for w in values
+    ]
+    return torch.stack(parts)
+
+
+def masked_multitask_loss(preds, targets, kinds, masks=None, weights=None, ignore_index: int = -100):
+    """Weighted sum of masked per-task mean losses, each fused with its gradient.
+
+    Args:
+        preds: dict task -> prediction. "ce": logits ``[N, C]`` or ``[N, C, *spatial]`` (NCHW or channels_last);
+            "bce": logits ``[N, *]``; "l1" / "mse": ``[N, *]``. float32 / float16 / bfloat16 (float64 too).
+        targets: dict task -> target. "ce": int64 ``[N]`` / ``[N, *spatial]``; else a float tensor of the pred's
+            shape, NaN marking an element without a label ("bce" targets in [0, 1]).
+        kinds: dict task -> "ce", "bce", "l1" or "mse".
+        masks: optional dict task -> bool ``[N]``, True where sample n is labelled (missing entry = all True).
+        weights: optional dict task -> float or 0-dim tensor (which may require grad); missing entry = 1.0.
+        ignore_index: "ce" target value marking an unlabelled element.
+
+    Returns:
+        ``(total, per_task)``: ``total = sum_t weights[t] * L_t`` and ``per_task[t] = L_t``, 0-dim float32 tensors
+        (float64 for float64 preds). ``L_t`` is the mean element loss over valid elements (sample labelled and
+        element labelled), exactly 0 with a zero gradient when there is none. ``total`` carries autograd to every
+        pred and tensor weight (``d total / d w_t = L_t``); each ``per_task[t]`` carries autograd to pred t alone.
+
+    Errors: KeyError / TypeError / ValueError for bad arguments, before any kernel runs. A "ce" class index outside
+    ``[0, C)`` (other than ignore_index) raises ValueError on the CPU; on CUDA the kernels skip it and
+    ``fastmtl.debug()`` reports it. No host synchronisation otherwise.
+    """
+    names = validate(preds, targets, kinds, masks, weights, ignore_index)
+    _check_class_range(names, preds, targets, kinds, ignore_index)
+    first = preds[names[0]]
+    backend = _selected_backend(first.device)
+    if backend in ("cpp", "cuda") and not HAS_NATIVE:
+        raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
+    if backend == "triton":
+        _triton_module()
+    masks = masks or {}
+    outputs = _MaskedMultitaskLoss.apply(
+        backend,
+        tuple(kinds[n] for n in names),
+        ignore_index,
+        _weight_vector(names, weights, first),
+        *(preds[n] for n in names),
+        *(targets[n] for n in names),
+        *(masks.get(n) for n in names),
+    )
+    return outputs[0], dict(zip(names, outputs[1:]))

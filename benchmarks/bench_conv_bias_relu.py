@@ -1,0 +1,130 @@
+"""conv_bias_relu benchmarks: eager ``relu(conv2d)``, ``torch.compile`` of it, and each fastmtl backend.
+
+Shapes: 8x64x56x56 3x3 and the layers of a small trunk (8x3x128x128 -> 32 -> 64 -> 128, pooled between stages) on
+the CPU; on CUDA the trunk layers at batch 32 (128x128) and at 8x3x288x384 input, bf16, channels_last.
+Forward is timed without autograd; "fwd+bwd" includes the backward to x, weight and bias (x of the stem needs none).
+Set FASTMTL_BENCH_MAX_AUTOTUNE=1 to add torch.compile(mode="max-autotune") on CUDA (slow to compile).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmtl
+from fastmtl import backends
+
+# (name, N, C_in, H, W, C_out)
+CPU_SHAPES = [
+    ("8x64x56x56->64", 8, 64, 56, 56, 64),
+    ("trunk1 8x3x128x128->32", 8, 3, 128, 128, 32),
+    ("trunk2 8x32x64x64->64", 8, 32, 64, 64, 64),
+    ("trunk3 8x64x32x32->128", 8, 64, 32, 32, 128),
+]
+GPU_SHAPES = [
+    ("b32 trunk1 32x3x128x128->32", 32, 3, 128, 128, 32),
+    ("b32 trunk2 32x32x64x64->64", 32, 32, 64, 64, 64),
+    ("b32 trunk3 32x64x32x32->128", 32, 64, 32, 32, 128),
+    ("nyu trunk1 8x3x288x384->32", 8, 3, 288, 384, 32),
+    ("nyu trunk2 8x32x144x192->64", 8, 32, 144, 192, 64),
+    ("nyu trunk3 8x64x72x96->128", 8, 64, 72, 96, 128),
+]
+
+CUDA = torch.cuda.is_available()
+
+
+def _cases():
+    cases = []
+    for shape in CPU_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            cases.append(pytest.param("cpu", shape, dtype, False, id=f"cpu-{shape[0]}-{dtype}".replace("torch.", "")))
+    if CUDA:
+        for shape in GPU_SHAPES:
+            cases.append(pytest.param("cuda", shape, torch.bfloat16, True, id=f"cuda-{shape[0]}-bf16-cl"))
+    return cases
+
+
+def _variants(device: str):
+    names = ["eager", "compile"]
+    if device == "cuda" and os.environ.get("FASTMTL_BENCH_MAX_AUTOTUNE") == "1":
+        names.append("compile-max-autotune")
+    names += [b for b in backends.BACKENDS if backends.can_run(b, torch.device(device))[0]]
+    if device == "cuda":
+        names.append("auto")
+    return names
+
+
+def _make(device, shape, dtype, channels_last, requires_grad):
+    _, n, c_in, h, w, c_out = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c_in, h, w, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in, 3, 3, device=device) / (9 * c_in) ** 0.5).to(dtype)
+    bias = (torch.randn(c_out, device=device) * 0.1).to(dtype)
+    x.requires_grad_(requires_grad and c_in > 3)  # the stem's input is data: no gradient
+    weight.requires_grad_(requires_grad)
+    bias.requires_grad_(requires_grad)
+    return x, weight, bias
+
+
+def _eager(x, w, b):
+    return torch.relu(F.conv2d(x, w, b, 1, 1))
+
+
+def _fused(x, w, b):
+    return fastmtl.conv_bias_relu(x, w, b, 1, 1)
+
+
+def _runner(variant, x, w, b, backward):
+    if variant == "eager":
+        fn = _eager
+    elif variant.startswith("compile"):
+        mode = "max-autotune" if variant.endswith("max-autotune") else None
+        fn = torch.compile(_eager, mode=mode)
+    else:
+        name = variant
+
+        def fn(x, w, b):
+            with fastmtl.use_backend(name):
+                return _fused(x, w, b)
+
+    if not backward:
+
+        def forward():
+            with torch.no_grad():
+                return fn(x, w, b)
+
+        return forward
+    grad = None
+
+    def step():
+        nonlocal grad
+        y = fn(x, w, b)
+        if grad is None:
+            grad = torch.randn_like(y)
+        inputs = [t for t in (x, w, b) if t.requires_grad]
+        return torch.autograd.grad(y, inputs, grad)
+
+    return step
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("device, shape, dtype, channels_last", _cases())
+@pytest.mark.parametrize("variant", ["eager", "compile", "compile-max-autotune", "torch", "cpp", "cuda", "triton", "auto"])
+def test_conv_bias_relu(bench, smoke, variant, device, shape, dtype, channels_last, mode):
+    if variant not in _variants(device):
+        pytest.skip(f"{variant} is not a variant for {device} tensors on this machine")
+    if smoke and variant.startswith("compile") and shape is not CPU_SHAPES[0] and device == "cpu":
+        pytest.skip("smoke run: torch.compile is exercised on the first shape only (all shapes when timing)")
+    if variant == "triton" and device == "cpu" and (dtype == torch.bfloat16 or not smoke):
+        pytest.skip("triton on CPU is the interpreter: a smoke check only, and bf16 is wrong there")
+    backward = mode == "fwd+bwd"
+    x, w, b = _make(device, shape, dtype, channels_last, backward)
+    if variant == "triton" and device == "cpu":  # interpreter: a tiny slice keeps the smoke run short
+        x = x[:1, :, :8, :8].detach().requires_grad_(x.requires_grad)
+    fn = _runner(variant, x, w, b, backward)
+    bench(fn, op="conv_bias_relu", mode=mode, shape=shape[0], dtype=dtype, backend=variant, device=torch.device(device))

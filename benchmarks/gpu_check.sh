@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One script for a lent GPU machine: print device and versions, build fastmtl in place (no downloads), run the CUDA
+# tests, run the CUDA benchmarks and the bandwidth check, and write $OUT/results.json and $OUT/summary.md.
+# Designed to end within 8 minutes on an H100; each stage has its own time limit so a hang cannot eat the lease.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        (or: make gpu-check)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+log() { echo "[gpu_check +$(($(date +%s) - START))s] $*"; }
+
+log "device and versions"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('gpu', torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  nvcc --version | tail -2
+} 2>&1 | tee "$OUT/env.txt"
+
+log "build (pip install --no-build-isolation --no-deps .)"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+if ! timeout ${BUILD_TIMEOUT:-300} $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
+  log "BUILD FAILED"; tail -40 "$OUT/build.log"
+fi
+$PY -P -m fastmtl info 2>&1 | tee -a "$OUT/env.txt"
+
+log "CUDA tests"
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmtl-inductor}
+timeout ${TEST_TIMEOUT:-200} $PY -P -m pytest tests -m cuda -q -p no:cacheprovider --maxfail=20 \
+  -o addopts="-ra --import-mode=importlib" --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+echo "tests exit code: $?" >>"$OUT/tests.log"
+tail -25 "$OUT/tests.log"
+
+log "bandwidth check"
+timeout ${BW_TIMEOUT:-90} $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
+
+log "benchmarks (CUDA cases)"
+timeout ${BENCH_TIMEOUT:-240} $PY -P -m pytest benchmarks --benchmark-only -k "${BENCH_K:-cuda}" -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench.json" --benchmark-min-rounds=10 --benchmark-max-time=0.25 \
+  --benchmark-columns=median >"$OUT/bench.log" 2>&1
+echo "benchmarks exit code: $?" >>"$OUT/bench.log"
+tail -5 "$OUT/bench.log"
+
+log "report"
+$PY -P benchmarks/gpu_summary.py --out "$OUT" 2>&1 | tail -60
+log "done"

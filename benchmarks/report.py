@@ -1,0 +1,103 @@
+"""Turn a pytest-benchmark JSON file into one table of ratios.
+
+    python benchmarks/report.py BENCH.json [--markdown OUT.md] [--json OUT.json]
+
+Rows are grouped by (op, mode, shape, dtype, device). For each backend the table gives the median time, the speed
+ratio against eager PyTorch and against torch.compile (baseline median / this median: > 1 means faster), and the
+peak-memory ratio against eager (this / eager: < 1 means less memory; CUDA only). Baselines are the rows named
+"eager" and "compile" in the same group, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+EAGER_NAMES = ("eager",)
+COMPILE_NAMES = ("compile",)
+
+
+def load_rows(path: str) -> list[dict]:
+    """One dict per benchmark: its extra_info plus median (seconds)."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        info.setdefault("backend", bench.get("name", "?"))
+        info["median"] = bench["stats"]["median"]
+        info["name"] = bench.get("fullname", bench.get("name"))
+        rows.append(info)
+    return rows
+
+
+def _baseline(group: list[dict], names) -> dict | None:
+    candidates = [r for r in group if r.get("backend") in names]
+    return min(candidates, key=lambda r: r["median"]) if candidates else None
+
+
+def ratio_table(rows: list[dict]) -> list[dict]:
+    """Rows annotated with vs_eager, vs_compile and mem_vs_eager."""
+    groups = defaultdict(list)
+    for r in rows:
+        key = tuple(r.get(k, "") for k in ("op", "mode", "shape", "dtype", "device"))
+        groups[key].append(r)
+    table = []
+    for key in sorted(groups):
+        group = groups[key]
+        eager = _baseline(group, EAGER_NAMES)
+        compiled = _baseline(group, COMPILE_NAMES)
+        for r in sorted(group, key=lambda r: r["median"]):
+            out = dict(zip(("op", "mode", "shape", "dtype", "device"), key))
+            out["backend"] = r["backend"]
+            out["median_ms"] = r["median"] * 1e3
+            out["vs_eager"] = eager["median"] / r["median"] if eager else None
+            out["vs_compile"] = compiled["median"] / r["median"] if compiled else None
+            mem, mem0 = r.get("peak_mem_bytes"), eager.get("peak_mem_bytes") if eager else None
+            out["mem_vs_eager"] = mem / mem0 if mem is not None and mem0 else None
+            table.append(out)
+    return table
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(table: list[dict]) -> str:
+    """The table as GitHub markdown."""
+    lines = [
+        "| op | mode | shape | dtype | device | backend | median ms | vs eager | vs compile | peak mem vs eager |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['device']} | {r['backend']} | "
+            f"{r['median_ms']:.3f} | {_fmt(r['vs_eager'], '.2f')}x | {_fmt(r['vs_compile'], '.2f')}x | "
+            f"{_fmt(r['mem_vs_eager'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Print the table; optionally write it as markdown and JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json_file")
+    parser.add_argument("--markdown", help="also write the table to this markdown file")
+    parser.add_argument("--json", help="also write the table to this JSON file")
+    args = parser.parse_args(argv)
+    table = ratio_table(load_rows(args.json_file))
+    text = markdown(table)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,576 @@
+// CUDA kernels of fastmtl::masked_loss (one task) and fastmtl::masked_loss_scale_grads (all tasks); see
+// masked_loss.h for the two-launch design. No torch headers: this file compiles in about a second.
+//
+// Kernels:
+//   count_ce_kernel / count_float_kernel   partial valid counts (grid-stride, at most kMaxCountBlocks blocks)
+//   ce_pixel_kernel                        one thread per pixel, loop over C (NCHW: coalesced along the pixels);
+//                                          up to 16 logits cached in registers, else an online softmax and a re-read
+//   ce_rows_kernel                         TPR threads per row when C is contiguous ([N, C], channels_last);
+//                                          per-lane online softmax merged with shuffles
+//   elementwise_kernel                     bce / l1 / mse, 16-byte vector loads and stores where aligned
+//   scale_grads_kernel                     grouped out[t] = in[t] * scales[t] over a task table passed by value
+// Every loss kernel starts by summing the partial counts (one per thread, blockDim == kMaxCountBlocks) and ends
+// with a block reduction and one atomicAdd of its loss partial times 1/count.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "masked_loss.h"
+
+namespace fastmtl {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+static_assert(kThreads == kMaxCountBlocks, "each loss-kernel thread reads one partial count");
+constexpr int kElementwiseItems = 2;  // vectors per thread in elementwise_kernel
+constexpr int kScaleItems = 8;        // elements per thread in scale_grads_kernel
+
+// ---- conversions and reductions --------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the block (blockDim.x == kThreads); every thread gets the result. Safe to call repeatedly.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+  __shared__ T partial[kThreads / 32];
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // the previous call's readers are done with `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  return warp_sum(lane < kThreads / 32 ? partial[lane] : T(0));
+}
+
+// 1 / (total valid count), or 0 when there is no valid element (every element is then masked out anyway).
+__device__ __forceinline__ float block_inv_count(const int32_t* __restrict__ counts, int num_counts) {
+  long long c = threadIdx.x < num_counts ? static_cast<long long>(counts[threadIdx.x]) : 0LL;
+  c = block_sum(c);
+  return c > 0 ? 1.0f / static_cast<float>(c) : 0.0f;
+}
+
+// i / d with a 32-bit division when both fit (the common case; 64-bit division is slow on the GPU).
+__device__ __forceinline__ int64_t div_index(int64_t i, int64_t d) {
+  if (d == 1) return i;
+  if (((i | d) >> 31) == 0) return static_cast<int64_t>(static_cast<uint32_t>(i) / static_cast<uint32_t>(d));
+  return i / d;
+}
+
+__device__ __forceinline__ void block_add_loss(float row_loss, float inv_count, float* loss) {
+  const float sum = block_sum(row_loss);
+  if (threadIdx.x == 0 && sum != 0.0f) atomicAdd(loss, sum * inv_count);
+}
+
+// ---- count kernels ---------------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads)
+    count_ce_kernel(const int64_t* __restrict__ target, const bool* __restrict__ mask, CeGeometry g,
+                    int64_t ignore_index, int32_t* __restrict__ counts, float* __restrict__ loss) {
+  const int64_t total = g.N * g.S;
+  const bool flat_target = g.t_sn == g.S * g.t_ss;
+  const bool flat_mask = g.m_sn == g.S * g.m_ss;
+  int local = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < total;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    int64_t n = 0, s = r;
+    if (!(flat_target && (mask == nullptr || flat_mask))) {
+      n = div_index(r, g.S);
+      s = r - n * g.S;
+    }
+    const int64_t t = flat_target ? target[r * g.t_ss] : target[n * g.t_sn + s * g.t_ss];
+    bool ok = t != ignore_index && t >= 0 && t < g.C;
+    if (ok && mask != nullptr) ok = flat_mask ? mask[r * g.m_ss] : mask[n * g.m_sn + s * g.m_ss];
+    local += ok ? 1 : 0;
+  }
+  const int sum = block_sum(local);
+  if (threadIdx.x == 0) {
+    counts[blockIdx.x] = sum;
+    if (blockIdx.x == 0) *loss = 0.0f;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    count_float_kernel(const T* __restrict__ target, const bool* __restrict__ mask, int64_t total, int64_t M,
+                       int32_t* __restrict__ counts, float* __restrict__ loss) {
+  int local = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const float t = to_float(target[i]);
+    bool ok = !isnan(t);
+    if (ok && mask != nullptr) ok = mask[div_index(i, M)];
+    local += ok ? 1 : 0;
+  }
+  const int sum = block_sum(local);
+  if (threadIdx.x == 0) {
+    counts[blockIdx.x] = sum;
+    if (blockIdx.x == 0) *loss = 0.0f;
+  }
+}
+
+// ---- cross entropy ---------------------------------------------------------------------------------------------
+
+struct CeRow {
+  int64_t t;
+  bool ok;
+};
+
+__device__ __forceinline__ CeRow load_ce_row(const int64_t* __restrict__ target, const bool* __restrict__ mask,
+                                             const CeGeometry& g, int64_t n, int64_t s, int64_t ignore_index) {
+  CeRow row;
+  row.t = target[n * g.t_sn + s * g.t_ss];
+  row.ok = row.t != ignore_index && row.t >= 0 && row.t < g.C;  // out-of-range classes are skipped, never read
+  if (row.ok && mask != nullptr) row.ok = mask[n * g.m_sn + s * g.m_ss];
+  return row;
+}
+
+template <typename P, int CREG>
+__global__ void __launch_bounds__(kThreads)
+    ce_pixel_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+                    P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
+                    const int32_t* __restrict__ counts, int num_counts, float* __restrict__ loss) {
+  const float inv = block_inv_count(counts, num_counts);
+  const int64_t n = blockIdx.x / s_blocks;
+  const int64_t s = (blockIdx.x - n * s_blocks) * kThreads + threadIdx.x;
+  float row_loss = 0.0f;
+  if (s < g.S) {
+    const CeRow row = load_ce_row(target, mask, g, n, s, ignore_index);
+    const P* x = pred + n * g.p_sn + s * g.p_ss;
+    P* gx = grad != nullptr ? grad + n * g.g_sn + s * g.g_ss : nullptr;
+    if (!row.ok) {
+      if (gx != nullptr)
+        for (int64_t c = 0; c < g.C; ++c) gx[c * g.g_sc] = from_float<P>(0.0f);
+    } else if (CREG > 0 && g.C <= CREG) {  // logits stay in registers: one read
+      float v[CREG > 0 ? CREG : 1];
+      float m = -INFINITY, xt = 0.0f;
+#pragma unroll
+      for (int c = 0; c < CREG; ++c) {
+        v[c] = c < g.C ? to_float(x[c * g.p_sc]) : -INFINITY;
+        m = fmaxf(m, v[c]);
+        if (c == row.t) xt = v[c];
+      }
+      float l = 0.0f;
+#pragma unroll
+      for (int c = 0; c < CREG; ++c) {
+        v[c] = expf(v[c] - m);
+        l += v[c];
+      }
+      row_loss = m + logf(l) - xt;
+      if (gx != nullptr) {
+        const float scale = inv / l;
+#pragma unroll
+        for (int c = 0; c < CREG; ++c)
+          if (c < g.C) gx[c * g.g_sc] = from_float<P>(v[c] * scale - (c == row.t ? inv : 0.0f));
+      }
+    } else {  // online softmax, then a second read (from cache) for the gradient
+      float m = -INFINITY, l = 0.0f;
+      for (int64_t c = 0; c < g.C; ++c) {
+        const float xv = to_float(x[c * g.p_sc]);
+        if (xv > m) {
+          l = l * expf(m - xv) + 1.0f;
+          m = xv;
+        } else {
+          l += expf(xv - m);
+        }
+      }
+      row_loss = m + logf(l) - to_float(x[row.t * g.p_sc]);
+      if (gx != nullptr) {
+        const float scale = inv / l;
+        for (int64_t c = 0; c < g.C; ++c)
+          gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c * g.p_sc]) - m) * scale - (c == row.t ? inv : 0.0f));
+      }
+    }
+  }
+  block_add_loss(row_loss, inv, loss);
+}
+
+// TPR threads per row of C contiguous logits (p_sc == 1); VPL > 0 caches VPL logits per lane (C <= TPR * VPL).
+template <typename P, int TPR, int VPL>
+__global__ void __launch_bounds__(kThreads)
+    ce_rows_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+                   P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
+                   const int32_t* __restrict__ counts, int num_counts, float* __restrict__ loss) {
+  constexpr int kRows = kThreads / TPR;
+  const float inv = block_inv_count(counts, num_counts);
+  const int lane = threadIdx.x % TPR;
+  const int64_t n = blockIdx.x / s_blocks;
+  const int64_t s = (blockIdx.x - n * s_blocks) * kRows + threadIdx.x / TPR;
+  const bool in_range = s < g.S;
+  CeRow row{0, false};
+  if (in_range) row = load_ce_row(target, mask, g, n, s, ignore_index);
+  const P* x = pred + n * g.p_sn + s * g.p_ss;
+
+  float m = -INFINITY, l = 0.0f;
+  float v[VPL > 0 ? VPL : 1];
+  if (row.ok) {
+    if (VPL > 0) {
+#pragma unroll
+      for (int k = 0; k < VPL; ++k) {
+        const int64_t c = lane + k * TPR;
+        v[k] = c < g.C ? to_float(x[c]) : -INFINITY;
+        m = fmaxf(m, v[k]);
+      }
+      if (m > -INFINITY) {
+#pragma unroll
+        for (int k = 0; k < VPL; ++k) l += expf(v[k] - m);
+      }
+    } else {
+      for (int64_t c = lane; c < g.C; c += TPR) {
+        const float xv = to_float(x[c]);
+        if (xv > m) {
+          l = l * expf(m - xv) + 1.0f;
+          m = xv;
+        } else {
+          l += expf(xv - m);
+        }
+      }
+    }
+  }
+  // Merge the lanes' (max, sum) pairs; every thread of the warp takes part (rows are whole sub-warps).
+#pragma unroll
+  for (int offset = TPR / 2; offset > 0; offset >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, offset, TPR);
+    const float l2 = __shfl_xor_sync(0xffffffffu, l, offset, TPR);
+    const float mm = fmaxf(m, m2);
+    l = (m == -INFINITY ? 0.0f : l * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : l2 * expf(m2 - mm));
+    m = mm;
+  }
+  float row_loss = 0.0f;
+  if (row.ok && lane == 0) row_loss = m + logf(l) - to_float(x[row.t]);
+  if (in_range && grad != nullptr) {
+    P* gx = grad + n * g.g_sn + s * g.g_ss;
+    if (!row.ok) {
+      for (int64_t c = lane; c < g.C; c += TPR) gx[c * g.g_sc] = from_float<P>(0.0f);
+    } else if (VPL > 0) {
+      const float scale = inv / l;
+#pragma unroll
+      for (int k = 0; k < VPL; ++k) {
+        const int64_t c = lane + k * TPR;
+        if (c < g.C) gx[c * g.g_sc] = from_float<P>(expf(v[k] - m) * scale - (c == row.t ? inv : 0.0f));
+      }
+    } else {
+      const float scale = inv / l;
+      for (int64_t c = lane; c < g.C; c += TPR)
+        gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c]) - m) * scale - (c == row.t ? inv : 0.0f));
+    }
+  }
+  block_add_loss(row_loss, inv, loss);
+}
+
+// ---- bce / l1 / mse --------------------------------------------------------------------------------------------
+
+template <typename X, int V>
+struct alignas(sizeof(X) * V) Pack {
+  X v[V];
+};
+
+template <int KIND>
+__device__ __forceinline__ void element_loss(float p, float t, float& loss, float& grad) {
+  if (KIND == static_cast<int>(ElementwiseKind::kBCE)) {
+    const float e = expf(-fabsf(p));
+    loss = fmaxf(p, 0.0f) - p * t + log1pf(e);
+    grad = (p >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e)) - t;
+  } else if (KIND == static_cast<int>(ElementwiseKind::kL1)) {
+    const float d = p - t;
+    loss = fabsf(d);
+    grad = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
+  } else {
+    const float d = p - t;
+    loss = d * d;
+    grad = 2.0f * d;
+  }
+}
+
+template <int KIND, typename P, typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
+                       P* __restrict__ grad, int64_t total, int64_t M, const int32_t* __restrict__ counts,
+                       int num_counts, float* __restrict__ loss) {
+  const float inv = block_inv_count(counts, num_counts);
+  float acc = 0.0f;
+  const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
+#pragma unroll
+  for (int item = 0; item < kElementwiseItems; ++item) {
+    const int64_t base = block_base + (static_cast<int64_t>(item) * kThreads + threadIdx.x) * VEC;
+    if (base >= total) break;
+    const bool full = base + VEC <= total;
+    bool ok[VEC];
+    bool any = false;
+    if (mask != nullptr) {
+      const int64_t n0 = div_index(base, M);
+      const int64_t next = (n0 + 1) * M;  // a vector spans at most two samples when M >= VEC
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int64_t n = M >= VEC ? n0 + (base + e >= next ? 1 : 0) : div_index(base + e, M);
+        ok[e] = base + e < total && mask[n];
+        any |= ok[e];
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ok[e] = base + e < total;
+      any = true;
+    }
+    float p[VEC], t[VEC];
+    if (any && VEC > 1 && full) {  // unlabelled samples are not read at all
+      const Pack<P, VEC> pp = *reinterpret_cast<const Pack<P, VEC>*>(pred + base);
+      const Pack<T, VEC> tp = *reinterpret_cast<const Pack<T, VEC>*>(target + base);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        p[e] = to_float(pp.v[e]);
+        t[e] = to_float(tp.v[e]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        p[e] = ok[e] ? to_float(pred[base + e]) : 0.0f;
+        t[e] = ok[e] ? to_float(target[base + e]) : 0.0f;
+      }
+    }
+    Pack<P, VEC> gp;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const bool valid = ok[e] && !isnan(t[e]);
+      float el = 0.0f, ge = 0.0f;
+      element_loss<KIND>(p[e], t[e], el, ge);
+      acc += valid ? el : 0.0f;
+      gp.v[e] = from_float<P>(valid ? ge * inv : 0.0f);
+    }
+    if (grad != nullptr) {
+      if (VEC > 1 && full) {
+        *reinterpret_cast<Pack<P, VEC>*>(grad + base) = gp;
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          if (base + e < total) grad[base + e] = gp.v[e];
+      }
+    }
+  }
+  block_add_loss(acc, inv, loss);
+}
+
+// ---- grouped scaling -------------------------------------------------------------------------------------------
+
+struct ScaleTable {
+  const void* in[kMaxScaleTasks];
+  void* out[kMaxScaleTasks];
+  int64_t numel[kMaxScaleTasks];
+  int64_t first_block[kMaxScaleTasks + 1];
+  int dtype[kMaxScaleTasks];
+  int num;
+};
+
+template <typename X>
+__device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t numel, int64_t base, float scale) {
+  const X* a = static_cast<const X*>(in);
+  X* b = static_cast<X*>(out);
+#pragma unroll
+  for (int k = 0; k < kScaleItems; ++k) {
+    const int64_t i = base + static_cast<int64_t>(k) * kThreads + threadIdx.x;
+    if (i < numel) b[i] = from_float<X>(to_float(a[i]) * scale);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) scale_grads_kernel(ScaleTable table, const float* __restrict__ scales) {
+  int task = 0;
+  while (task + 1 < table.num && static_cast<int64_t>(blockIdx.x) >= table.first_block[task + 1]) ++task;
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) - table.first_block[task]) * (kThreads * kScaleItems);
+  const float scale = scales[task];
+  switch (table.dtype[task]) {
+    case static_cast<int>(DType::kFloat16):
+      scale_chunk<__half>(table.in[task], table.out[task], table.numel[task], base, scale);
+      break;
+    case static_cast<int>(DType::kBFloat16):
+      scale_chunk<__nv_bfloat16>(table.in[task], table.out[task], table.numel[task], base, scale);
+      break;
+    default:
+      scale_chunk<float>(table.in[task], table.out[task], table.numel[task], base, scale);
+  }
+}
+
+// ---- launch helpers --------------------------------------------------------------------------------------------
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+template <typename P, int TPR, int VPL>
+void launch_rows(const P* pred, const int64_t* target, const bool* mask, P* grad, const CeGeometry& g,
+                 int64_t ignore_index, const int32_t* counts, int num_counts, float* loss, cudaStream_t stream) {
+  const int64_t s_blocks = ceil_div(g.S, kThreads / TPR);
+  ce_rows_kernel<P, TPR, VPL><<<static_cast<unsigned>(g.N * s_blocks), kThreads, 0, stream>>>(
+      pred, target, mask, grad, g, ignore_index, s_blocks, counts, num_counts, loss);
+}
+
+template <int KIND, typename P, typename T>
+void launch_elementwise(const P* pred, const T* target, const bool* mask, P* grad, int64_t total, int64_t M,
+                        const int32_t* counts, int num_counts, float* loss, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(P);
+  const bool vec_ok = aligned(pred, sizeof(P) * kVec) && aligned(target, sizeof(T) * kVec) &&
+                      (grad == nullptr || aligned(grad, sizeof(P) * kVec));
+  if (vec_ok) {
+    const int64_t blocks = ceil_div(total, static_cast<int64_t>(kThreads) * kVec * kElementwiseItems);
+    elementwise_kernel<KIND, P, T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        pred, target, mask, grad, total, M, counts, num_counts, loss);
+  } else {
+    const int64_t blocks = ceil_div(total, static_cast<int64_t>(kThreads) * kElementwiseItems);
+    elementwise_kernel<KIND, P, T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        pred, target, mask, grad, total, M, counts, num_counts, loss);
+  }
+}
+
+template <typename P, typename T>
+void launch_elementwise_kind(ElementwiseKind kind, const P* pred, const T* target, const bool* mask, P* grad,
+                             int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss,
+                             cudaStream_t stream) {
+  switch (kind) {
+    case ElementwiseKind::kBCE:
+      launch_elementwise<0>(pred, target, mask, grad, total, M, counts, num_counts, loss, stream);
+      break;
+    case ElementwiseKind::kL1:
+      launch_elementwise<1>(pred, target, mask, grad, total, M, counts, num_counts, loss, stream);
+      break;
+    case ElementwiseKind::kMSE:
+      launch_elementwise<2>(pred, target, mask, grad, total, M, counts, num_counts, loss, stream);
+      break;
+  }
+}
+
+}  // namespace
+
+// ---- public launchers ------------------------------------------------------------------------------------------
+
+cudaError_t masked_loss_count_ce(const int64_t* target, const bool* mask, const CeGeometry& geom, int64_t ignore_index,
+                                 int32_t* counts, int num_blocks, float* loss, cudaStream_t stream) {
+  count_ce_kernel<<<num_blocks, kThreads, 0, stream>>>(target, mask, geom, ignore_index, counts, loss);
+  return cudaGetLastError();
+}
+
+cudaError_t masked_loss_count_float(const void* target, DType target_dtype, const bool* mask, int64_t total,
+                                    int64_t M, int32_t* counts, int num_blocks, float* loss, cudaStream_t stream) {
+  const int64_t m = M > 0 ? M : 1;
+  const cudaError_t err = dispatch_dtype(target_dtype, [&](auto zero) {
+    using T = decltype(zero);
+    count_float_kernel<T><<<num_blocks, kThreads, 0, stream>>>(static_cast<const T*>(target), mask, total, m, counts,
+                                                               loss);
+    return cudaSuccess;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
+                           const CeGeometry& g, int64_t ignore_index, const int32_t* counts, int num_counts,
+                           float* loss, cudaStream_t stream) {
+  if (g.N * g.S == 0) return cudaSuccess;
+  const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    const P* x = static_cast<const P*>(pred);
+    P* gx = static_cast<P*>(grad);
+    if (g.p_sc == 1 && g.C > 1) {
+      if (g.C <= 16)
+        launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+      else if (g.C <= 32)
+        launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+      else if (g.C <= 64)
+        launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+      else if (g.C <= 128)
+        launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+      else if (g.C <= 256)
+        launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+      else
+        launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+    } else {
+      const int64_t s_blocks = ceil_div(g.S, kThreads);
+      const unsigned blocks = static_cast<unsigned>(g.N * s_blocks);
+      if (g.C <= 16)
+        ce_pixel_kernel<P, 16><<<blocks, kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index, s_blocks,
+                                                                counts, num_counts, loss);
+      else
+        ce_pixel_kernel<P, 0><<<blocks, kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index, s_blocks,
+                                                               counts, num_counts, loss);
+    }
+    return cudaSuccess;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
+                                    DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
+                                    const int32_t* counts, int num_counts, float* loss, cudaStream_t stream) {
+  if (total == 0) return cudaSuccess;
+  if (target_dtype != dtype && target_dtype != DType::kFloat32) return cudaErrorInvalidValue;
+  const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    const P* x = static_cast<const P*>(pred);
+    P* gx = static_cast<P*>(grad);
+    if (target_dtype == DType::kFloat32)
+      launch_elementwise_kind(kind, x, static_cast<const float*>(target), mask, gx, total, M, counts, num_counts,
+                              loss, stream);
+    else
+      launch_elementwise_kind(kind, x, static_cast<const P*>(target), mask, gx, total, M, counts, num_counts, loss,
+                              stream);
+    return cudaSuccess;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream) {
+  if (num_tasks <= 0) return cudaSuccess;
+  if (num_tasks > kMaxScaleTasks) return cudaErrorInvalidValue;
+  ScaleTable table{};
+  int64_t blocks = 0;
+  for (int i = 0; i < num_tasks; ++i) {
+    table.in[i] = tasks[i].in;
+    table.out[i] = tasks[i].out;
+    table.numel[i] = tasks[i].numel;
+    table.dtype[i] = static_cast<int>(tasks[i].dtype);
+    table.first_block[i] = blocks;
+    blocks += ceil_div(tasks[i].numel, static_cast<int64_t>(kThreads) * kScaleItems);
+  }
+  table.first_block[num_tasks] = blocks;
+  table.num = num_tasks;
+  if (blocks == 0) return cudaSuccess;
+  scale_grads_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, scales);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fastmtl

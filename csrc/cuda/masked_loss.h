@@ -1,0 +1,71 @@
+// CUDA kernels of the masked loss of one task (fastmtl::masked_loss) and of the grouped gradient scaling
+// (fastmtl::masked_loss_scale_grads). Raw pointers only: csrc/cuda/masked_loss_aten.cpp prepares the tensors.
+//
+// One task takes two launches on the caller's stream, with no host synchronisation:
+//   1. masked_loss_count_*: at most kMaxCountBlocks blocks write their partial valid counts (no buffer needs zeroing);
+//      block 0 zeroes the float32 loss accumulator.
+//   2. masked_loss_ce / masked_loss_elementwise: every block sums the partial counts, computes the element losses and
+//      the gradient already scaled by 1/count in one sweep, and adds its loss partial times 1/count to the
+//      accumulator with one atomicAdd. No valid element: count 0, loss stays 0.0, the gradient is all zeros.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fastmtl {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class ElementwiseKind : int { kBCE = 0, kL1 = 1, kMSE = 2 };
+
+constexpr int kMaxCountBlocks = 256;  // = the block size of the loss kernels, which reduce the partial counts
+constexpr int kCountElemsPerBlock = 256 * 8;
+constexpr int kMaxScaleTasks = 32;  // tasks per masked_loss_scale_grads launch (the table is a kernel argument)
+
+// Number of count blocks (= partial counts) for `total` targets.
+inline int masked_loss_count_blocks(int64_t total) {
+  int64_t blocks = (total + kCountElemsPerBlock - 1) / kCountElemsPerBlock;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > kMaxCountBlocks ? kMaxCountBlocks : blocks));
+}
+
+// Cross-entropy logits viewed as [N, C, S] (S = product of spatial dims; an [N, C] input as [1, C, N]) with the
+// element strides of pred, grad, target ([N, S]) and mask (index n * m_sn + s * m_ss).
+struct CeGeometry {
+  int64_t N, C, S;
+  int64_t p_sn, p_sc, p_ss;
+  int64_t g_sn, g_sc, g_ss;
+  int64_t t_sn, t_ss;
+  int64_t m_sn, m_ss;
+};
+
+// Partial counts of valid class targets (t != ignore_index and 0 <= t < C, and mask) into counts[0, num_blocks).
+cudaError_t masked_loss_count_ce(const int64_t* target, const bool* mask, const CeGeometry& geom, int64_t ignore_index,
+                                 int32_t* counts, int num_blocks, float* loss, cudaStream_t stream);
+
+// Partial counts of non-NaN float targets (contiguous storage order, sample n owns [n*M, (n+1)*M)).
+cudaError_t masked_loss_count_float(const void* target, DType target_dtype, const bool* mask, int64_t total,
+                                    int64_t M, int32_t* counts, int num_blocks, float* loss, cudaStream_t stream);
+
+// Cross entropy: loss accumulated into *loss, gradient (pred's dtype, geom's grad strides) when grad != nullptr.
+cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
+                           const CeGeometry& geom, int64_t ignore_index, const int32_t* counts, int num_counts,
+                           float* loss, cudaStream_t stream);
+
+// bce / l1 / mse over flat storage: pred and target share one dense layout; grad != nullptr gets the gradient.
+cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
+                                    DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
+                                    const int32_t* counts, int num_counts, float* loss, cudaStream_t stream);
+
+struct ScaleTask {
+  const void* in;
+  void* out;
+  int64_t numel;
+  DType dtype;
+};
+
+// out[t] = in[t] * scales[t] for num_tasks <= kMaxScaleTasks dense tensors, in one launch.
+cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastmtl

@@ -1,0 +1,80 @@
+"""The Triton backend of the masked loss: ``fastmtl::masked_loss_triton`` and ``fastmtl::masked_loss_scale_grads_triton``.
+
+Same contract as the native ops ``fastmtl::masked_loss`` / ``fastmtl::masked_loss_scale_grads`` (csrc/ops.cpp), run by
+the kernels of :mod:`fastmtl.kernels.masked_loss`. Importing this module imports Triton (slow), so the op layer
+(:mod:`fastmtl.ops.masked_loss`) imports it only when the triton backend is used.
+
+The ops are registered with ``torch.library.triton_op`` + ``wrap_triton`` where torch has them (>= 2.6), so
+``torch.compile`` sees the kernels; older torch, and the interpreter (``TRITON_INTERPRET=1``, where wrap_triton cannot
+trace), get an opaque ``custom_op`` with a fake implementation instead.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastmtl import backends
+from fastmtl.kernels import masked_loss as kernels
+
+LOSS_OP = "fastmtl::masked_loss_triton"
+SCALE_OP = "fastmtl::masked_loss_scale_grads_triton"
+
+
+def _register() -> None:
+    # Under the interpreter wrap_triton cannot trace the kernels (they would vanish from a traced graph), so the
+    # ops are opaque custom ops there.
+    if hasattr(torch.library, "triton_op") and not backends.triton_interpret():
+        wrap = torch.library.wrap_triton
+
+        @torch.library.triton_op(LOSS_OP, mutates_args=())
+        def _loss(
+            pred: Tensor, target: Tensor, mask: Optional[Tensor], kind: str, ignore_index: int, compute_grad: bool
+        ) -> Tuple[Tensor, Tensor]:
+            return kernels.masked_loss(pred, target, mask, kind, ignore_index, compute_grad, launch=wrap)
+
+        @torch.library.triton_op(SCALE_OP, mutates_args=())
+        def _scale(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
+            return kernels.scale_grads(grads, scales, launch=wrap)
+
+        return
+
+    @torch.library.custom_op(LOSS_OP, mutates_args=())
+    def _loss_old(
+        pred: Tensor, target: Tensor, mask: Optional[Tensor], kind: str, ignore_index: int, compute_grad: bool
+    ) -> Tuple[Tensor, Tensor]:
+        return kernels.masked_loss(pred, target, mask, kind, ignore_index, compute_grad)
+
+    @_loss_old.register_fake
+    def _(pred, target, mask, kind, ignore_index, compute_grad):
+        return kernels.masked_loss(pred, target, mask, kind, ignore_index, compute_grad, launch=None)
+
+    @torch.library.custom_op(SCALE_OP, mutates_args=())
+    def _scale_old(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
+        return kernels.scale_grads(grads, scales)
+
+    @_scale_old.register_fake
+    def _(grads, scales):
+        return kernels.scale_grads(grads, scales, launch=None)
+
+
+_register()
+
+
+def masked_loss(
+    pred: Tensor, target: Tensor, mask: Optional[Tensor], kind: str, ignore_index: int = -100, compute_grad: bool = True
+) -> Tuple[Tensor, Tensor]:
+    """One task's masked mean loss and its gradient on the Triton backend (arguments already validated).
+
+    Returns ``(loss, grad)``: the float32 0-dim mean of the element losses over valid elements (exactly 0.0 when
+    there is none) and ``d loss / d pred`` in pred's dtype and layout (an empty tensor when ``compute_grad`` is
+    false). Two kernel launches: the valid count, then loss and gradient in one sweep.
+    """
+    return torch.ops.fastmtl.masked_loss_triton(pred, target, mask, kind, int(ignore_index), bool(compute_grad))
+
+
+def scale_grads(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
+    """``[grads[t] * scales[t] for t]`` as new tensors, in one launch for up to 8 tasks (``scales``: float32 [T])."""
+    return torch.ops.fastmtl.masked_loss_scale_grads_triton(list(grads), scales)

@@ -1,0 +1,439 @@
+"""masked_multitask_loss: one test per known fused-loss bug class, autograd semantics, opcheck, torch.compile,
+validation errors, the class-range check, and CUDA tests (cuda backend parity, no host sync, CUDA graph capture)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import fastmtl
+from fastmtl import backends
+from fastmtl.reference import masked_loss as reference
+from fastmtl.testing import rel_err
+
+HAS_TRITON_LOSS = importlib.util.find_spec("fastmtl.ops.masked_loss_triton") is not None
+CPU_BACKENDS = ["torch", "cpp"] + (["triton"] if HAS_TRITON_LOSS else [])
+
+
+def batch(device="cpu", dtype=torch.float32, requires_grad=True):
+    """A small 4-task batch: (preds, targets, kinds, masks)."""
+    n = 4
+    preds = {
+        "seg": torch.randn(n, 5, 6, 7, device=device, dtype=dtype),
+        "depth": torch.randn(n, 1, 6, 7, device=device, dtype=dtype),
+        "attr": torch.randn(n, 3, device=device, dtype=dtype),
+        "cls": torch.randn(n, 10, device=device, dtype=dtype),
+    }
+    for p in preds.values():
+        p.requires_grad_(requires_grad)
+    targets = {
+        "seg": torch.randint(0, 5, (n, 6, 7), device=device),
+        "depth": torch.randn(n, 1, 6, 7, device=device),
+        "attr": torch.rand(n, 3, device=device),
+        "cls": torch.randint(0, 10, (n,), device=device),
+    }
+    targets["depth"][:, :, :2] = float("nan")
+    kinds = {"seg": "ce", "depth": "l1", "attr": "bce", "cls": "ce"}
+    masks = {"seg": torch.tensor([True, False, True, True], device=device), "cls": torch.tensor([1, 1, 0, 1], device=device).bool()}
+    return preds, targets, kinds, masks
+
+
+def reference_grads(preds, targets, kinds, masks):
+    """float64 (loss, grad) per task."""
+    out = {}
+    for name, kind in kinds.items():
+        tgt = targets[name] if kind == "ce" else targets[name].double()
+        out[name] = reference.masked_loss(preds[name].detach().double(), tgt, masks.get(name), kind, -100, True)
+    return out
+
+
+# ---- bug classes ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_elements_ignored_gives_zero_loss_and_zero_grad(backend):
+    preds, targets, kinds, _ = batch()
+    targets["seg"].fill_(-100)
+    targets["cls"].fill_(-100)
+    targets["depth"].fill_(float("nan"))
+    targets["attr"].fill_(float("nan"))
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds)
+    total.backward()
+    assert total.item() == 0.0
+    for name in preds:
+        assert per_task[name].item() == 0.0
+        assert torch.isfinite(preds[name].grad).all() and not preds[name].grad.any()
+    # all samples masked out, with NaN logits at the masked samples: still exactly zero, no NaN leaks
+    preds, targets, kinds, _ = batch()
+    with torch.no_grad():
+        for p in preds.values():
+            p.fill_(float("nan"))
+    masks = {name: torch.zeros(4, dtype=torch.bool) for name in preds}
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    total.backward()
+    assert total.item() == 0.0
+    for name in preds:
+        assert not preds[name].grad.isnan().any() and not preds[name].grad.any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_preds_are_never_modified(backend):
+    preds, targets, kinds, masks = batch()
+    before = {k: v.detach().clone() for k, v in preds.items()}
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    total.backward()
+    for name in preds:
+        assert torch.equal(preds[name].detach(), before[name]), name
+        assert preds[name].grad.data_ptr() != preds[name].data_ptr()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_upstream_gradient_other_than_one(backend):
+    preds, targets, kinds, masks = batch()
+    ref = reference_grads(preds, targets, kinds, masks)
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    names = list(preds)
+    # total with 3.5, and per_task["seg"] with -0.25 on top: seg gets (3.5 - 0.25) x its gradient
+    grads = torch.autograd.grad(
+        (total, per_task["seg"]), [preds[n] for n in names], (torch.tensor(3.5), torch.tensor(-0.25))
+    )
+    for name, grad in zip(names, grads):
+        scale = 3.5 - 0.25 if name == "seg" else 3.5
+        assert rel_err(grad, scale * ref[name][1]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_preds_without_requires_grad_still_give_the_loss(backend):
+    preds, targets, kinds, masks = batch(requires_grad=False)
+    ref = reference_grads(preds, targets, kinds, masks)
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    assert not total.requires_grad
+    for name in preds:
+        assert rel_err(per_task[name], ref[name][0]) <= 1e-5
+    # mixed: only "depth" requires grad
+    preds["depth"].requires_grad_(True)
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    total.backward()
+    assert rel_err(total, sum(r[0] for r in ref.values())) <= 1e-5
+    assert rel_err(preds["depth"].grad, ref["depth"][1]) <= 1e-5
+    assert preds["seg"].grad is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_task_backward_gives_that_task_alone(backend):
+    preds, targets, kinds, masks = batch()
+    ref = reference_grads(preds, targets, kinds, masks)
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, weights={"seg": 5.0})
+    per_task["seg"].backward(retain_graph=True)
+    assert rel_err(preds["seg"].grad, ref["seg"][1]) <= 1e-5  # the weight does not apply to per_task
+    for name in ("depth", "attr", "cls"):
+        assert preds[name].grad is None, name
+    preds["seg"].grad = None
+    per_task["depth"].backward(retain_graph=True)
+    assert preds["seg"].grad is None and rel_err(preds["depth"].grad, ref["depth"][1]) <= 1e-5
+    total.backward()  # the same graph still gives the weighted total afterwards
+    assert rel_err(preds["seg"].grad, 5.0 * ref["seg"][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tensor_weights_get_the_task_loss_as_gradient(backend):
+    preds, targets, kinds, masks = batch()
+    ref = reference_grads(preds, targets, kinds, masks)
+    w_seg = torch.tensor(0.7, requires_grad=True)
+    log_var = torch.tensor(-0.3, requires_grad=True)  # uncertainty-style weight computed from a parameter
+    weights = {"seg": w_seg, "depth": torch.exp(-log_var), "attr": 2.0}
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, weights)
+    total.backward()
+    expected = 0.7 * ref["seg"][0] + torch.exp(torch.tensor(0.3, dtype=torch.float64)) * ref["depth"][0]
+    expected = expected + 2.0 * ref["attr"][0] + ref["cls"][0]
+    assert rel_err(total, expected) <= 1e-5
+    assert rel_err(w_seg.grad, ref["seg"][0]) <= 1e-5
+    assert rel_err(log_var.grad, -torch.exp(torch.tensor(0.3, dtype=torch.float64)) * ref["depth"][0]) <= 1e-5
+    assert rel_err(preds["seg"].grad, 0.7 * ref["seg"][1]) <= 1e-5
+    assert rel_err(preds["attr"].grad, 2.0 * ref["attr"][1]) <= 1e-5
+
+
+def test_cpp_and_torch_backends_agree():
+    """cpp and torch give the same results through the whole API (losses and gradients)."""
+    preds, targets, kinds, masks = batch()
+    out = {}
+    for backend in ("torch", "cpp"):
+        for p in preds.values():
+            p.grad = None
+        with fastmtl.use_backend(backend):
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        total.backward()
+        out[backend] = (total.detach(), {k: p.grad.clone() for k, p in preds.items()})
+    assert rel_err(out["cpp"][0], out["torch"][0]) <= 1e-6
+    for name in preds:
+        assert rel_err(out["cpp"][1][name], out["torch"][1][name]) <= 1e-6
+
+
+# ---- registered ops ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind,shape,layout,dtype",
+    [
+        ("ce", (3, 4, 5, 6), "contiguous", torch.float32),
+        ("ce", (3, 4, 5, 6), "channels_last", torch.float16),
+        ("ce", (6, 5), "contiguous", torch.bfloat16),
+        ("bce", (3, 2, 4), "contiguous", torch.float32),
+        ("l1", (3, 3, 5, 6), "channels_last", torch.float32),
+        ("mse", (5,), "contiguous", torch.float16),
+    ],
+)
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_opcheck_masked_loss(kind, shape, layout, dtype, compute_grad):
+    pred = torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        pred = pred.contiguous(memory_format=torch.channels_last)
+    if kind == "ce":
+        target = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    else:
+        target = torch.rand(shape)
+    mask = torch.arange(shape[0]) % 2 == 0
+    for m in (mask, None):
+        pred_in = pred.detach().requires_grad_(compute_grad and dtype == torch.float32)
+        torch.library.opcheck(torch.ops.fastmtl.masked_loss.default, (pred_in, target, m, kind, -100, compute_grad))
+
+
+def test_opcheck_scale_grads():
+    grads = [
+        torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last),
+        torch.randn(4, 3, dtype=torch.float16),
+        torch.randn(0),
+        torch.randn(5, dtype=torch.bfloat16),
+    ]
+    scales = torch.rand(4)
+    torch.library.opcheck(torch.ops.fastmtl.masked_loss_scale_grads.default, (grads, scales))
+    out = torch.ops.fastmtl.masked_loss_scale_grads(grads, scales)
+    for g, o, s in zip(grads, out, scales):
+        assert o.stride() == g.stride() and o.dtype == g.dtype
+        assert g.numel() == 0 or o.data_ptr() != g.data_ptr()
+        assert rel_err(o, g.double() * s.double()) <= (1e-6 if g.dtype == torch.float32 else 1e-2)
+
+
+def test_native_op_is_differentiable_on_its_own():
+    pred = torch.randn(4, 5, requires_grad=True)
+    target = torch.randint(0, 5, (4,))
+    loss, _ = torch.ops.fastmtl.masked_loss(pred, target, None, "ce", -100, True)
+    (2.0 * loss).backward()
+    ref = reference.masked_loss(pred.detach().double(), target, None, "ce", -100, True)[1]
+    assert rel_err(pred.grad, 2.0 * ref) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_torch_compile_fullgraph(backend):
+    """The whole loss (forward + backward) traces without graph breaks and matches eager."""
+    torch._dynamo.reset()
+    preds, targets, kinds, masks = batch()
+    w = torch.tensor(0.5, requires_grad=True)
+
+    def loss_fn(seg, depth, attr, cls, w):
+        p = {"seg": seg, "depth": depth, "attr": attr, "cls": cls}
+        total, per_task = fastmtl.masked_multitask_loss(p, targets, kinds, masks, {"seg": w, "attr": 3.0})
+        return total, per_task["depth"]
+
+    args = [preds[n] for n in ("seg", "depth", "attr", "cls")] + [w]
+    with fastmtl.use_backend(backend):
+        compiled = torch.compile(loss_fn, fullgraph=True)
+        total, depth = compiled(*args)
+        (total + 0.5 * depth).backward()
+        got = [a.grad.clone() for a in args]
+        for a in args:
+            a.grad = None
+        total_e, depth_e = loss_fn(*args)
+        (total_e + 0.5 * depth_e).backward()
+    assert rel_err(total, total_e) <= 1e-6 and rel_err(depth, depth_e) <= 1e-6
+    for g, a in zip(got, args):
+        assert rel_err(g, a.grad) <= 1e-6
+    torch._dynamo.reset()
+
+
+# ---- validation ---------------------------------------------------------------------------------------------------
+
+
+def _bad(**changes):
+    preds, targets, kinds, masks = batch(requires_grad=False)
+    args = {"preds": preds, "targets": targets, "kinds": kinds, "masks": masks, "weights": None}
+    for key, fn in changes.items():
+        args[key] = fn(args)
+    return args
+
+
+BAD_INPUTS = {
+    "missing target": (KeyError, r"targets has no entry for task\(s\) \['cls'\]", dict(targets=lambda a: {k: v for k, v in a["targets"].items() if k != "cls"})),
+    "missing kind": (KeyError, r"kinds has no entry", dict(kinds=lambda a: {k: v for k, v in a["kinds"].items() if k != "seg"})),
+    "unknown mask key": (KeyError, r"masks has entries for unknown task\(s\) \['nope'\]", dict(masks=lambda a: {**a["masks"], "nope": torch.ones(4, dtype=torch.bool)})),
+    "unknown weight key": (KeyError, r"weights has entries for unknown", dict(weights=lambda a: {"nope": 1.0})),
+    "unknown kind": (ValueError, r"kinds\['attr'\] must be one of", dict(kinds=lambda a: {**a["kinds"], "attr": "hinge"})),
+    "ce target dtype": (TypeError, r"targets\['seg'\] \(ce\) must be int64", dict(targets=lambda a: {**a["targets"], "seg": a["targets"]["seg"].int()})),
+    "ce target shape": (ValueError, r"targets\['seg'\] \(ce\) must have shape \(4, 6, 7\)", dict(targets=lambda a: {**a["targets"], "seg": a["targets"]["seg"][:, :5]})),
+    "l1 target shape": (ValueError, r"targets\['depth'\] \(l1\) must have the shape", dict(targets=lambda a: {**a["targets"], "depth": a["targets"]["depth"][:, 0]})),
+    "l1 target dtype": (TypeError, r"targets\['depth'\] \(l1\) must be a float tensor", dict(targets=lambda a: {**a["targets"], "depth": a["targets"]["depth"].nan_to_num().long()})),
+    "pred dtype": (TypeError, r"preds\['attr'\] must be float32", dict(preds=lambda a: {**a["preds"], "attr": a["preds"]["attr"].int()})),
+    "pred not a tensor": (TypeError, r"preds\['attr'\] must be a torch.Tensor", dict(preds=lambda a: {**a["preds"], "attr": [1.0]})),
+    "ce pred 1-D": (ValueError, r"preds\['cls'\] \(ce\) must be \[N, C\]", dict(preds=lambda a: {**a["preds"], "cls": torch.randn(4)}, targets=lambda a: {**a["targets"], "cls": torch.zeros(4, dtype=torch.long)})),
+    "mask length": (ValueError, r"masks\['seg'\] must have shape \[N\] = \[4\]", dict(masks=lambda a: {"seg": torch.ones(3, dtype=torch.bool)})),
+    "mask dtype": (TypeError, r"masks\['seg'\] must be a bool tensor", dict(masks=lambda a: {"seg": torch.ones(4)})),
+    "weight type": (TypeError, r"weights\['seg'\] must be a float or a 0-dim tensor", dict(weights=lambda a: {"seg": "heavy"})),
+    "weight shape": (ValueError, r"weights\['seg'\] must be a 0-dim tensor", dict(weights=lambda a: {"seg": torch.ones(2)})),
+    "preds not a dict": (TypeError, r"preds must be a non-empty dict", dict(preds=lambda a: list(a["preds"].values()))),
+    "empty preds": (TypeError, r"preds must be a non-empty dict", dict(preds=lambda a: {})),
+    "targets not a dict": (TypeError, r"targets must be a dict", dict(targets=lambda a: list(a["targets"].values()))),
+    "device mismatch": (ValueError, r"preds\['attr'\] is on meta", dict(preds=lambda a: {**a["preds"], "attr": a["preds"]["attr"].to("meta")})),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_validation_errors(case):
+    exc, pattern, changes = BAD_INPUTS[case]
+    with pytest.raises(exc, match=pattern):
+        fastmtl.masked_multitask_loss(**_bad(**changes))
+
+
+def test_bad_ignore_index_type():
+    preds, targets, kinds, masks = batch(requires_grad=False)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        fastmtl.masked_multitask_loss(preds, targets, kinds, masks, ignore_index=1.5)
+
+
+@pytest.mark.parametrize("bad_class", [5, -1, 99])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_class_out_of_range_raises_on_cpu(backend, bad_class):
+    preds, targets, kinds, masks = batch()
+    targets["seg"][2, 3, 4] = bad_class
+    with fastmtl.use_backend(backend), pytest.raises(ValueError, match=r"targets\['seg'\] \(ce\) holds a class index outside \[0, 5\)"):
+        fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    with fastmtl.debug(), fastmtl.use_backend(backend), pytest.raises(ValueError, match="outside"):
+        fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+
+
+def test_cpp_kernel_skips_out_of_range_classes():
+    """The kernel itself (what CUDA does without debug mode) treats out-of-range classes as ignored."""
+    pred = torch.randn(3, 4, 5)
+    target = torch.randint(0, 4, (3, 5))
+    bad = target.clone()
+    bad[0, 1] = 7
+    bad[1, 2] = -3
+    ignored = bad.clone()
+    ignored[0, 1] = -100
+    ignored[1, 2] = -100
+    loss, grad = torch.ops.fastmtl.masked_loss(pred, bad, None, "ce", -100, True)
+    ref_loss, ref_grad = reference.masked_loss(pred.double(), ignored, None, "ce", -100, True)
+    assert rel_err(loss, ref_loss) <= 1e-6 and rel_err(grad, ref_grad) <= 1e-6
+
+
+@pytest.mark.skipif(HAS_TRITON_LOSS, reason="fastmtl.ops.masked_loss_triton is installed: the backend is available")
+def test_triton_backend_not_available_error():
+    preds, targets, kinds, masks = batch()
+    with fastmtl.use_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="not available"):
+        fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+
+
+# ---- CUDA (run on a lent GPU by benchmarks/gpu_check.sh) ---------------------------------------------------------
+
+
+def _gpu_backends():
+    out = []
+    for name in ("cuda", "triton", "torch"):
+        if backends.can_run(name, torch.device("cuda"))[0] and (name != "triton" or HAS_TRITON_LOSS):
+            out.append(name)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_backends_match_reference(dtype, layout):
+    preds, targets, kinds, masks = batch("cuda", dtype)
+    if layout == "channels_last":
+        with torch.no_grad():
+            preds = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v).detach().requires_grad_(True) for k, v in preds.items()}
+    ref = reference_grads(preds, targets, kinds, masks)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for backend in _gpu_backends():
+        for p in preds.values():
+            p.grad = None
+        with fastmtl.use_backend(backend):
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        total.backward()
+        for name in preds:
+            assert rel_err(per_task[name], ref[name][0]) <= tol, (backend, name)
+            assert rel_err(preds[name].grad, ref[name][1]) <= tol, (backend, name)
+            assert preds[name].grad.stride() == preds[name].stride(), (backend, name)
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync():
+    preds, targets, kinds, masks = batch("cuda")
+    w = torch.tensor(0.5, device="cuda", requires_grad=True)
+    for backend in _gpu_backends():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with fastmtl.use_backend(backend):
+                total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, {"seg": w, "attr": 2.0})
+            total.backward(retain_graph=True)
+            per_task["depth"].backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_class_out_of_range_skipped_without_debug_and_raised_with_it():
+    preds, targets, kinds, masks = batch("cuda")
+    targets["seg"][0, 0, 0] = 17
+    for backend in _gpu_backends():
+        with fastmtl.use_backend(backend):
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+            assert torch.isfinite(total).item()
+            with fastmtl.debug(), pytest.raises(ValueError, match="outside"):
+                fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_forward_and_backward():
+    preds, targets, kinds, masks = batch("cuda")
+    ref = reference_grads(preds, targets, kinds, masks)
+    for backend in _gpu_backends():
+        with fastmtl.use_backend(backend):
+            static = {k: v.detach().clone().requires_grad_(True) for k, v in preds.items()}
+
+            def step():
+                for p in static.values():
+                    p.grad = None
+                total, _ = fastmtl.masked_multitask_loss(static, targets, kinds, masks, {"seg": 2.0})
+                total.backward()
+                return total
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm up (lazy init, allocator) outside the capture
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            for p in static.values():
+                p.grad = None
+            with torch.cuda.graph(graph):
+                total_out = fastmtl.masked_multitask_loss(static, targets, kinds, masks, {"seg": 2.0})[0]
+                grads_out = torch.autograd.grad(total_out, list(static.values()))
+            graph.replay()
+            torch.cuda.synchronize()
+            expected = 2.0 * ref["seg"][0] + sum(ref[n][0] for n in ("depth", "attr", "cls"))
+            assert rel_err(total_out, expected) <= 1e-5, backend
+            for name, g in zip(static, grads_out):
+                scale = 2.0 if name == "seg" else 1.0
+                assert rel_err(g, scale * ref[name][1]) <= 1e-5, (backend, name)
