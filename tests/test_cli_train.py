@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (placeholders on main)
+sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (weighting not on main yet)
 import _standins  # noqa: E402
 
 from fastmtl import cli

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (placeholders on main)
+sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (weighting not on main yet)
 import _standins  # noqa: E402
 
+import fastmtl
 from fastmtl.mtl import MultiTaskModel, Task
 from fastmtl.mtl import presets
 from fastmtl.mtl.config import TrainConfig
@@ -33,6 +34,7 @@ def test_forward_shapes_and_encode_decode():
     assert out["seg"].shape == (3, 11, 48, 48) and out["depth"].shape == (3, 1, 48, 48)
     features = model.encode(x)
     assert [f.shape[-1] for f in features] == [24, 12, 6]
+    assert isinstance(model.trunk.body, fastmtl.FusedTrunk)
     again = model.decode(features, out_size=(48, 48))
     for t in out:
         assert torch.equal(out[t], again[t])

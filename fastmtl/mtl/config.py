@@ -13,7 +13,8 @@ class TrainConfig:
 
     Data: ``tasks`` (MultiDigits task names), ``train_size`` / ``val_size`` scenes, ``image_size``,
     ``missing_labels`` (a fraction for every task, or a dict task -> fraction).
-    Model: ``widths`` of the trunk's stages, ``stem_stride`` of its first conv, ``decoder_width`` of the dense heads.
+    Model: ``widths`` of the trunk's stages, ``stem_stride`` of its first conv, ``decoder_width`` of the dense heads,
+    ``head_hidden`` width of the classification heads' hidden layer (0: linear).
     Optimisation: AdamW with ``lr`` / ``weight_decay``, linear warm-up (``warmup`` fraction) then cosine decay, ``grad_clip``
     (max gradient norm, 0 = off), ``epochs``, ``batch_size``; loss weighting ``weighting`` with
     ``weighting_options`` (``"fixed"`` defaults to each Task's weight; ``"ew"``: equal weights).
@@ -27,15 +28,16 @@ class TrainConfig:
     val_size: int = 1000
     image_size: int = 48
     missing_labels: object = 0.3
-    widths: list = field(default_factory=lambda: [16, 32, 64])
+    widths: list = field(default_factory=lambda: [16, 24, 48])
     stem_stride: int = 2
-    decoder_width: int = 16
+    decoder_width: int = 32
+    head_hidden: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    warmup: float = 0.15
+    warmup: float = 0.05
     grad_clip: float = 5.0
-    epochs: int = 6
-    batch_size: int = 64
+    epochs: int = 12
+    batch_size: int = 32
     weighting: str = "fixed"
     weighting_options: dict = field(default_factory=dict)
     device: str = "auto"
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if not isinstance(self.head_hidden, int) or self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be an int >= 0, got {self.head_hidden!r}")
         if not isinstance(self.num_threads, int) or self.num_threads < 0:
             raise ValueError(f"num_threads must be an int >= 0, got {self.num_threads!r}")
         from fastmtl.data.multidigits import _missing_fractions

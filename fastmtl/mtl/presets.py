@@ -10,36 +10,33 @@ from fastmtl.data.multidigits import MultiDigits
 from fastmtl.mtl.config import TrainConfig
 from fastmtl.mtl.model import MultiTaskModel
 from fastmtl.mtl.tasks import Task
-from fastmtl.nn import conv as _conv  # looked up at call time (swappable in tests)
+from fastmtl.nn import FusedConv2dReLU, FusedTrunk
 from fastmtl.nn.heads import ClassificationHead, DenseHead
 
 
-class StagedTrunk(nn.Module):
-    """A conv trunk returning one feature map per stage (shallow to deep), for heads with skip connections.
+class StemTrunk(nn.Module):
+    """The default trunk: a stem at reduced resolution, then a :class:`fastmtl.FusedTrunk`.
 
-    Stage 0 is a 3x3 conv with stride ``stem_stride`` (2 by default: the CPU time goes where the pixels are) and a
-    3x3 conv; each later stage halves the resolution (max pooling) and applies two 3x3 convs; every conv is a fused
-    conv+ReLU with ``widths[k]`` channels.
+    The stem is a fused 3x3 conv+ReLU with stride ``stem_stride`` (2 by default: on a CPU the time goes where the
+    pixels are) and a second fused 3x3 conv+ReLU, ``widths[0]`` channels. The FusedTrunk has a stage per further
+    width (two fused 3x3 conv+ReLU blocks, then 2x2 max pooling). ``forward`` returns the stem output and every
+    stage output, shallow to deep, for heads with skip connections; ``out_channels`` lists their channels.
     """
 
     def __init__(self, in_channels: int, widths: list[int], stem_stride: int = 2):
         super().__init__()
-        stages, ch = [], in_channels
-        for k, w in enumerate(widths):
-            first = _conv.FusedConv2dReLU(ch, w, 3, stride=1 if k else stem_stride, padding=1)
-            layers = ([nn.MaxPool2d(2)] if k else []) + [first, _conv.FusedConv2dReLU(w, w, 3, padding=1)]
-            stages.append(nn.Sequential(*layers))
-            ch = w
-        self.stages = nn.ModuleList(stages)
+        w0 = widths[0]
+        self.stem = nn.Sequential(
+            FusedConv2dReLU(in_channels, w0, 3, stride=stem_stride, padding=1),
+            FusedConv2dReLU(w0, w0, 3, padding=1),
+        )
+        self.body = FusedTrunk(w0, list(widths[1:]), depths=2, return_features=True) if len(widths) > 1 else None
         self.out_channels = list(widths)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps of every stage."""
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+        """Stem output, then each FusedTrunk stage's output."""
+        x = self.stem(x)
+        return [x] if self.body is None else [x, *self.body(x)]
 
 
 def build_tasks(config: TrainConfig) -> dict[str, Task]:
@@ -52,16 +49,16 @@ def build_tasks(config: TrainConfig) -> dict[str, Task]:
 
 
 def build_model(config: TrainConfig) -> MultiTaskModel:
-    """Shared :class:`StagedTrunk` + a ClassificationHead or DenseHead per task (seeded by ``config.seed``)."""
+    """Shared :class:`StemTrunk` + a ClassificationHead or DenseHead per task (seeded by ``config.seed``)."""
     torch.manual_seed(config.seed)
-    trunk = StagedTrunk(1, list(config.widths), stem_stride=config.stem_stride)
+    trunk = StemTrunk(1, list(config.widths), stem_stride=config.stem_stride)
     heads = {}
     for t in config.tasks:
         spec = DATA_TASKS[t]
         if spec["dense"]:
             heads[t] = DenseHead(trunk.out_channels, spec["num_outputs"], width=config.decoder_width)
         else:
-            heads[t] = ClassificationHead(trunk.out_channels[-1], spec["num_outputs"])
+            heads[t] = ClassificationHead(trunk.out_channels[-1], spec["num_outputs"], hidden=config.head_hidden)
     model = MultiTaskModel(trunk, heads)
     _init_relu_convs(model)
     return model

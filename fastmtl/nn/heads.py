@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmtl.nn import conv as _conv  # looked up at construction, so FusedConv2dReLU can be swapped in tests
+from fastmtl.nn.conv import FusedConv2dReLU
 
 
 class ClassificationHead(nn.Module):
@@ -57,7 +57,7 @@ class DenseHead(nn.Module):
         blocks, ch = [], in_channels[-1]
         for k in range(steps):
             skip = in_channels[-2 - k]
-            blocks.append(_conv.FusedConv2dReLU(ch + skip, widths[k], 3, padding=1))
+            blocks.append(FusedConv2dReLU(ch + skip, widths[k], 3, padding=1))
             ch = widths[k]
         self.blocks = nn.ModuleList(blocks)
         self.out = nn.Conv2d(ch, num_outputs, 1)
