@@ -158,7 +158,7 @@ def run(args) -> int:
     model = presets.build_model(config)
     try:
         trainer = Trainer(model, presets.build_tasks(config), train, val, config)
-    except (ValueError, KeyError) as e:  # e.g. an unknown weighting name or option
+    except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown weighting name or option
         parser.error(str(e))
     print(f"fastmtl train: tasks {','.join(config.tasks)}, {len(train)} train / {len(val)} val scenes, "
           f"{config.epochs} epochs on {trainer.device} (backend {config.backend}, "

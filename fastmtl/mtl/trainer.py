@@ -94,9 +94,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.weighting = weighting if weighting is not None else self._create_weighting()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        extra = [p for p in self.weighting.parameters()]
-        for p in extra:
-            p.data = p.data.to(self.device)
+        if isinstance(self.weighting, torch.nn.Module):  # learnable weights and buffers live with the model
+            self.weighting.to(self.device)
+        extra = [p for p in self.weighting.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [{"params": params}, {"params": extra, "weight_decay": 0.0}] if extra else params,
             lr=config.lr, weight_decay=config.weight_decay,
