@@ -85,7 +85,7 @@ def add_parser(sub):
                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S)
     p.add_argument("--tasks", type=_tasks, help="comma-separated tasks from cls,seg,depth,attr (default cls,seg)")
     p.add_argument("--weighting", help="loss weighting strategy (default fixed: each task's weight, 1.0)")
-    p.add_argument("--epochs", type=_positive_int, help="epochs (default 12)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default 15)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32)")
     p.add_argument("--missing-labels", type=_missing, metavar="FRAC|TASK=FRAC,...",
                    help="fraction of training labels removed per task (default 0.3)")

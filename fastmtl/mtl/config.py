@@ -36,7 +36,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup: float = 0.05
     grad_clip: float = 5.0
-    epochs: int = 12
+    epochs: int = 15
     batch_size: int = 32
     weighting: str = "fixed"
     weighting_options: dict = field(default_factory=dict)
