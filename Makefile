@@ -33,6 +33,7 @@ test: install
 demo: install
 	$(VENV)/bin/fastmtl info
 	$(VENV)/bin/fastmtl bench --quick
+	$(VENV)/bin/fastmtl train --out runs/demo
 
 bench: install
 	mkdir -p .benchmarks

@@ -1,13 +1,179 @@
-"""``fastmtl train``: placeholder until the training issue lands."""
+"""``fastmtl train``: train a multi-task model on MultiDigits (defaults: the ``make demo`` run).
+
+Writes ``checkpoint.pt`` (each epoch, atomically), ``metrics.json`` and ``curves.png`` to ``--out`` and prints the
+final per-task validation metrics. ``--resume DIR_OR_FILE`` continues a run from its checkpoint, with the run's
+saved settings (options given explicitly override them). Bad arguments exit with code 2 and a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from fastmtl.data.multidigits import TASKS as DATA_TASKS
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+
+def _tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in DATA_TASKS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct comma-separated task names from {','.join(DATA_TASKS)}, got {text!r}")
+    return names
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _missing(text: str):
+    """``0.3`` (every task) or ``cls=0.3,seg=0.5`` (per task, others 0)."""
+    if "=" not in text:
+        return _fraction(text)
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in DATA_TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task {name!r} in {text!r}; tasks are {','.join(DATA_TASKS)}")
+        out[name] = _fraction(value)
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# option -> TrainConfig field (options left out on the command line keep the config's value)
+FIELDS = {
+    "tasks": "tasks", "weighting": "weighting", "epochs": "epochs", "batch_size": "batch_size",
+    "missing_labels": "missing_labels", "backend": "backend", "amp": "amp", "channels_last": "channels_last",
+    "compile": "compile", "out": "out", "seed": "seed", "device": "device", "lr": "lr", "train_size": "train_size",
+    "val_size": "val_size", "threads": "num_threads", "progress": "progress",
+}
 
 
 def add_parser(sub):
     """Register the subcommand."""
-    p = sub.add_parser("train", help="train a multi-task model (not implemented yet)")
-    p.set_defaults(run=run)
+    S = argparse.SUPPRESS
+    p = sub.add_parser("train", help="train a multi-task model on MultiDigits", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S)
+    p.add_argument("--tasks", type=_tasks, help="comma-separated tasks from cls,seg,depth,attr (default cls,seg)")
+    p.add_argument("--weighting", help="loss weighting strategy (default fixed: each task's weight, 1.0)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default 15)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32)")
+    p.add_argument("--missing-labels", type=_missing, metavar="FRAC|TASK=FRAC,...",
+                   help="fraction of training labels removed per task (default 0.3)")
+    p.add_argument("--backend", choices=BACKENDS, help="fastmtl kernel backend (default auto)")
+    p.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"),
+                   help="mixed precision (--amp alone: bf16)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--out", help="output directory (default runs/latest)")
+    p.add_argument("--resume", help="checkpoint file, or a run directory holding checkpoint.pt")
+    p.add_argument("--seed", type=int, help="seed of data, initialisation and batch order (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--train-size", type=_positive_int, help="training scenes (default 3000)")
+    p.add_argument("--val-size", type=_positive_int, help="validation scenes (default 1000)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars or epoch lines")
+    p.set_defaults(run=run, parser=p)
+
+
+def build_config(args):
+    """The TrainConfig of this invocation (from the checkpoint when resuming, then explicit options)."""
+    from fastmtl.mtl import checkpoint
+    from fastmtl.mtl.config import TrainConfig
+
+    if getattr(args, "resume", None):
+        path = args.resume
+        if os.path.isdir(path):
+            path = os.path.join(path, "checkpoint.pt")
+        base = TrainConfig.from_dict(checkpoint.load(path)["config"])
+        if not getattr(args, "out", None) and base.out is None:
+            base.out = os.path.dirname(os.path.abspath(path))
+    else:
+        base = TrainConfig(out="runs/latest")
+    for option, field in FIELDS.items():
+        if hasattr(args, option):
+            setattr(base, field, getattr(args, option))
+    return base.validate()
 
 
 def run(args) -> int:
-    """Not implemented yet."""
-    print("fastmtl train: not implemented yet")
-    return 1
+    """Build data, model and trainer from the options; train; print the final table."""
+    parser = args.parser
+    if getattr(args, "resume", None) and not os.path.exists(args.resume):
+        parser.error(f"--resume: no checkpoint or run directory at {args.resume!r}")
+    try:
+        config = build_config(args)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    import torch
+
+    import fastmtl
+    from fastmtl.mtl import Trainer, presets
+
+    if config.backend != "auto" and config.backend not in fastmtl.available_backends():
+        parser.error(f"--backend {config.backend} is not available here (available: "
+                     f"{', '.join(fastmtl.available_backends())})")
+    if config.device != "auto":
+        try:
+            device = torch.device(config.device)
+        except RuntimeError as e:
+            parser.error(f"--device: {e}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {config.device}: no CUDA device is visible")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+
+    start = time.perf_counter()
+    train, val = presets.build_datasets(config)
+    model = presets.build_model(config)
+    try:
+        trainer = Trainer(model, presets.build_tasks(config), train, val, config)
+    except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown weighting name or option
+        parser.error(str(e))
+    print(f"fastmtl train: tasks {','.join(config.tasks)}, {len(train)} train / {len(val)} val scenes, "
+          f"{config.epochs} epochs on {trainer.device} (backend {config.backend}, "
+          f"{torch.get_num_threads()} threads), out {config.out}", flush=True)
+    summary = trainer.fit(resume=getattr(args, "resume", None))
+    elapsed = time.perf_counter() - start
+    print_table(summary["final"])
+    print(f"time {elapsed:.1f}s; metrics {os.path.join(config.out, 'metrics.json')}; "
+          f"curves {os.path.join(config.out, 'curves.png')}")
+    return 0
+
+
+def print_table(final: dict) -> None:
+    """The final per-task validation metrics, one row per (task, metric)."""
+    print(f"{'task':8s} {'metric':10s} {'value':>8s}")
+    for task, values in final.items():
+        for metric, value in values.items():
+            print(f"{task:8s} {metric:10s} {value:8.4f}")

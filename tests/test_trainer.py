@@ -1,0 +1,145 @@
+"""Trainer: masks honoured, a short run lowers the loss, exact resume, atomic checkpoint, outputs."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (weighting not on main yet)
+import _standins  # noqa: E402
+
+from fastmtl.mtl import Trainer, presets
+from fastmtl.mtl import checkpoint as ckpt
+from fastmtl.mtl.config import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def standins(monkeypatch):
+    _standins.install(monkeypatch)
+    torch.set_num_threads(1)  # tiny shapes: one thread is fastest on a shared machine
+
+
+TINY = dict(tasks=["cls", "seg", "depth", "attr"], train_size=48, val_size=16, widths=[4, 8], decoder_width=4,
+            batch_size=16, epochs=2, lr=3e-3, progress=False, num_threads=1)
+
+
+def _trainer(out=None, **kw):
+    cfg = TrainConfig(**{**TINY, **kw, "out": out})
+    train, val = presets.build_datasets(cfg)
+    return Trainer(presets.build_model(cfg), presets.build_tasks(cfg), train, val, cfg)
+
+
+def test_short_train_lowers_the_loss():
+    tr = _trainer(train_size=128, epochs=4, missing_labels=0.3)
+    batch = tr.train_data.batch(torch.arange(64))
+    with torch.no_grad():
+        before = {t: float(l) for t, l in tr._losses(tr.model(batch["image"]), batch).items()}
+    for epoch in range(4):
+        tr.train_epoch(epoch)
+    with torch.no_grad():
+        after = {t: float(l) for t, l in tr._losses(tr.model(batch["image"]), batch).items()}
+    assert sum(after.values()) < 0.8 * sum(before.values()), (before, after)
+
+
+def test_unlabelled_samples_never_touch_the_loss(monkeypatch):
+    """Gradients of a step are unchanged when the targets of unlabelled samples are scrambled."""
+    tr = _trainer(missing_labels=0.5)
+    batch = tr.train_data.batch(torch.arange(16))
+    scrambled = {"image": batch["image"], "masks": batch["masks"], "targets": {}}
+    for t, y in batch["targets"].items():
+        y = y.clone()
+        off = ~batch["masks"][t]
+        assert off.any()
+        y[off] = y[off].flip(0) + (1 if y.dtype == torch.int64 else 0.5) if y.dtype != torch.int64 else (
+            (y[off] + 1) % (11 if t == "seg" else 10))
+        scrambled["targets"][t] = y
+    grads = []
+    for b in (batch, scrambled):
+        tr.model.zero_grad()
+        preds = tr.model(b["image"])
+        total = sum(tr._losses(preds, b).values())
+        total.backward()
+        grads.append([p.grad.clone() for p in tr.model.parameters() if p.grad is not None])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    straight = _trainer(out=str(tmp_path / "a"), seed=5)
+    straight.fit()
+    first = _trainer(out=str(tmp_path / "b"), seed=5)
+    first.fit(stop_after=1)
+    assert first.epoch == 1
+    torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
+    resumed = _trainer(out=str(tmp_path / "b"), seed=5)
+    resumed.fit(resume=str(tmp_path / "b"))
+    assert resumed.epoch == 2
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.history[-1]["val"] == resumed.history[-1]["val"]
+    assert straight.optimizer.state_dict()["state"][0]["step"] == resumed.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_outputs_and_metrics_json(tmp_path):
+    out = tmp_path / "run"
+    summary = _trainer(out=str(out), epochs=1).fit()
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "curves.png", "metrics.json"]
+    data = json.loads((out / "metrics.json").read_text())
+    assert data == json.loads(json.dumps(summary))
+    assert set(data) == {"config", "world_size", "history", "final"} and data["world_size"] == 1
+    assert set(data["final"]) == {"cls", "seg", "depth", "attr"}
+    assert set(data["final"]["cls"]) == {"accuracy"} and set(data["final"]["seg"]) == {"miou", "pixel_acc"}
+    assert set(data["final"]["depth"]) == {"abs_err", "rel_err"} and set(data["final"]["attr"]) == {"f1"}
+    h = data["history"][0]
+    assert set(h) >= {"epoch", "lr", "train_loss", "val_loss", "val", "weights", "time_s"}
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    ckpt.save_atomic({"v": 1}, str(path))
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save_atomic({"v": 2}, str(path))
+    monkeypatch.undo()
+    assert ckpt.load(str(path)) == {"v": 1}
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
+
+
+def test_backend_and_amp_options_run():
+    tr = _trainer(epochs=1, backend="torch", amp="bf16", channels_last=True, train_size=32)
+    summary = tr.fit()
+    assert set(summary["final"]) == {"cls", "seg", "depth", "attr"}
+
+
+def test_weighting_object_is_used():
+    calls = []
+
+    class Recording(_standins.StandInEW):
+        def backward(self, losses, *, features, shared_params, counts=None):
+            calls.append((sorted(losses), len(features), len(shared_params), {t: int(c) for t, c in counts.items()}))
+            return super().backward(losses, features=features, shared_params=shared_params, counts=counts)
+
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_size": 16, "missing_labels": 0.5})
+    train, val = presets.build_datasets(cfg)
+    tr = Trainer(presets.build_model(cfg), presets.build_tasks(cfg), train, val, cfg, weighting=Recording(cfg.tasks))
+    tr.fit()
+    assert len(calls) == 1
+    names, n_features, n_shared, counts = calls[0]
+    assert names == sorted(cfg.tasks) and n_features == 2 and n_shared == 8
+    assert counts == {t: int(train.masks[t].sum()) for t in cfg.tasks}
+
+
+def test_mismatched_heads_and_tasks():
+    cfg = TrainConfig(**TINY)
+    train, val = presets.build_datasets(cfg)
+    tasks = presets.build_tasks(cfg)
+    tasks.pop("attr")
+    with pytest.raises(ValueError, match="same tasks"):
+        Trainer(presets.build_model(cfg), tasks, train, val, cfg)
