@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fastmtl {
@@ -210,6 +212,344 @@ struct CeArgs {
   int64_t ignore_index;
 };
 
+// ---- explicit SIMD kernels (float32 / bfloat16) -------------------------------------------------------
+//
+// GCC leaves the loops above mostly scalar, so the hot kernels are also written with GCC vector extensions over W
+// float lanes, compiled twice: W = 16 inside AVX-512 functions and W = 8 inside AVX2+FMA functions (chosen at run
+// time). Every helper is always_inline and only called from those ISA-specific entry points. A partial vector (the
+// tail of a tile or segment) goes through the same code on a padded copy. The scalar kernels above remain for
+// float64, float16 and for CPUs without AVX2.
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTMTL_HAVE_SIMD 1
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always_inline helpers never cross an ABI boundary
+
+#define FASTMTL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define FASTMTL_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+template <int W>
+struct Vec {
+  typedef float F __attribute__((vector_size(W * 4)));
+  typedef int32_t I __attribute__((vector_size(W * 4)));
+  typedef uint32_t U __attribute__((vector_size(W * 4)));
+  typedef int64_t L __attribute__((vector_size(W * 8)));
+  typedef uint16_t H __attribute__((vector_size(W * 2)));
+};
+
+template <int W>
+FASTMTL_INLINE typename Vec<W>::F splat(float v) {
+  typename Vec<W>::F r;
+  for (int i = 0; i < W; ++i) r[i] = v;
+  return r;
+}
+
+template <int W>
+FASTMTL_INLINE float hsum(typename Vec<W>::F v) {
+  // Pairwise halving: a fixed order, so the result does not depend on anything but the lane values.
+  float buf[W];
+  std::memcpy(buf, &v, sizeof(v));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) buf[i] += buf[i + w];
+  return buf[0];
+}
+
+template <int W>
+FASTMTL_INLINE typename Vec<W>::F vmax(typename Vec<W>::F a, typename Vec<W>::F b) {
+  return a > b ? a : b;
+}
+
+// Vector forms of fast_exp / fast_log above (same polynomials, same accuracy).
+template <int W>
+FASTMTL_INLINE typename Vec<W>::F vexp(typename Vec<W>::F x) {
+  using F = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+  x = vmax<W>(x, splat<W>(-87.0f));
+  x = x < 88.0f ? x : splat<W>(88.0f);
+  const F k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const F r = (x - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
+  F p = splat<W>(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I bits = (__builtin_convertvector(k, I) + 127) << 23;
+  return p * (F)bits;
+}
+
+template <int W>
+FASTMTL_INLINE typename Vec<W>::F vlog(typename Vec<W>::F x) {
+  using F = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+  I bits = (I)x;
+  I e = ((bits >> 23) & 0xff) - 127;
+  bits = (bits & 0x007fffff) | 0x3f800000;
+  F m = (F)bits;
+  const I big = m > 1.41421356237f;  // -1 where true
+  m = big ? m * 0.5f : m;
+  e -= big;
+  const F f = (m - 1.0f) / (m + 1.0f);
+  const F f2 = f * f;
+  const F series = 1.0f + f2 * (1.0f / 3.0f + f2 * (1.0f / 5.0f + f2 * (1.0f / 7.0f + f2 * (1.0f / 9.0f))));
+  return __builtin_convertvector(e, F) * 0.693147180559945f + 2.0f * f * series;
+}
+
+// Loads / stores of W elements as float lanes.
+template <int W>
+FASTMTL_INLINE typename Vec<W>::F load_f(const float* p) {
+  typename Vec<W>::F v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int W>
+FASTMTL_INLINE typename Vec<W>::F load_f(const c10::BFloat16* p) {
+  typename Vec<W>::H h;
+  std::memcpy(&h, p, sizeof(h));
+  const typename Vec<W>::U u = __builtin_convertvector(h, typename Vec<W>::U) << 16;
+  return (typename Vec<W>::F)u;
+}
+template <int W>
+FASTMTL_INLINE void store_f(float* p, typename Vec<W>::F v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <int W>
+FASTMTL_INLINE void store_f(c10::BFloat16* p, typename Vec<W>::F v) {
+  // Round to nearest even, NaN to the canonical quiet NaN (as c10::BFloat16 does).
+  using U = typename Vec<W>::U;
+  const U u = (U)v;
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U bits = (u & 0x7fffffffu) > 0x7f800000u ? U{} + 0x7fc0u : rounded;
+  const typename Vec<W>::H h = __builtin_convertvector(bits, typename Vec<W>::H);
+  std::memcpy(p, &h, sizeof(h));
+}
+// A partial vector: the first n (< W) elements, padded with `pad`.
+template <int W, typename T>
+FASTMTL_INLINE typename Vec<W>::F load_part(const T* p, int64_t n, T pad) {
+  T buf[W];
+  for (int i = 0; i < W; ++i) buf[i] = i < n ? p[i] : pad;
+  return load_f<W>(buf);
+}
+template <int W, typename T>
+FASTMTL_INLINE void store_part(T* p, int64_t n, typename Vec<W>::F v) {
+  T buf[W];
+  store_f<W>(buf, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+}
+template <int W, bool Part, typename T>
+FASTMTL_INLINE typename Vec<W>::F load_any(const T* p, int64_t n, T pad) {
+  if constexpr (Part) return load_part<W>(p, n, pad);
+  else return load_f<W>(p);
+}
+template <int W, bool Part, typename T>
+FASTMTL_INLINE void store_any(T* p, int64_t n, typename Vec<W>::F v) {
+  if constexpr (Part) store_part<W>(p, n, v);
+  else store_f<W>(p, v);
+}
+
+// Valid-class lanes of W int64 targets: the class as int32 where valid, -1 elsewhere.
+template <int W, bool Part>
+FASTMTL_INLINE typename Vec<W>::I ce_classes(const int64_t* t, int64_t n, int64_t C, int64_t ignore_index) {
+  using L = typename Vec<W>::L;
+  L tv;
+  if constexpr (Part) {
+    int64_t buf[W];
+    for (int i = 0; i < W; ++i) buf[i] = i < n ? t[i] : -1;
+    std::memcpy(&tv, buf, sizeof(tv));
+  } else {
+    std::memcpy(&tv, t, sizeof(tv));
+  }
+  const L ok = (tv != ignore_index) & (tv >= 0) & (tv < C);
+  return __builtin_convertvector(ok ? tv : L{} - 1, typename Vec<W>::I);
+}
+
+// ---- ce, NCHW planes: W positions at a time, all C planes. x is read twice (max, then exp) from L1; the
+// exponentials stay in a C x W scratch for the gradient sweep.
+template <int W, bool Part, typename scalar_t>
+FASTMTL_INLINE typename Vec<W>::F ce_planes_vec(const scalar_t* xb, scalar_t* gb, const int64_t* tb, int64_t L,
+                                               const CeArgs& a, float inv, float* e) {
+  using F = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+  const int64_t C = a.C, S = a.S;
+  const I tc = ce_classes<W, Part>(tb, L, C, a.ignore_index);
+  const scalar_t pad = scalar_t(0.0f);
+  F m = load_any<W, Part>(xb, L, pad);
+  F xt = tc == 0 ? m : F{};
+  for (int64_t c = 1; c < C; ++c) {
+    const F v = load_any<W, Part>(xb + c * S, L, pad);
+    m = vmax<W>(m, v);
+    xt = tc == static_cast<int32_t>(c) ? v : xt;
+  }
+  F d{};
+  for (int64_t c = 0; c < C; ++c) {
+    const F ev = vexp<W>(load_any<W, Part>(xb + c * S, L, pad) - m);
+    d += ev;
+    if (gb) store_f<W>(e + c * W, ev);
+  }
+  const I ok = tc >= 0;
+  const F loss = ok ? m + vlog<W>(d) - xt : F{};
+  if (gb) {
+    const F r = ok ? inv / d : F{};
+    const F invv = splat<W>(inv);
+    for (int64_t c = 0; c < C; ++c) {
+      const F g = load_f<W>(e + c * W) * r - (tc == static_cast<int32_t>(c) ? invv : F{});
+      store_any<W, Part>(gb + c * S, L, g);
+    }
+  }
+  return loss;
+}
+
+template <int W, typename scalar_t>
+FASTMTL_INLINE void ce_planes_range(const scalar_t* x, scalar_t* grad, const CeArgs& a, float inv,
+                                    double* partial, int64_t tiles, int64_t begin, int64_t end) {
+  using F = typename Vec<W>::F;
+  const int64_t C = a.C, S = a.S;
+  std::vector<float> scratch(grad ? C * W : 0);
+  float* e = scratch.data();
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / tiles, s0 = (item % tiles) * kPlaneTile;
+    const int64_t L = std::min(kPlaneTile, S - s0);
+    const scalar_t* xb = x + n * C * S + s0;
+    scalar_t* gb = grad ? grad + n * C * S + s0 : nullptr;
+    if (a.mask && !a.mask[n]) {
+      if (gb)
+        for (int64_t c = 0; c < C; ++c) std::memset(static_cast<void*>(gb + c * S), 0, L * sizeof(scalar_t));
+      partial[item] = 0.0;
+      continue;
+    }
+    const int64_t* tb = a.tgt + n * S + s0;
+    F acc{};
+    int64_t j = 0;
+    for (; j + W <= L; j += W)
+      acc += ce_planes_vec<W, false>(xb + j, gb ? gb + j : nullptr, tb + j, W, a, inv, e);
+    if (j < L) acc += ce_planes_vec<W, true>(xb + j, gb ? gb + j : nullptr, tb + j, L - j, a, inv, e);
+    partial[item] = static_cast<double>(hsum<W>(acc));
+  }
+}
+
+// ---- bce / l1 / mse over W elements.
+template <Kind kind, int W>
+FASTMTL_INLINE void elementwise_vec(typename Vec<W>::F x, typename Vec<W>::F y, typename Vec<W>::F& loss,
+                                    typename Vec<W>::F& dloss) {
+  using F = typename Vec<W>::F;
+  const F zero{};
+  const F one = splat<W>(1.0f);
+  if constexpr (kind == Kind::L1) {
+    const F diff = x - y;
+    loss = diff >= 0 ? diff : -diff;
+    dloss = (diff > 0 ? one : zero) - (diff < 0 ? one : zero);
+  } else if constexpr (kind == Kind::MSE) {
+    const F diff = x - y;
+    loss = diff * diff;
+    dloss = 2.0f * diff;
+  } else {
+    const F relu = x > 0 ? x : zero;
+    const F z = vexp<W>(x - 2.0f * relu);
+    const F sig = (x >= 0 ? one : z) / (1.0f + z);
+    loss = relu - x * y + vlog<W>(1.0f + z);
+    dloss = sig - y;
+  }
+}
+
+template <Kind kind, int W, bool Part, typename scalar_t, typename target_t>
+FASTMTL_INLINE typename Vec<W>::F elementwise_chunk(const scalar_t* x, const target_t* y, scalar_t* g, int64_t n,
+                                                   float inv) {
+  using F = typename Vec<W>::F;
+  const F xv = load_any<W, Part>(x, n, scalar_t(0.0f));
+  // padded lanes get a NaN target, so they count as unlabelled
+  const F yv = load_any<W, Part>(y, n, target_t(std::numeric_limits<float>::quiet_NaN()));
+  F loss, dloss;
+  elementwise_vec<kind, W>(xv, yv, loss, dloss);
+  // not NaN, tested on the bits (a float self-comparison here trips GCC 12 with AVX-512)
+  const typename Vec<W>::I valid = ((typename Vec<W>::I)yv & 0x7fffffff) <= 0x7f800000;
+  if (g) store_any<W, Part>(g, n, valid ? dloss * inv : F{});
+  return valid ? loss : F{};
+}
+
+template <Kind kind, int W, typename scalar_t, typename target_t>
+FASTMTL_INLINE void elementwise_range(const scalar_t* x, const target_t* y, const bool* mask, scalar_t* grad,
+                                      int64_t numel, int64_t per_sample, float inv, double* partial, int64_t begin,
+                                      int64_t end) {
+  using F = typename Vec<W>::F;
+  for (int64_t item = begin; item < end; ++item) {
+    double loss = 0.0;
+    const int64_t p0 = item * kElemBlock, p1 = std::min(numel, p0 + kElemBlock);
+    int64_t n = p0 / per_sample;
+    for (int64_t b = p0; b < p1; ++n) {
+      const int64_t e = std::min(p1, (n + 1) * per_sample);
+      if (mask && !mask[n]) {
+        if (grad) std::memset(static_cast<void*>(grad + b), 0, (e - b) * sizeof(scalar_t));
+        b = e;
+        continue;
+      }
+      for (int64_t c0 = b; c0 < e; c0 += kSumChunk) {
+        const int64_t c1 = std::min(e, c0 + kSumChunk);
+        F acc{};
+        int64_t i = c0;
+        for (; i + W <= c1; i += W)
+          acc += elementwise_chunk<kind, W, false>(x + i, y + i, grad ? grad + i : nullptr, W, inv);
+        if (i < c1) acc += elementwise_chunk<kind, W, true>(x + i, y + i, grad ? grad + i : nullptr, c1 - i, inv);
+        loss += static_cast<double>(hsum<W>(acc));
+      }
+      b = e;
+    }
+    partial[item] = loss;
+  }
+}
+
+template <int W, typename scalar_t>
+FASTMTL_INLINE void scale_range(const scalar_t* in, scalar_t* out, float sc, int64_t b, int64_t e) {
+  int64_t i = b;
+  for (; i + W <= e; i += W) store_f<W>(out + i, load_f<W>(in + i) * sc);
+  if (i < e) store_part<W>(out + i, e - i, load_part<W>(in + i, e - i, scalar_t(0.0f)) * sc);
+}
+
+// ISA-specific entry points (one per kernel and ISA). Work splitting stays outside, in plain code.
+#define FASTMTL_SIMD_ENTRY_POINTS(ISA, TARGET, W)                                                                 \
+  template <typename scalar_t>                                                                                    \
+  TARGET void ce_planes_range_##ISA(const scalar_t* x, scalar_t* grad, const CeArgs& a, float inv,               \
+                                    double* partial, int64_t tiles, int64_t begin, int64_t end) {                \
+    ce_planes_range<W>(x, grad, a, inv, partial, tiles, begin, end);                                              \
+  }                                                                                                               \
+  template <Kind kind, typename scalar_t, typename target_t>                                                      \
+  TARGET void elementwise_range_##ISA(const scalar_t* x, const target_t* y, const bool* mask, scalar_t* grad,    \
+                                      int64_t numel, int64_t per_sample, float inv, double* partial,              \
+                                      int64_t begin, int64_t end) {                                               \
+    elementwise_range<kind, W>(x, y, mask, grad, numel, per_sample, inv, partial, begin, end);                    \
+  }                                                                                                               \
+  template <typename scalar_t>                                                                                    \
+  TARGET void scale_range_##ISA(const scalar_t* in, scalar_t* out, float sc, int64_t b, int64_t e) {              \
+    scale_range<W>(in, out, sc, b, e);                                                                            \
+  }
+
+FASTMTL_SIMD_ENTRY_POINTS(avx512, FASTMTL_TARGET_AVX512, 16)
+FASTMTL_SIMD_ENTRY_POINTS(avx2, FASTMTL_TARGET_AVX2, 8)
+#undef FASTMTL_SIMD_ENTRY_POINTS
+
+enum class Isa { None, Avx2, Avx512 };
+
+Isa simd_isa() {
+  static const Isa isa = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return Isa::Avx2;
+    return Isa::None;
+  }();
+  return isa;
+}
+
+#else
+#define FASTMTL_HAVE_SIMD 0
+#endif
+
+template <typename scalar_t>
+constexpr bool kSimdType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+
 // C contiguous per position: [N, C] or channels_last [N, C, H, W] (position p = n * S + s at offset p * C).
 template <typename scalar_t>
 double ce_rows(const scalar_t* x, scalar_t* grad, const CeArgs& a, double inv_count) {
@@ -264,6 +604,21 @@ double ce_planes(const scalar_t* x, scalar_t* grad, const CeArgs& a, double inv_
   const acc_t inv = static_cast<acc_t>(inv_count);
   std::vector<double> partial(items, 0.0);
   const int64_t grain = std::max<int64_t>(1, kMinItemsPerThread * kElemBlock / (C * kPlaneTile));
+#if FASTMTL_HAVE_SIMD
+  if constexpr (kSimdType<scalar_t>) {
+    const Isa isa = simd_isa();
+    if (isa != Isa::None) {
+      const float inv_f = static_cast<float>(inv_count);
+      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+        if (isa == Isa::Avx512)
+          ce_planes_range_avx512(x, grad, a, inv_f, partial.data(), tiles, begin, end);
+        else
+          ce_planes_range_avx2(x, grad, a, inv_f, partial.data(), tiles, begin, end);
+      });
+      return sum_in_order(partial);
+    }
+  }
+#endif
   parallel_simd(items, grain, [&](int64_t begin, int64_t end) FASTMTL_INLINE_LAMBDA {
     std::vector<acc_t> e(grad ? C * kPlaneTile : 0);  // exp(x - max) of the tile, reused for the gradient
     acc_t m[kPlaneTile], d[kPlaneTile], r[kPlaneTile], xt[kPlaneTile];
@@ -378,6 +733,21 @@ double elementwise(const scalar_t* x, const target_t* y, const bool* mask, scala
   const int64_t items = ceil_div(numel, kElemBlock);
   const acc_t inv = static_cast<acc_t>(inv_count);
   std::vector<double> partial(items, 0.0);
+#if FASTMTL_HAVE_SIMD
+  if constexpr (kSimdType<scalar_t>) {
+    const Isa isa = simd_isa();
+    if (isa != Isa::None) {
+      const float inv_f = static_cast<float>(inv_count);
+      at::parallel_for(0, items, kMinItemsPerThread, [&](int64_t begin, int64_t end) {
+        if (isa == Isa::Avx512)
+          elementwise_range_avx512<kind>(x, y, mask, grad, numel, per_sample, inv_f, partial.data(), begin, end);
+        else
+          elementwise_range_avx2<kind>(x, y, mask, grad, numel, per_sample, inv_f, partial.data(), begin, end);
+      });
+      return sum_in_order(partial);
+    }
+  }
+#endif
   for_items(items, kMinItemsPerThread, [&](int64_t item) FASTMTL_INLINE_LAMBDA {
     double loss = 0.0;
     const int64_t p0 = item * kElemBlock, p1 = std::min(numel, p0 + kElemBlock);
@@ -522,6 +892,20 @@ template <typename scalar_t>
 void scale_dense(const scalar_t* in, scalar_t* out, int64_t numel, float scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sc = static_cast<acc_t>(scale);
+#if FASTMTL_HAVE_SIMD
+  if constexpr (kSimdType<scalar_t>) {
+    const Isa isa = simd_isa();
+    if (isa != Isa::None) {
+      at::parallel_for(0, numel, kMinItemsPerThread * kElemBlock, [&](int64_t b, int64_t e) {
+        if (isa == Isa::Avx512)
+          scale_range_avx512(in, out, scale, b, e);
+        else
+          scale_range_avx2(in, out, scale, b, e);
+      });
+      return;
+    }
+  }
+#endif
   parallel_simd(numel, kMinItemsPerThread * kElemBlock, [&](int64_t b, int64_t e) FASTMTL_INLINE_LAMBDA {
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * sc);
