@@ -1,25 +1,17 @@
 """``fastmtl train`` end to end on a tiny configuration, resume, and bad input (exit code 2)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (weighting not on main yet)
-import _standins  # noqa: E402
 
 from fastmtl import cli
 
 TINY = ["--tasks", "cls,seg", "--train-size", "32", "--val-size", "16", "--batch-size", "16", "--threads", "1",
         "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def standins(monkeypatch):
-    _standins.install(monkeypatch)
 
 
 def test_train_end_to_end_then_resume(tmp_path, capsys):

@@ -1,25 +1,14 @@
 """MultiTaskModel, heads and Task."""
 
-import os
-import sys
-
 import pytest
 import torch
 from torch import nn
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (weighting not on main yet)
-import _standins  # noqa: E402
 
 import fastmtl
 from fastmtl.mtl import MultiTaskModel, Task
 from fastmtl.mtl import presets
 from fastmtl.mtl.config import TrainConfig
 from fastmtl.nn.heads import ClassificationHead, DenseHead
-
-
-@pytest.fixture(autouse=True)
-def standins(monkeypatch):
-    _standins.install(monkeypatch)
 
 
 def _model():

@@ -2,22 +2,19 @@
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/_standins.py (weighting not on main yet)
-import _standins  # noqa: E402
 
 from fastmtl.mtl import Trainer, presets
 from fastmtl.mtl import checkpoint as ckpt
 from fastmtl.mtl.config import TrainConfig
+from fastmtl.mtl.weighting.ew import EqualWeighting
 
 
 @pytest.fixture(autouse=True)
-def standins(monkeypatch):
-    _standins.install(monkeypatch)
+def single_thread():
     torch.set_num_threads(1)  # tiny shapes: one thread is fastest on a shared machine
 
 
@@ -121,10 +118,11 @@ def test_backend_and_amp_options_run():
 def test_weighting_object_is_used():
     calls = []
 
-    class Recording(_standins.StandInEW):
-        def backward(self, losses, *, features, shared_params, counts=None):
+    class Recording(EqualWeighting):
+        def backward(self, losses, *, features=None, shared_params=None, counts=None, loss_scale=None):
             calls.append((sorted(losses), len(features), len(shared_params), {t: int(c) for t, c in counts.items()}))
-            return super().backward(losses, features=features, shared_params=shared_params, counts=counts)
+            return super().backward(losses, features=features, shared_params=shared_params, counts=counts,
+                                    loss_scale=loss_scale)
 
     cfg = TrainConfig(**{**TINY, "epochs": 1, "train_size": 16, "missing_labels": 0.5})
     train, val = presets.build_datasets(cfg)
@@ -143,3 +141,21 @@ def test_mismatched_heads_and_tasks():
     tasks.pop("attr")
     with pytest.raises(ValueError, match="same tasks"):
         Trainer(presets.build_model(cfg), tasks, train, val, cfg)
+
+
+def test_fp16_strategy_sees_unscaled_losses_and_a_loss_scale():
+    seen = []
+
+    class Recording(EqualWeighting):
+        def backward(self, losses, *, features=None, shared_params=None, counts=None, loss_scale=None):
+            seen.append((max(float(l) for l in losses.values()), loss_scale))
+            return super().backward(losses, features=features, shared_params=shared_params, counts=counts,
+                                    loss_scale=loss_scale)
+
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_size": 16, "amp": "fp16", "backend": "torch"})
+    train, val = presets.build_datasets(cfg)
+    tr = Trainer(presets.build_model(cfg), presets.build_tasks(cfg), train, val, cfg, weighting=Recording(cfg.tasks))
+    tr.fit()
+    (largest_loss, loss_scale), = seen
+    assert loss_scale is not None and float(loss_scale) >= 2.0 ** 10  # GradScaler's scale, passed separately
+    assert largest_loss < 100.0  # the losses themselves are not multiplied by the scale

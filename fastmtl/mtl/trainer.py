@@ -171,9 +171,12 @@ class Trainer:
         losses = self._losses(preds, batch)
         counts = {t: m.sum() for t, m in batch["masks"].items()}
         self.optimizer.zero_grad(set_to_none=True)
-        to_backward = {t: self.scaler.scale(l) for t, l in losses.items()} if self.scaler.is_enabled() else losses
+        # fp16: the strategy sees the unscaled losses (UW, FAMO, GradNorm read their values) and scales the
+        # gradients itself through loss_scale, so nothing underflows and the weights are not skewed by the scale.
+        loss_scale = self.scaler.scale(torch.ones((), device=self.device)) if self.scaler.is_enabled() else None
         weights = self.weighting.backward(
-            to_backward, features=features, shared_params=self.model.shared_parameters(), counts=counts
+            losses, features=features, shared_params=self.model.shared_parameters(), counts=counts,
+            loss_scale=loss_scale,
         )
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
