@@ -28,6 +28,23 @@ def _sample_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor 
     return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
 
 
+def valid_elements(target: torch.Tensor, mask: torch.Tensor | None, kind: str, num_classes: int | None = None,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """Bool tensor of the target's shape: the elements that count in the loss (see the module docstring).
+
+    ``num_classes`` (the prediction's ``C``) is needed for "ce". The loss of a task is the mean over these, so
+    their number is the weight of a batch's loss when several batches are pooled (distributed training).
+    """
+    if kind == "ce":
+        if num_classes is None:
+            raise ValueError("valid_elements: a 'ce' task needs num_classes")
+        valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    else:
+        valid = ~torch.isnan(target)
+    m = _sample_mask(mask, target)
+    return valid if m is None else valid & m
+
+
 def element_losses(pred, target, mask, kind: str, ignore_index: int = -100):
     """Element losses, their gradients (unscaled) and the validity of each element, in the math dtype.
 
@@ -38,11 +55,7 @@ def element_losses(pred, target, mask, kind: str, ignore_index: int = -100):
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     x = pred.to(math_dtype(pred.dtype))
     if kind == "ce":
-        num_classes = x.shape[1]
-        valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
-        m = _sample_mask(mask, target)
-        if m is not None:
-            valid = valid & m
+        valid = valid_elements(target, mask, kind, x.shape[1], ignore_index)
         safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
         log_probs = torch.log_softmax(x, dim=1)
         losses = -log_probs.gather(1, safe_target).squeeze(1)
@@ -51,10 +64,7 @@ def element_losses(pred, target, mask, kind: str, ignore_index: int = -100):
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         return torch.where(valid, losses, zero), torch.where(valid.unsqueeze(1), grads, zero), valid
     y = target.to(x.dtype)
-    valid = ~torch.isnan(y)
-    m = _sample_mask(mask, y)
-    if m is not None:
-        valid = valid & m
+    valid = valid_elements(y, mask, kind)
     y = torch.where(valid, y, torch.zeros_like(y))
     if kind == "bce":
         losses = F.binary_cross_entropy_with_logits(x, y, reduction="none")
