@@ -35,6 +35,29 @@ def test_train_end_to_end_then_resume(tmp_path, capsys):
     assert data["config"]["seed"] == 3 and data["config"]["epochs"] == 2
 
 
+def test_weighting_options_and_affinity_reach_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", *TINY, "--epochs", "1", "--out", str(out), "--weighting", "cagrad",
+                   "--weighting-opt", "c=0.25", "--weighting-opt", "mode=params", "--affinity"])
+    assert rc == 0
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["config"]["weighting"] == "cagrad"
+    assert data["config"]["weighting_options"] == {"c": 0.25, "mode": "params"}
+    assert data["config"]["affinity_every"] == 25 and data["affinity"]["lookahead"]["updates"] == 1
+    assert (out / "affinity.png").exists() and (out / "affinity_cosine.png").exists()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["weighting"] is not None and "affinity" in checkpoint
+
+    # Resuming keeps the options; naming another strategy drops them.
+    args = cli.build_parser().parse_args(["train", "--resume", str(out)])
+    assert args.run.__module__ == "fastmtl.commands.train"
+    from fastmtl.commands.train import build_config
+
+    assert build_config(args).weighting_options == {"c": 0.25, "mode": "params"}
+    args = cli.build_parser().parse_args(["train", "--resume", str(out), "--weighting", "ew"])
+    assert build_config(args).weighting_options == {}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -49,6 +72,12 @@ def test_train_end_to_end_then_resume(tmp_path, capsys):
         (["--resume", "/nonexistent/run"], "--resume"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--lr", "-1"], "--lr"),
+        (["--weighting-opt", "alpha"], "--weighting-opt"),
+        (["--weighting-opt", "=1"], "--weighting-opt"),
+        (["--weighting", "cagrad", "--weighting-opt", "cc=0.5", "--epochs", "1", "--train-size", "16",
+          "--val-size", "8", "--out", "/tmp/fastmtl-never-written"], "'cc'"),
+        (["--weighting", "nope"], "unknown weighting"),
+        (["--affinity", "0"], "--affinity"),
     ],
 )
 def test_bad_input_exits_2_with_message(argv, message, capsys):

@@ -78,6 +78,47 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert straight.optimizer.state_dict()["state"][0]["step"] == resumed.optimizer.state_dict()["state"][0]["step"]
 
 
+@pytest.mark.parametrize("weighting", ["dwa", "famo", "uw", "gradvac", "pcgrad", "rlw"])
+def test_resume_with_a_stateful_strategy_and_affinity_is_exact(weighting, tmp_path):
+    """Weighting state (DWA's loss history, FAMO's logits and Adam moments, UW's learned log-variances, GradVac's
+    targets, the random draws of PCGrad and RLW) and the affinity trackers survive a checkpoint bit for bit."""
+    common = dict(seed=2, epochs=3, weighting=weighting, affinity_every=2, train_size=32)
+    straight = _trainer(out=str(tmp_path / "a"), **common)
+    straight.fit()
+    first = _trainer(out=str(tmp_path / "b"), **common)
+    first.fit(stop_after=2)
+    torch.manual_seed(99)
+    resumed = _trainer(out=str(tmp_path / "b"), **common)
+    resumed.fit(resume=str(tmp_path / "b"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    wa, wb = straight.weighting.state_dict(), resumed.weighting.state_dict()
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]) if isinstance(wa[k], torch.Tensor) else wa[k] == wb[k], k
+    assert straight.history[-1]["weights"] == resumed.history[-1]["weights"]
+    assert straight.summary()["affinity"] == resumed.summary()["affinity"]
+    assert straight.affinity.lookahead.count == 3 and straight.affinity.cosine.count >= 3  # steps 0, 2, 4 of 6
+
+
+def test_affinity_outputs(tmp_path):
+    out = tmp_path / "run"
+    summary = _trainer(out=str(out), epochs=1, affinity_every=1, weighting="mgda", train_size=32).fit()
+    assert {"affinity.png", "affinity_cosine.png"} <= set(os.listdir(out))
+    assert (out / "affinity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    affinity = json.loads((out / "metrics.json").read_text())["affinity"]
+    assert affinity == json.loads(json.dumps(summary["affinity"])) and affinity["every"] == 1
+    for key in ("gradient_cosine", "lookahead"):
+        entry = affinity[key]
+        assert entry["tasks"] == ["cls", "seg", "depth", "attr"] and entry["updates"] == 2  # two steps
+        matrix = torch.tensor(entry["matrix"])
+        assert matrix.shape == (4, 4) and torch.isfinite(matrix).all()
+    cosine = torch.tensor(affinity["gradient_cosine"]["matrix"])
+    assert torch.allclose(cosine.diagonal(), torch.ones(4)) and torch.allclose(cosine, cosine.T)
+    assert (cosine.abs() <= 1).all()
+    assert summary["history"][-1]["affinity"] == summary["affinity"]
+
+
 def test_outputs_and_metrics_json(tmp_path):
     out = tmp_path / "run"
     summary = _trainer(out=str(out), epochs=1).fit()

@@ -3,11 +3,15 @@
 Writes ``checkpoint.pt`` (each epoch, atomically), ``metrics.json`` and ``curves.png`` to ``--out`` and prints the
 final per-task validation metrics. ``--resume DIR_OR_FILE`` continues a run from its checkpoint, with the run's
 saved settings (options given explicitly override them). Bad arguments exit with code 2 and a message.
+
+Multi-process: ``torchrun --standalone --nproc_per_node=N -m fastmtl train ...`` trains with N processes (gloo on
+the CPU, NCCL on GPUs, one GPU per process), ``--batch-size`` samples each; rank 0 prints and writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import time
 
@@ -59,6 +63,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``name=value`` of a weighting option; the value read as a Python literal (number, bool, list) when it is
+    one, else kept as a string (``mode=params``)."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return name, value.strip()
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -74,8 +91,9 @@ FIELDS = {
     "tasks": "tasks", "weighting": "weighting", "epochs": "epochs", "batch_size": "batch_size",
     "missing_labels": "missing_labels", "backend": "backend", "amp": "amp", "channels_last": "channels_last",
     "compile": "compile", "out": "out", "seed": "seed", "device": "device", "lr": "lr", "train_size": "train_size",
-    "val_size": "val_size", "threads": "num_threads", "progress": "progress",
+    "val_size": "val_size", "threads": "num_threads", "progress": "progress", "affinity": "affinity_every",
 }
+AFFINITY_EVERY = 25  # --affinity without a number: measure every 25 steps
 
 
 def add_parser(sub):
@@ -85,6 +103,11 @@ def add_parser(sub):
                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S)
     p.add_argument("--tasks", type=_tasks, help="comma-separated tasks from cls,seg,depth,attr (default cls,seg)")
     p.add_argument("--weighting", help="loss weighting strategy (default fixed: each task's weight, 1.0)")
+    p.add_argument("--weighting-opt", type=_option, action="append", metavar="NAME=VALUE",
+                   help="an option of the weighting strategy, e.g. mode=params or temperature=2.0 (repeatable)")
+    p.add_argument("--affinity", type=_positive_int, nargs="?", const=AFFINITY_EVERY, metavar="N",
+                   help=f"measure task affinity every N steps (default {AFFINITY_EVERY}): metrics.json 'affinity', "
+                        "affinity.png, affinity_cosine.png")
     p.add_argument("--epochs", type=_positive_int, help="epochs (default 15)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32)")
     p.add_argument("--missing-labels", type=_missing, metavar="FRAC|TASK=FRAC,...",
@@ -120,9 +143,14 @@ def build_config(args):
             base.out = os.path.dirname(os.path.abspath(path))
     else:
         base = TrainConfig(out="runs/latest")
+    saved_weighting = base.weighting
     for option, field in FIELDS.items():
         if hasattr(args, option):
             setattr(base, field, getattr(args, option))
+    if base.weighting != saved_weighting:
+        base.weighting_options = {}  # another strategy does not inherit the saved one's options
+    if hasattr(args, "weighting_opt"):
+        base.weighting_options = dict(args.weighting_opt)
     return base.validate()
 
 
@@ -138,7 +166,6 @@ def run(args) -> int:
     import torch
 
     import fastmtl
-    from fastmtl.mtl import Trainer, presets
 
     if config.backend != "auto" and config.backend not in fastmtl.available_backends():
         parser.error(f"--backend {config.backend} is not available here (available: "
@@ -153,18 +180,40 @@ def run(args) -> int:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
 
+    from fastmtl.mtl import distributed
+
+    try:
+        distributed.init_from_env(config.device)
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+    try:
+        return _train(config, args)
+    finally:
+        distributed.shutdown()
+
+
+def _train(config, args) -> int:
+    import torch
+
+    from fastmtl.mtl import Trainer, distributed, presets
+
+    main = distributed.rank() == 0
     start = time.perf_counter()
     train, val = presets.build_datasets(config)
     model = presets.build_model(config)
     try:
         trainer = Trainer(model, presets.build_tasks(config), train, val, config)
     except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown weighting name or option
-        parser.error(str(e))
-    print(f"fastmtl train: tasks {','.join(config.tasks)}, {len(train)} train / {len(val)} val scenes, "
-          f"{config.epochs} epochs on {trainer.device} (backend {config.backend}, "
-          f"{torch.get_num_threads()} threads), out {config.out}", flush=True)
+        args.parser.error(str(e))
+    if main:
+        processes = f", {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        print(f"fastmtl train: tasks {','.join(config.tasks)}, {len(train)} train / {len(val)} val scenes, "
+              f"{config.epochs} epochs on {trainer.device} (backend {config.backend}, "
+              f"{torch.get_num_threads()} threads{processes}), out {config.out}", flush=True)
     summary = trainer.fit(resume=getattr(args, "resume", None))
     elapsed = time.perf_counter() - start
+    if not main:
+        return 0
     print_table(summary["final"])
     print(f"time {elapsed:.1f}s; metrics {os.path.join(config.out, 'metrics.json')}; "
           f"curves {os.path.join(config.out, 'curves.png')}")

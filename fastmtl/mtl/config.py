@@ -21,6 +21,8 @@ class TrainConfig:
     Execution: ``device`` ("auto", "cpu", "cuda", "cuda:1"...), ``backend`` (a fastmtl backend or "auto"),
     ``amp`` (None, "bf16", "fp16"), ``channels_last``, ``compile``, ``num_threads`` (CPU threads, 0 = torch's
     default), ``seed``, ``progress`` (tqdm bars), ``out`` (directory for checkpoint.pt, metrics.json, curves.png).
+    Diagnostics: ``affinity_every`` (0 = off): measure task affinity every that many steps (see
+    :mod:`fastmtl.mtl.affinity_monitor`).
     """
 
     tasks: list = field(default_factory=lambda: ["cls", "seg"])
@@ -49,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     out: str | None = None
+    affinity_every: int = 0
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ValueError naming the field and what was expected. Returns self."""
@@ -73,6 +76,10 @@ class TrainConfig:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if not isinstance(self.head_hidden, int) or self.head_hidden < 0:
             raise ValueError(f"head_hidden must be an int >= 0, got {self.head_hidden!r}")
+        if not isinstance(self.weighting_options, dict) or not all(isinstance(k, str) for k in self.weighting_options):
+            raise ValueError(f"weighting_options must be a dict of option name -> value, got {self.weighting_options!r}")
+        if not isinstance(self.affinity_every, int) or isinstance(self.affinity_every, bool) or self.affinity_every < 0:
+            raise ValueError(f"affinity_every must be an int >= 0 (0 = off), got {self.affinity_every!r}")
         if not isinstance(self.num_threads, int) or self.num_threads < 0:
             raise ValueError(f"num_threads must be an int >= 0, got {self.num_threads!r}")
         from fastmtl.data.multidigits import _missing_fractions

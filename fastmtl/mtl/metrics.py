@@ -45,6 +45,10 @@ class ConfusionMatrix:
         counts = counts.view(self.num_classes, self.num_classes)
         self.matrix = counts if self.matrix is None else self.matrix + counts
 
+    def reduce_(self, reduce) -> None:
+        """Replace the counts by ``reduce(counts)`` (e.g. a sum over processes; every process must have updated)."""
+        self.matrix = reduce(self.matrix)
+
     def compute(self) -> dict[str, float]:
         """``accuracy``, ``pixel_acc`` (both the fraction of correct elements) and ``miou``."""
         if self.matrix is None or int(self.matrix.sum()) == 0:
@@ -76,6 +80,10 @@ class RegressionError:
         sums = torch.stack([err.sum(), valid.sum().double(), rel.sum(), rel_valid.sum().double()])
         self.sums = sums if self.sums is None else self.sums + sums
 
+    def reduce_(self, reduce) -> None:
+        """Replace the sums by ``reduce(sums)`` (e.g. a sum over processes; every process must have updated)."""
+        self.sums = reduce(self.sums)
+
     def compute(self) -> dict[str, float]:
         """``abs_err`` and ``rel_err`` (NaN when no element was valid)."""
         if self.sums is None:
@@ -98,6 +106,10 @@ class MultiLabelF1:
         counts = torch.stack([(pred & true).sum(), (pred & ~true).sum(), (~pred & true).sum(), torch.tensor(
             pred.shape[0], device=pred.device)])
         self.counts = counts if self.counts is None else self.counts + counts
+
+    def reduce_(self, reduce) -> None:
+        """Replace the counts by ``reduce(counts)`` (e.g. a sum over processes; every process must have updated)."""
+        self.counts = reduce(self.counts)
 
     def compute(self) -> dict[str, float]:
         """``f1`` = 2 TP / (2 TP + FP + FN) (1.0 when there is nothing to find and nothing was predicted)."""
@@ -133,6 +145,17 @@ class MultiTaskMeter:
             if name not in self.meters:
                 self.meters[name] = meter_for(task, num_classes=preds[name].shape[1])
             self.meters[name].update(preds[name].detach(), targets[name], None if masks is None else masks.get(name))
+
+    def reduce_(self, reduce) -> None:
+        """Apply ``reduce`` (e.g. :func:`fastmtl.mtl.distributed.all_reduce_sum`) to every meter's accumulators.
+
+        Every task's meter must exist (at least one ``update``), in the same task order on every process.
+        """
+        missing = [t for t in self.tasks if t not in self.meters]
+        if missing:
+            raise RuntimeError(f"cannot reduce meters that were never updated: {missing}")
+        for name in self.tasks:
+            self.meters[name].reduce_(reduce)
 
     def compute(self) -> dict[str, dict[str, float]]:
         """Metrics of every task."""

@@ -10,9 +10,11 @@ and ``curves.png`` in ``config.out``. A run resumed from a checkpoint continues 
 the batch order of epoch ``e`` is a pure function of ``(seed, e)``, and model, optimizer, scheduler, grad scaler,
 weighting state and every RNG are restored.
 
-Points meant for extension (distributed training): :attr:`world_size` / :attr:`rank`, :meth:`_epoch_indices`
-(this process's share of an epoch), :meth:`_reduce` (sums across processes; identity here) and :attr:`is_main`
-(only the main process logs and writes files).
+Under ``torchrun`` (a ``torch.distributed`` process group is initialised before the Trainer is built, see
+:mod:`fastmtl.mtl.distributed`) each process trains on its share of every batch and the step is the one a single
+process would take on the whole batch: losses over the global batch, the weighting's Gramian or per-task gradients
+reduced before its solve, parameter gradients averaged, validation metrics summed over the processes. Only rank 0
+logs and writes files; ``metrics.json`` records ``world_size``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import torch
 
 import fastmtl
 from fastmtl.mtl import checkpoint as ckpt
+from fastmtl.mtl import distributed
+from fastmtl.mtl.affinity_monitor import AffinityMonitor
 from fastmtl.mtl.config import TrainConfig
 from fastmtl.mtl.metrics import MultiTaskMeter
 from fastmtl.mtl.model import MultiTaskModel
 from fastmtl.mtl.tasks import Task
+from fastmtl.reference.masked_loss import valid_elements
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -73,10 +78,9 @@ class Trainer:
             ``{"image", "targets", "masks"}``.
         config: a :class:`TrainConfig` (``out=None`` writes nothing).
         weighting: a Weighting object; default ``weighting.create(config.weighting, task names, **options)``.
-    """
 
-    world_size = 1
-    rank = 0
+    ``world_size`` and ``rank`` are read from the ``torch.distributed`` process group (1 and 0 without one).
+    """
 
     def __init__(self, model: MultiTaskModel, tasks: dict[str, Task], train_data, val_data, config: TrainConfig,
                  weighting=None):
@@ -86,6 +90,10 @@ class Trainer:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        if len(val_data) < self.world_size:
+            raise ValueError(f"the validation set ({len(val_data)} samples) needs at least one sample per process "
+                             f"({self.world_size} processes)")
         self.tasks = tasks
         self.kinds = {t: task.kind for t, task in tasks.items()}
         self.train_data, self.val_data = train_data, val_data
@@ -97,6 +105,8 @@ class Trainer:
         if isinstance(self.weighting, torch.nn.Module):  # learnable weights and buffers live with the model
             self.weighting.to(self.device)
         extra = [p for p in self.weighting.parameters() if p.requires_grad]
+        if self.world_size > 1:
+            self._join_process_group()
         self.optimizer = torch.optim.AdamW(
             [{"params": params}, {"params": extra, "weight_decay": 0.0}] if extra else params,
             lr=config.lr, weight_decay=config.weight_decay,
@@ -104,6 +114,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_data) / (config.batch_size * self.world_size))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.affinity = AffinityMonitor(list(tasks), config.affinity_every) if config.affinity_every else None
         self._encode, self._decode = self.model.encode, self.model.decode
         if config.compile:
             self._encode, self._decode = torch.compile(self._encode), torch.compile(self._decode)
@@ -119,6 +130,17 @@ class Trainer:
         if self.config.weighting == "fixed" and "weights" not in options:
             options["weights"] = {t: task.weight for t, task in self.tasks.items()}
         return weighting.create(self.config.weighting, list(self.tasks), **options)
+
+    def _join_process_group(self) -> None:
+        """Start every rank from rank 0's model and weighting; make gradient-level weighting reduce its inputs."""
+        distributed.broadcast_module(self.model)
+        if isinstance(self.weighting, torch.nn.Module):
+            distributed.broadcast_module(self.weighting)
+        if getattr(self.weighting, "family", None) == "gradient":
+            if self.weighting.mode == "representation":
+                self.weighting.reduce_gram = distributed.gram_reducer(self.world_size)
+            else:
+                self.weighting.reduce_grads = distributed.grads_reducer(self.world_size)
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up over ``warmup`` of the run, then cosine decay to 1% of the peak. Reads ``config.epochs``
@@ -147,14 +169,18 @@ class Trainer:
         return fastmtl.use_backend(self.config.backend)
 
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
-        """This process's sample order for ``epoch``: a pure function of (seed, epoch), so resuming is exact."""
+        """This process's sample order for ``epoch``: a pure function of (seed, epoch), so resuming is exact.
+
+        With ``W`` processes, process ``r`` takes every ``W``-th sample from ``r``, so step ``s`` of all of them
+        together covers the samples a single process with ``W`` times the batch would; the order is padded with
+        its first samples to a multiple of ``W`` so every process takes the same number of steps.
+        """
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.train_data), generator=g)
+        pad = -len(order) % self.world_size
+        if pad:
+            order = torch.cat([order, order[:pad]])
         return order[self.rank :: self.world_size]
-
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum across processes (a single process here)."""
-        return t
 
     # ---- one step ----------------------------------------------------------------------------------------------
 
@@ -163,13 +189,24 @@ class Trainer:
         return per_task
 
     def train_step(self, batch: dict) -> tuple[dict, dict, dict]:
-        """One optimisation step; returns (per-task losses, weights used, labelled-sample counts) as tensors."""
+        """One optimisation step; returns (per-task losses, weights used, labelled-sample counts) as tensors, all of
+        the global batch when distributed."""
         self.model.train()
+        step = self.scheduler.last_epoch  # optimisation steps taken so far in the run
+        if self.affinity is not None:
+            self.affinity.before_step(step, self.model, batch, self._lookahead_losses,
+                                      self.model.shared_parameters(), self.scheduler.get_last_lr()[0])
         with self._autocast():
             features = self._encode(batch["image"])
             preds = self._decode(features, out_size=tuple(batch["image"].shape[-2:]))
         losses = self._losses(preds, batch)
         counts = {t: m.sum() for t, m in batch["masks"].items()}
+        if self.world_size > 1:  # the global batch's losses and counts, identical on every process
+            elements = {t: valid_elements(batch["targets"][t], batch["masks"][t], self.kinds[t], p.shape[1]).sum()
+                        for t, p in preds.items()}
+            losses, counts = distributed.global_losses(losses, elements, counts, list(self.tasks))
+        if self.affinity is not None:
+            self.affinity.before_backward(step, losses, features, self.weighting)
         self.optimizer.zero_grad(set_to_none=True)
         # fp16: the strategy sees the unscaled losses (UW, FAMO, GradNorm read their values) and scales the
         # gradients itself through loss_scale, so nothing underflows and the weights are not skewed by the scale.
@@ -178,6 +215,10 @@ class Trainer:
             losses, features=features, shared_params=self.model.shared_parameters(), counts=counts,
             loss_scale=loss_scale,
         )
+        if self.affinity is not None:
+            self.affinity.after_backward(self.weighting)
+        if self.world_size > 1:
+            distributed.average_gradients([*self.model.parameters(), *self.weighting.parameters()])
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
@@ -186,6 +227,11 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return {t: l.detach() for t, l in losses.items()}, weights, counts
+
+    def _lookahead_losses(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            preds = model(batch["image"])
+        return self._losses(preds, batch)
 
     # ---- epochs ------------------------------------------------------------------------------------------------
 
@@ -208,7 +254,6 @@ class Trainer:
             if hasattr(bar, "set_postfix") and (step % 10 == 0 or start + bs >= len(order)):
                 running = (loss_sum / count_sum.clamp_min(1)).tolist()
                 bar.set_postfix({t: f"{v:.3f}" for t, v in zip(names, running)})
-        loss_sum, count_sum = self._reduce(loss_sum), self._reduce(count_sum)
         steps = max(1, math.ceil(len(order) / bs))
         mean_loss = (loss_sum / count_sum.clamp_min(1)).tolist()
         mean_weight = (weight_sum / steps).tolist()
@@ -224,9 +269,10 @@ class Trainer:
         loss_sum = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         count_sum = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         bs = self.config.batch_size * 2
+        share = torch.arange(len(data))[self.rank :: self.world_size]
         with self._backend():
-            for start in range(0, len(data), bs):
-                index = torch.arange(start, min(start + bs, len(data)))
+            for start in range(0, len(share), bs):
+                index = share[start : start + bs]
                 batch = _to(_fetch(data, index), self.device, self.config.channels_last)
                 with self._autocast():
                     preds = self._decode(self._encode(batch["image"]), out_size=tuple(batch["image"].shape[-2:]))
@@ -236,7 +282,11 @@ class Trainer:
                 loss_sum += torch.stack([losses[t].detach() for t in names]).double() * n
                 count_sum += n
                 meter.update(preds, batch["targets"], batch["masks"])
-        mean_loss = (self._reduce(loss_sum) / self._reduce(count_sum).clamp_min(1)).tolist()
+        if self.world_size > 1:
+            meter.reduce_(distributed.all_reduce_sum)
+            distributed.all_reduce_sum(loss_sum)
+            distributed.all_reduce_sum(count_sum)
+        mean_loss = (loss_sum / count_sum.clamp_min(1)).tolist()
         return dict(zip(names, mean_loss)), meter.compute()
 
     def fit(self, resume: str | None = None, stop_after: int | None = None) -> dict:
@@ -258,6 +308,8 @@ class Trainer:
                     "val_loss": val_loss, "val": val_metrics, "weights": weights,
                     "time_s": time.perf_counter() - start,
                 })
+                if self.affinity is not None:
+                    self.history[-1]["affinity"] = self.affinity.as_dict()
                 self._log_epoch(self.history[-1])
                 self._write_outputs()
         return self.summary()
@@ -271,6 +323,7 @@ class Trainer:
             "world_size": self.world_size,
             "history": self.history,
             "final": self.history[-1]["val"] if self.history else {},
+            **({"affinity": self.affinity.as_dict()} if self.affinity is not None else {}),
         }
 
     def _progress(self, iterable, desc: str):
@@ -302,6 +355,8 @@ class Trainer:
         from fastmtl.mtl.plots import plot_curves
 
         plot_curves(self.history, os.path.join(out, CURVES))
+        if self.affinity is not None:
+            self.affinity.plot(out)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -317,6 +372,7 @@ class Trainer:
             "weighting": self.weighting.state_dict(),
             "history": self.history,
             "rng": ckpt.rng_state(),
+            **({"affinity": self.affinity.state_dict()} if self.affinity is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,6 +384,8 @@ class Trainer:
         self.weighting.load_state_dict(state["weighting"])
         self.history = list(state["history"])
         self.epoch = int(state["epoch"])
+        if self.affinity is not None and "affinity" in state:
+            self.affinity.load_state_dict(state["affinity"])
         ckpt.set_rng_state(state["rng"])
 
     def load_checkpoint(self, path: str) -> None:

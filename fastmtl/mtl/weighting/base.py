@@ -200,6 +200,10 @@ class GradientWeighting(Weighting):
             w.r.t. ``shared_params`` (one trunk backward per task), the combination written into their ``.grad``.
         scale_heads: whether each head's parameter gradient is multiplied by its task's weight (as if
             ``sum_t w_t L_t`` had been back-propagated) or left as its own task's plain gradient.
+
+    Attributes ``reduce_gram`` and ``reduce_grads`` (None by default) are set by the distributed Trainer: they map
+    this process's Gramian (representation mode) or ``[K, P]`` gradients (parameter mode) to those of the global
+    batch (see :mod:`fastmtl.mtl.distributed`), so that every process solves for the same weights.
     """
 
     family = "gradient"
@@ -213,6 +217,8 @@ class GradientWeighting(Weighting):
         self.mode = mode
         self.scale_heads = self.default_scale_heads if scale_heads is None else _as_bool(scale_heads, "scale_heads")
         self.last_gram: torch.Tensor | None = None
+        self.reduce_gram = None
+        self.reduce_grads = None
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         """Return the ``[K]`` combination coefficients from the ``K x K`` Gramian (and the detached losses)."""
@@ -221,7 +227,11 @@ class GradientWeighting(Weighting):
     def combine(self, grads: torch.Tensor, losses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine ``[K, P]`` gradients: return ``(direction [P], weights [K])``. Keeps ``last_gram``."""
         work = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
+        if self.reduce_grads is not None:
+            work = self.reduce_grads(work)
         gram = work @ work.T
+        if self.reduce_gram is not None:
+            gram = self.reduce_gram(gram)
         self.last_gram = gram
         weights = self.compute_weights(gram.double(), None if losses is None else losses.detach().double())
         weights = weights.to(work.dtype)
