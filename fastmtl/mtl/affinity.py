@@ -231,7 +231,9 @@ class LookaheadAffinityTracker(_RunningMatrix):
 def plot_affinity(matrix, task_names: Sequence[str], path, *, title: str | None = None) -> str:
     """Draw ``matrix`` ``[K, K]`` as an annotated heatmap PNG at ``path`` (matplotlib, Agg); return the path.
 
-    A diverging colour map centred on zero shows negative transfer (blue) against positive (red).
+    A diverging colour map centred on zero shows negative transfer (blue) against positive (red). The colour scale
+    is set by the off-diagonal entries (the diagonal, a task's effect on itself, would otherwise wash them out);
+    every cell is annotated with its value.
     """
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
 
@@ -239,7 +241,9 @@ def plot_affinity(matrix, task_names: Sequence[str], path, *, title: str | None 
     names = list(task_names)
     if values.dim() != 2 or values.shape != (len(names), len(names)):
         raise ValueError(f"matrix must be [K, K] for the {len(names)} task names, got {tuple(values.shape)}")
-    limit = float(values.abs().max()) or 1.0
+    off_diagonal = values[~torch.eye(len(names), dtype=torch.bool)]
+    limit = float(off_diagonal.abs().max()) if off_diagonal.numel() else 0.0
+    limit = limit or float(values.abs().max()) or 1.0
     size = 1.2 + 0.8 * len(names)
     figure = Figure(figsize=(size + 1.2, size))
     axes = figure.add_subplot()
@@ -248,7 +252,7 @@ def plot_affinity(matrix, task_names: Sequence[str], path, *, title: str | None 
     axes.set_yticks(range(len(names)), labels=names)
     for i in range(len(names)):
         for j in range(len(names)):
-            axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+            axes.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=8)
     if title:
         axes.set_title(title)
     figure.colorbar(image, ax=axes)
