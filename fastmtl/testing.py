@@ -26,3 +26,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor like ``t`` filled with NaN, to prove a kernel wrote every output element."""
     return torch.full_like(t, float("nan"))
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Context manager counting the ops dispatched while it is active: ``counts["aten.convolution_backward"]``.
+
+    Keyed by op packet (``"namespace.name"``, overloads together). Shows how often a kernel actually runs, e.g. that
+    a backward pass traverses a branch once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))

@@ -7,7 +7,7 @@ from torch import nn
 
 import fastmtl
 from fastmtl import FusedConv2dReLU
-from fastmtl.testing import TOLERANCES, rel_err
+from fastmtl.testing import TOLERANCES, OpCounter, rel_err
 
 CONFIGS = [
     dict(in_channels=3, out_channels=8, kernel_size=3, padding=1),
@@ -184,3 +184,30 @@ def test_cuda_autocast_channels_last_matches_float64(dtype):
     assert rel_err(y, ref) <= TOLERANCES["conv"][dtype]
     y.float().sum().backward()
     assert fused.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_branch_without_gradient_skips_its_backward(backend):
+    """torch.autograd.grad of one head's loss must not run the other head's convolution backward (per-task
+    gradients of gradient-level weighting would otherwise cost K backwards of every head). The per-task losses
+    come out of one masked_multitask_loss node, so both heads are reachable from either loss."""
+    if backend not in fastmtl.available_backends():
+        pytest.skip(f"backend {backend} is not built here")
+    torch.manual_seed(0)
+    shared = torch.randn(2, 4, 8, 8, requires_grad=True)
+    head_a, head_b = FusedConv2dReLU(4, 4, 3, padding=1), FusedConv2dReLU(4, 4, 3, padding=1)
+    targets = {"a": torch.randn(2, 4, 8, 8), "b": torch.randn(2, 4, 8, 8)}
+    kinds = {"a": "mse", "b": "mse"}
+    with fastmtl.use_backend(backend):
+        _, losses = fastmtl.masked_multitask_loss({"a": head_a(shared), "b": head_b(shared)}, targets, kinds)
+        loss_a, loss_b = losses["a"], losses["b"]
+        with OpCounter() as counter:
+            (grad_a,) = torch.autograd.grad(loss_a, shared, retain_graph=True)
+        (expected,) = torch.autograd.grad(F.mse_loss(head_a(shared), targets["a"]), shared)
+    assert torch.allclose(grad_a, expected)
+    if backend == "cpp":  # the fused op: one backward call, for head a only
+        assert counter.counts.get("fastmtl.conv_bias_relu_backward", 0) == 1, counter.counts
+    else:  # the reference: one convolution backward
+        assert counter.counts.get("aten.convolution_backward", 0) == 1, counter.counts
+    (grad_b,) = torch.autograd.grad(loss_b, shared)  # and the other head still back-propagates
+    assert grad_b.abs().sum() > 0

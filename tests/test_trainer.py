@@ -7,10 +7,12 @@ import pytest
 import torch
 
 
+import fastmtl
 from fastmtl.mtl import Trainer, presets
 from fastmtl.mtl import checkpoint as ckpt
 from fastmtl.mtl.config import TrainConfig
 from fastmtl.mtl.weighting.ew import EqualWeighting
+from fastmtl.testing import OpCounter
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +119,33 @@ def test_affinity_outputs(tmp_path):
     assert torch.allclose(cosine.diagonal(), torch.ones(4)) and torch.allclose(cosine, cosine.T)
     assert (cosine.abs() <= 1).all()
     assert summary["history"][-1]["affinity"] == summary["affinity"]
+
+
+def test_representation_mode_backpropagates_the_multiscale_trunk_once_and_exactly():
+    """A gradient-level strategy whose weights are all 1 must produce EW's gradients on the multi-scale default
+    model (its heads read the stem and every stage), with each trunk convolution back-propagated once."""
+    from fastmtl.mtl.weighting.base import GradientWeighting
+
+    class UnitWeights(GradientWeighting):
+        def compute_weights(self, gram, losses):
+            return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+    grads, calls = {}, {}
+    for name in ("ew", "unit"):
+        cfg = TrainConfig(**{**TINY, "train_size": 16, "missing_labels": 0.3, "backend": "torch", "grad_clip": 0.0})
+        train, val = presets.build_datasets(cfg)
+        weighting = EqualWeighting(cfg.tasks) if name == "ew" else UnitWeights(cfg.tasks)
+        tr = Trainer(presets.build_model(cfg), presets.build_tasks(cfg), train, val, cfg, weighting=weighting)
+        with fastmtl.use_backend("torch"), OpCounter() as counter:
+            tr.train_step(train.batch(torch.arange(16)))
+        grads[name] = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+        calls[name] = counter.counts.get("aten.convolution_backward", 0)
+    assert grads["ew"].keys() == grads["unit"].keys()
+    for n in grads["ew"]:
+        assert torch.allclose(grads["ew"][n], grads["unit"][n], rtol=1e-4, atol=1e-7), n
+    convs = sum(1 for m in tr.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+                and m.weight.dim() == 4)
+    assert calls["unit"] == calls["ew"] == convs  # every convolution (trunk and heads) back-propagated once
 
 
 def test_outputs_and_metrics_json(tmp_path):

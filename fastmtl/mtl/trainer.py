@@ -198,7 +198,8 @@ class Trainer:
                                       self.model.shared_parameters(), self.scheduler.get_last_lr()[0])
         with self._autocast():
             features = self._encode(batch["image"])
-            preds = self._decode(features, out_size=tuple(batch["image"].shape[-2:]))
+            head_inputs = self._cut(features)
+            preds = self._decode(head_inputs, out_size=tuple(batch["image"].shape[-2:]))
         losses = self._losses(preds, batch)
         counts = {t: m.sum() for t, m in batch["masks"].items()}
         if self.world_size > 1:  # the global batch's losses and counts, identical on every process
@@ -212,9 +213,13 @@ class Trainer:
         # gradients itself through loss_scale, so nothing underflows and the weights are not skewed by the scale.
         loss_scale = self.scaler.scale(torch.ones((), device=self.device)) if self.scaler.is_enabled() else None
         weights = self.weighting.backward(
-            losses, features=features, shared_params=self.model.shared_parameters(), counts=counts,
+            losses, features=head_inputs, shared_params=self.model.shared_parameters(), counts=counts,
             loss_scale=loss_scale,
         )
+        if head_inputs is not features:  # the trunk, once, with the combined gradient of its outputs
+            pairs = [(f, h.grad) for f, h in zip(features, head_inputs) if f.requires_grad and h.grad is not None]
+            if pairs:
+                torch.autograd.backward([f for f, _ in pairs], grad_tensors=[g for _, g in pairs])
         if self.affinity is not None:
             self.affinity.after_backward(self.weighting)
         if self.world_size > 1:
@@ -227,6 +232,20 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return {t: l.detach() for t, l in losses.items()}, weights, counts
+
+    def _cut(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The heads' inputs: detached leaves for a gradient-level strategy in representation mode, else
+        ``features`` itself.
+
+        The heads of a multi-scale trunk read features computed from one another (stem -> stage 1 -> stage 2);
+        a task's gradient w.r.t. the shallow ones would then run back through the whole trunk, once per task. On
+        leaves, the per-task gradients stop at the representation (partial derivatives w.r.t. each feature), and
+        :meth:`train_step` back-propagates their combination through the trunk once.
+        """
+        w = self.weighting
+        if getattr(w, "family", None) != "gradient" or getattr(w, "mode", None) != "representation":
+            return features
+        return [f.detach().requires_grad_(f.requires_grad) for f in features]
 
     def _lookahead_losses(self, model, batch: dict) -> dict[str, torch.Tensor]:
         with self._autocast():

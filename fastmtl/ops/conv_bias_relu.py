@@ -102,11 +102,16 @@ def _fake_epilogue(grad_y, y, compute_bias_grad):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, algo = inputs
     ctx.save_for_backward(x, weight, output)
+    # An output nobody back-propagates into (e.g. another task's head under a per-task torch.autograd.grad)
+    # arrives as None instead of a materialised zero tensor, and its backward is skipped.
+    ctx.set_materialize_grads(False)
     ctx.conv_args = (stride, padding, dilation, groups, algo)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_y):
+    if grad_y is None:
+        return (None, None, None, None, None, None, None, None)
     x, weight, y = ctx.saved_tensors
     stride, padding, dilation, groups, algo = ctx.conv_args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -139,12 +139,17 @@ relu_bias_grad_triton = _define(EPILOGUE, _epilogue, _fake_epilogue)
 def _setup_context(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation = inputs
     ctx.save_for_backward(x, weight, output)
+    # An output nobody back-propagates into (e.g. another task's head under a per-task torch.autograd.grad)
+    # arrives as None instead of a materialised zero tensor, and its backward is skipped.
+    ctx.set_materialize_grads(False)
     ctx.conv_args = (stride, padding, dilation)
     ctx.has_bias = bias is not None
     ctx.impl = backward_impl()
 
 
 def _autograd_backward(ctx, grad_y):
+    if grad_y is None:
+        return (None, None, None, None, None, None)
     x, weight, y = ctx.saved_tensors
     stride, padding, dilation = ctx.conv_args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
