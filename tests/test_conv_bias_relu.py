@@ -116,9 +116,12 @@ def test_native_algos_agree(algo, channels_last):
 @needs_cpp
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu_bias_grad_epilogue(channels_last, dtype):
-    y = torch.relu(torch.randn(3, 7, 5, 6)).to(dtype)
-    gy = torch.randn(3, 7, 5, 6).to(dtype)
+@pytest.mark.parametrize("shape", [(3, 7, 5, 6), (2, 19, 9, 11)])  # vector lanes and tails in both layouts
+def test_relu_bias_grad_epilogue(channels_last, dtype, shape):
+    y = torch.relu(torch.randn(shape))
+    y.view(-1)[:4] = torch.tensor([-0.0, float("inf"), float("nan"), -float("inf")])  # only +inf counts as > 0
+    y = y.to(dtype)
+    gy = torch.randn(shape).to(dtype)
     if channels_last:
         y, gy = (t.contiguous(memory_format=torch.channels_last) for t in (y, gy))
     gz, gb = torch.ops.fastmtl.relu_bias_grad(gy, y, True)

@@ -16,6 +16,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace fastmtl {
@@ -110,6 +112,82 @@ acc_t relu_grad_run(const scalar_t* __restrict__ gy, const scalar_t* __restrict_
   return acc;
 }
 
+// bfloat16 on its raw bits: gz is either gy or +0 (no rounding), so the select works on uint16. A bit pattern b is
+// a value in (0, +inf] exactly when b - 1 < 0x7F80 as uint16 (zero wraps around; negatives and NaNs are larger).
+// Written with GCC vector types: the c10::BFloat16 conversions, and even this scalar code once inlined into the
+// parallel_for lambda, stay scalar (~5x slower than float32).
+inline bool bf16_positive(uint16_t bits) { return static_cast<uint16_t>(bits - 1) < 0x7F80; }
+inline float bf16_to_float(uint16_t bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16); }
+
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+// 8 lanes: gz = y > 0 ? gy : 0; lo / hi get lanes 0-3 / 4-7 of gz widened to float32.
+inline void relu_grad_bf16x8(const uint16_t* gy, const uint16_t* y, uint16_t* gz, f32x4& lo_out, f32x4& hi_out) {
+  u16x8 vy, vg;
+  __builtin_memcpy(&vy, y, sizeof vy);
+  __builtin_memcpy(&vg, gy, sizeof vg);
+  const u16x8 keep = (vy - 1) < 0x7F80;  // all ones where kept
+  const u16x8 v = vg & keep;
+  __builtin_memcpy(gz, &v, sizeof v);
+  const u16x8 lo_idx = {0, 1, 2, 3, 0, 0, 0, 0}, hi_idx = {4, 5, 6, 7, 0, 0, 0, 0};
+  typedef uint16_t u16x4 __attribute__((vector_size(8)));
+  const u16x8 lo8 = __builtin_shuffle(v, lo_idx), hi8 = __builtin_shuffle(v, hi_idx);
+  u16x4 lo, hi;
+  __builtin_memcpy(&lo, &lo8, sizeof lo);
+  __builtin_memcpy(&hi, &hi8, sizeof hi);
+  const u32x4 lo32 = __builtin_convertvector(lo, u32x4) << 16, hi32 = __builtin_convertvector(hi, u32x4) << 16;
+  __builtin_memcpy(&lo_out, &lo32, sizeof lo_out);
+  __builtin_memcpy(&hi_out, &hi32, sizeof hi_out);
+}
+
+inline float relu_grad_run_bf16(const uint16_t* gy, const uint16_t* y, uint16_t* gz, int64_t n) {
+  f32x4 acc = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f32x4 lo, hi;
+    relu_grad_bf16x8(gy + i, y + i, gz + i, lo, hi);
+    acc += lo + hi;
+  }
+  float total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; i < n; ++i) {
+    const uint16_t v = bf16_positive(y[i]) ? gy[i] : uint16_t(0);
+    gz[i] = v;
+    total += bf16_to_float(v);
+  }
+  return total;
+}
+
+inline void relu_grad_row_bf16(const uint16_t* gy, const uint16_t* y, uint16_t* gz, float* acc, int64_t C) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    f32x4 lo, hi, a_lo, a_hi;
+    relu_grad_bf16x8(gy + c, y + c, gz + c, lo, hi);
+    __builtin_memcpy(&a_lo, acc + c, sizeof a_lo);
+    __builtin_memcpy(&a_hi, acc + c + 4, sizeof a_hi);
+    a_lo += lo;
+    a_hi += hi;
+    __builtin_memcpy(acc + c, &a_lo, sizeof a_lo);
+    __builtin_memcpy(acc + c + 4, &a_hi, sizeof a_hi);
+  }
+  for (; c < C; ++c) {
+    const uint16_t v = bf16_positive(y[c]) ? gy[c] : uint16_t(0);
+    gz[c] = v;
+    acc[c] += bf16_to_float(v);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t relu_grad_any(const scalar_t* gy, const scalar_t* y, scalar_t* gz, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return relu_grad_run_bf16(reinterpret_cast<const uint16_t*>(gy), reinterpret_cast<const uint16_t*>(y),
+                              reinterpret_cast<uint16_t*>(gz), n);
+  } else {
+    return relu_grad_run<scalar_t, acc_t>(gy, y, gz, n);
+  }
+}
+
 // The same for a row of C channels (channels_last): gz = gy where y > 0 else 0, and acc[c] += gz[c].
 template <typename scalar_t, typename acc_t>
 void relu_grad_row(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ y, scalar_t* __restrict__ gz,
@@ -133,7 +211,7 @@ void relu_bias_grad_nchw(const scalar_t* gy, const scalar_t* y, scalar_t* gz, ac
       acc_t acc = 0;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t base = (n * C + c) * HW;
-        acc += relu_grad_run<scalar_t, acc_t>(gy + base, y + base, gz + base, HW);
+        acc += relu_grad_any<scalar_t, acc_t>(gy + base, y + base, gz + base, HW);
       }
       if (gb) gb[c] = acc;
     }
@@ -150,7 +228,12 @@ void relu_bias_grad_nhwc(const scalar_t* gy, const scalar_t* y, scalar_t* gz, ac
   at::parallel_for(0, rows, 64, [=](int64_t r0, int64_t r1) {
     acc_t* acc = partial_data + at::get_thread_num() * C;
     for (int64_t r = r0; r < r1; ++r) {
-      relu_grad_row<scalar_t, acc_t>(gy + r * C, y + r * C, gz + r * C, acc, C);
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        relu_grad_row_bf16(reinterpret_cast<const uint16_t*>(gy + r * C), reinterpret_cast<const uint16_t*>(y + r * C),
+                           reinterpret_cast<uint16_t*>(gz + r * C), acc, C);
+      } else {
+        relu_grad_row<scalar_t, acc_t>(gy + r * C, y + r * C, gz + r * C, acc, C);
+      }
     }
   });
   if (!gb) return;
