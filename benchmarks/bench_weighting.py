@@ -10,6 +10,8 @@ representation mode saves.
 Run ``python -m pytest benchmarks/bench_weighting.py --benchmark-only`` (plain ``pytest`` only smoke-runs it), or
 ``python benchmarks/bench_weighting.py ew pcgrad mgda`` for round-robin medians and ratios (fairer on a busy machine).
 
+``test_demo_model_train_step`` times the same on the ``make demo`` model through ``Trainer.train_step``.
+
 Measured 2026-11-27 on the shared 2-core build machine, 1 thread, round-robin medians over 3 runs of 10 rounds (EW
 110-235 ms/step, the machine's load varied): PCGrad 1.03-1.05x EW, MGDA 1.02-1.08x, IMTL-G 1.01-1.04x, Nash-MTL
 0.91-1.05x, UPGrad 1.02-1.07x, CAGrad 1.03-1.09x, GradVac 1.04-1.11x, Aligned-MTL 1.00-1.11x, GradNorm
@@ -114,6 +116,43 @@ def test_train_step(bench, device, method, dtype):
     )
     # every parameter got a gradient
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+DEMO_METHODS = ["ew", "pcgrad", "mgda", "pcgrad-params"]
+
+
+def _demo_cases():
+    cases = [pytest.param("cpu", m, id=f"cpu-{m}") for m in DEMO_METHODS]
+    if CUDA:
+        cases += [pytest.param("cuda", m, id=f"cuda-{m}") for m in DEMO_METHODS]
+    return cases
+
+
+@pytest.mark.parametrize("device, method", _demo_cases())
+def test_demo_model_train_step(bench, device, method):
+    """One ``Trainer.train_step`` of the ``make demo`` model (multi-scale trunk, dense heads with skips) on tasks
+    cls, seg, depth, batch 32 of 48x48 MultiDigits scenes, default backend: the target is PCGrad and MGDA in
+    representation mode within 1.3x of EW."""
+    from fastmtl.mtl import Trainer, presets
+    from fastmtl.mtl.config import TrainConfig
+
+    name, mode = (method.split("-")[0], "params") if method.endswith("-params") else (method, None)
+    config = TrainConfig(tasks=["cls", "seg", "depth"], train_size=BATCH, val_size=8, weighting=name,
+                         weighting_options={"mode": mode} if mode else {}, progress=False, device=device)
+    train, val = presets.build_datasets(config)
+    trainer = Trainer(presets.build_model(config), presets.build_tasks(config), train, val, config)
+    batch = {k: (v.to(trainer.device) if isinstance(v, torch.Tensor) else {t: x.to(trainer.device)
+                                                                           for t, x in v.items()})
+             for k, v in train.batch(torch.arange(BATCH)).items()}
+
+    def step():
+        trainer.train_step(batch)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    bench(step, op="demo_train_step", mode="fwd+bwd+adamw", shape=f"{BATCH}x1x48x48 cls,seg,depth",
+          dtype=torch.float32, backend=method, device=trainer.device)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainer.model.parameters())
 
 
 def _interleaved_ratios(methods=("ew", "pcgrad", "mgda"), rounds=15, device="cpu"):
