@@ -42,30 +42,48 @@ constexpr int64_t kPlaneTile = 256;    // positions per work item of the NCHW cr
 // On a lambda: inline it into the ISA-specific clones of run_range below.
 #define FASTMTL_INLINE_LAMBDA __attribute__((always_inline))
 
-// exp(x) for float, branch-free so that loops over it vectorise: 2^k * p(r) with x = k ln2 + r, |r| <= ln2 / 2,
-// p a degree-7 Taylor polynomial (relative error < 2e-7). Inputs below -87 flush to ~0, above 88 saturate.
-FASTMTL_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // Round to nearest by adding and subtracting 1.5 * 2^23 (std::nearbyint is a library call without SSE4.1,
-  // which would stop the vectoriser).
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
+// The arithmetic of exp and log below, shared by the scalar forms and the vector forms (T = float or a GCC vector
+// of floats; the scalar constants broadcast).
+//
+// exp: for x clamped to [-87, 88], k = round(x / ln2) and p(r) = exp(r) with x = k ln2 + r, |r| <= ln2 / 2, by a
+// degree-7 Taylor polynomial (relative error < 2e-7); exp(x) = 2^k * p. Rounding adds and subtracts 1.5 * 2^23
+// (std::nearbyint is a library call without SSE4.1, which would stop the vectoriser).
+template <typename T>
+FASTMTL_INLINE T exp_split(T x, T& k) {
+  k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const T r = (x - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
+  T p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
+// log: for the mantissa m in [sqrt(1/2), sqrt(2)) of x = 2^e * m, log(m) = 2 atanh(f), f = (m - 1) / (m + 1),
+// |f| <= 0.172, by its odd series to f^9 (relative error < 1e-7); log(x) = e ln2 + log(m).
+template <typename T>
+FASTMTL_INLINE T log_mantissa(T m) {
+  const T f = (m - 1.0f) / (m + 1.0f);
+  const T f2 = f * f;
+  const T series = 1.0f + f2 * (1.0f / 3.0f + f2 * (1.0f / 5.0f + f2 * (1.0f / 7.0f + f2 * (1.0f / 9.0f))));
+  return 2.0f * f * series;
+}
+
+// exp(x) for float, branch-free so that loops over it vectorise (see exp_split). Inputs below -87 flush to ~0,
+// above 88 saturate.
+FASTMTL_INLINE float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  float k;
+  const float p = exp_split(x, k);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-// log(x) for finite float x > 0 (normal numbers), branch-free: x = 2^e * m with m in [sqrt(1/2), sqrt(2)),
-// log(m) = 2 atanh(f), f = (m - 1) / (m + 1), |f| <= 0.172, by its odd series to f^9 (relative error < 1e-7).
+// log(x) for finite float x > 0 (normal numbers), branch-free (see log_mantissa).
 FASTMTL_INLINE float fast_log(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -76,10 +94,7 @@ FASTMTL_INLINE float fast_log(float x) {
   const bool big = m > 1.41421356237f;
   m = big ? m * 0.5f : m;
   e += big ? 1 : 0;
-  const float f = (m - 1.0f) / (m + 1.0f);
-  const float f2 = f * f;
-  const float series = 1.0f + f2 * (1.0f / 3.0f + f2 * (1.0f / 5.0f + f2 * (1.0f / 7.0f + f2 * (1.0f / 9.0f))));
-  return static_cast<float>(e) * 0.693147180559945f + 2.0f * f * series;
+  return static_cast<float>(e) * 0.693147180559945f + log_mantissa(m);
 }
 
 FASTMTL_INLINE float exp_acc(float x) { return fast_exp(x); }
@@ -259,23 +274,15 @@ FASTMTL_INLINE typename Vec<W>::F vmax(typename Vec<W>::F a, typename Vec<W>::F 
   return a > b ? a : b;
 }
 
-// Vector forms of fast_exp / fast_log above (same polynomials, same accuracy).
+// Vector forms of fast_exp / fast_log above (the same exp_split / log_mantissa).
 template <int W>
 FASTMTL_INLINE typename Vec<W>::F vexp(typename Vec<W>::F x) {
   using F = typename Vec<W>::F;
   using I = typename Vec<W>::I;
   x = vmax<W>(x, splat<W>(-87.0f));
   x = x < 88.0f ? x : splat<W>(88.0f);
-  const F k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const F r = (x - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
-  F p = splat<W>(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  F k;
+  const F p = exp_split(x, k);
   const I bits = (__builtin_convertvector(k, I) + 127) << 23;
   return p * (F)bits;
 }
@@ -291,10 +298,7 @@ FASTMTL_INLINE typename Vec<W>::F vlog(typename Vec<W>::F x) {
   const I big = m > 1.41421356237f;  // -1 where true
   m = big ? m * 0.5f : m;
   e -= big;
-  const F f = (m - 1.0f) / (m + 1.0f);
-  const F f2 = f * f;
-  const F series = 1.0f + f2 * (1.0f / 3.0f + f2 * (1.0f / 5.0f + f2 * (1.0f / 7.0f + f2 * (1.0f / 9.0f))));
-  return __builtin_convertvector(e, F) * 0.693147180559945f + 2.0f * f * series;
+  return __builtin_convertvector(e, F) * 0.693147180559945f + log_mantissa(m);
 }
 
 // Loads / stores of W elements as float lanes.
