@@ -46,7 +46,7 @@ CASES = {
     "ew": (["--weighting", "ew"], [], RTOL),
     "pcgrad": (["--weighting", "pcgrad"], [], RTOL),
     "pcgrad-params": (["--weighting", "pcgrad", "--weighting-opt", "mode=params"], ["--train-size", "16"], 1e-3),
-    "uw": (["--weighting", "uw"], [], RTOL),
+    "uw": (["--weighting", "uw", "--affinity", "4"], [], RTOL),  # affinity: measured on both, parameters untouched
 }
 
 
@@ -68,6 +68,11 @@ def test_two_processes_match_one_with_twice_the_batch(case, tmp_path):
     for task, metrics in ma["final"].items():  # validation metrics reduced over both processes' shares
         for name, value in metrics.items():
             assert mb["final"][task][name] == pytest.approx(value, rel=1e-3, abs=1e-4), (task, name)
+    if "affinity" in ma:  # averaged over the processes' shares: finite, same shape and count as one process's
+        for key in ("gradient_cosine", "lookahead"):
+            a_aff, b_aff = ma["affinity"][key], mb["affinity"][key]
+            assert a_aff["updates"] == b_aff["updates"] > 0
+            assert torch.isfinite(torch.tensor(b_aff["matrix"])).all()
     for ea, eb in zip(ma["history"], mb["history"]):
         for task in ea["train_loss"]:
             assert eb["train_loss"][task] == pytest.approx(ea["train_loss"][task], rel=rtol)

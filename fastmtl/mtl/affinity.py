@@ -83,7 +83,8 @@ class _RunningMatrix:
         self.total: torch.Tensor | None = None
         self.count = 0
 
-    def _add(self, matrix: torch.Tensor) -> None:
+    def add(self, matrix: torch.Tensor) -> None:
+        """Add one ``[K, K]`` measurement to the running mean (kept on its device)."""
         k = len(self.task_names)
         if matrix.shape != (k, k):
             raise ValueError(
@@ -133,7 +134,7 @@ class GradientCosineTracker(_RunningMatrix):
         if grads is not None:
             grads = grads.float() if grads.dtype not in (torch.float32, torch.float64) else grads
             gram = grads @ grads.T
-        self._add(cosine_from_gram(gram))
+        self.add(cosine_from_gram(gram))
 
 
 def _sgd(param: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
@@ -224,7 +225,7 @@ class LookaheadAffinityTracker(_RunningMatrix):
         matrix = lookahead_affinity(
             model, batch, loss_fn, shared_params, self.lr, task_names=self.task_names, **options
         )
-        self._add(matrix)
+        self.add(matrix)
         return matrix
 
 

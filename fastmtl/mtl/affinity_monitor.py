@@ -23,6 +23,7 @@ from fastmtl.mtl import distributed
 from fastmtl.mtl.affinity import (
     GradientCosineTracker,
     LookaheadAffinityTracker,
+    lookahead_affinity,
     plot_affinity,
     task_gradient_cosine,
 )
@@ -45,7 +46,7 @@ class AffinityMonitor:
         self.task_names = list(task_names)
         self.every = int(every)
         self.cosine = GradientCosineTracker(self.task_names)
-        self.lookahead = LookaheadAffinityTracker(self.task_names, every=self.every, lr=1.0)
+        self.lookahead = LookaheadAffinityTracker(self.task_names, every=self.every)  # lr: set at each measurement
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (0-based, counted over the run) is a measuring step."""
@@ -56,30 +57,20 @@ class AffinityMonitor:
         if not self.due(step):
             return
         self.lookahead.lr = float(lr)
-        matrix = self.lookahead.maybe_update(step, model, batch, loss_fn, shared_params)
-        if matrix is not None and distributed.world_size() > 1:
-            self._replace_last(self.lookahead, matrix)
+        matrix = lookahead_affinity(model, batch, loss_fn, shared_params, self.lookahead.lr, task_names=self.task_names)
+        self.lookahead.add(_mean_over_processes(matrix))
 
     def before_backward(self, step: int, losses, features, weighting) -> None:
         """Loss-level weighting: the task-gradient cosine on ``features`` when due (the graph is kept)."""
         if getattr(weighting, "family", "loss") == "gradient" or not self.due(step):
             return
-        matrix = task_gradient_cosine(losses, features, self.task_names)
-        if distributed.world_size() > 1:
-            matrix = distributed.all_reduce_sum(matrix.double()) / distributed.world_size()
-        self.cosine.update(gram=matrix)  # unit diagonal: the cosine of this 'Gramian' is the matrix itself
+        self.cosine.add(_mean_over_processes(task_gradient_cosine(losses, features, self.task_names)))
 
     def after_backward(self, weighting) -> None:
         """Gradient-level weighting: the cosine of this step's Gramian."""
         gram = getattr(weighting, "last_gram", None)
         if getattr(weighting, "family", "loss") == "gradient" and gram is not None:
             self.cosine.update(gram=gram)
-
-    @staticmethod
-    def _replace_last(tracker, matrix: torch.Tensor) -> None:
-        # The tracker added this rank's matrix; swap it for the mean over the ranks.
-        mean = distributed.all_reduce_sum(matrix.detach().double().clone()) / distributed.world_size()
-        tracker.total = tracker.total - matrix.double().to(tracker.total.device) + mean.to(tracker.total.device)
 
     def as_dict(self) -> dict:
         """JSON-ready ``{"every", "gradient_cosine", "lookahead"}`` (each ``{"tasks", "matrix", "updates"}``)."""
@@ -105,3 +96,11 @@ class AffinityMonitor:
         """Restore :meth:`state_dict`."""
         self.cosine.load_state_dict(state["cosine"])
         self.lookahead.load_state_dict(state["lookahead"])
+
+
+def _mean_over_processes(matrix: torch.Tensor) -> torch.Tensor:
+    """The mean of this measurement over the processes (the matrix itself in a single process)."""
+    world = distributed.world_size()
+    if world == 1:
+        return matrix
+    return distributed.all_reduce_sum(matrix.detach().double().clone()) / world

@@ -142,12 +142,6 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
             start += p.numel()
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if world_size() > 1:
-        dist.barrier()
-
-
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
