@@ -1,9 +1,9 @@
 // Operator schemas of the `fastmtl` namespace, and the Python module that loads them.
 //
 // Only schemas live here. Each kernel file registers its own implementation with TORCH_LIBRARY_IMPL
-// (csrc/cpu/*.cpp for CPU, csrc/cuda/*_aten.cpp for CUDA); fake (meta) implementations and autograd are
-// registered in Python (fastmtl/ops/*.py). Importing fastmtl._C runs these registrations; the module itself
-// exports nothing, so pybind11 is not needed and the file compiles in seconds.
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*_aten.cpp for CUDA, csrc/autograd.cpp for autograd); fake (meta)
+// implementations are registered in Python (fastmtl/ops/*.py). Importing fastmtl._C runs these registrations;
+// the module itself exports nothing, so pybind11 is not needed and the file compiles in seconds.
 
 #include <Python.h>
 #include <torch/library.h>

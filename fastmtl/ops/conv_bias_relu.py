@@ -3,8 +3,9 @@
 Registered ops (namespace ``fastmtl``):
 
 * ``conv_bias_relu`` / ``conv_bias_relu_backward`` / ``relu_bias_grad`` - native (schemas in ``csrc/ops.cpp``;
-  CPU kernels in ``csrc/cpu/conv_bias_relu.cpp``, CUDA in ``csrc/cuda/conv_bias_relu.cu``). Fake implementations
-  and autograd are registered here, so ``torch.compile`` traces them and ``opcheck`` passes.
+  CPU kernels in ``csrc/cpu/conv_bias_relu.cpp``, CUDA in ``csrc/cuda/conv_bias_relu.cu``, autograd in
+  ``csrc/autograd.cpp``). Fake implementations are registered here, so ``torch.compile`` traces them and
+  ``opcheck`` passes.
 * ``conv_bias_relu_triton`` - the Triton kernels of ``fastmtl.kernels.conv_bias_relu`` (registered lazily, the first
   time the triton backend is used, since importing Triton is slow).
 
@@ -99,38 +100,6 @@ def _fake_epilogue(grad_y, y, compute_bias_grad):
     return torch.empty_like(y), y.new_empty(y.shape[1] if compute_bias_grad else 0)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, algo = inputs
-    ctx.save_for_backward(x, weight, output)
-    # An output nobody back-propagates into (e.g. another task's head under a per-task torch.autograd.grad)
-    # arrives as None instead of a materialised zero tensor, and its backward is skipped.
-    ctx.set_materialize_grads(False)
-    ctx.conv_args = (stride, padding, dilation, groups, algo)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y):
-    if grad_y is None:
-        return (None, None, None, None, None, None, None, None)
-    x, weight, y = ctx.saved_tensors
-    stride, padding, dilation, groups, algo = ctx.conv_args
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    mask = [need_x, need_w, need_b and ctx.has_bias]
-    grad_x, grad_w, grad_b = torch.ops.fastmtl.conv_bias_relu_backward(
-        grad_y, y, x, weight, stride, padding, dilation, groups, mask, algo
-    )
-    return (
-        grad_x if mask[0] else None,
-        grad_w if mask[1] else None,
-        grad_b if mask[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
 def _register_native() -> bool:
     if not _native.has_cpp():
         return False
@@ -138,7 +107,6 @@ def _register_native() -> bool:
     torch.library.register_fake(NATIVE, _fake_forward)
     torch.library.register_fake(NATIVE_BACKWARD, _fake_backward)
     torch.library.register_fake(NATIVE_EPILOGUE, _fake_epilogue)
-    torch.library.register_autograd(NATIVE, _backward, setup_context=_setup_context)
     return True
 
 

@@ -7,7 +7,8 @@ one call of ``masked_loss_scale_grads`` with per-task scales computed on the dev
 
 Registered ops (namespace ``fastmtl``, schemas in ``csrc/ops.cpp``): ``masked_loss`` and
 ``masked_loss_scale_grads``, with CPU kernels in ``csrc/cpu/masked_loss.cpp`` and CUDA kernels in
-``csrc/cuda/masked_loss*``. Their fake implementations (and autograd for ``masked_loss``) are registered here.
+``csrc/cuda/masked_loss*`` and the autograd of ``masked_loss`` in ``csrc/autograd.cpp``. Their fake
+implementations are registered here.
 The Triton versions live in ``fastmtl.ops.masked_loss_triton``.
 """
 
@@ -170,26 +171,11 @@ def _fake_scale_grads(grads, scales):
     return [torch.empty_like(g) for g in grads]
 
 
-def _setup_masked_loss(ctx, inputs, output):
-    ctx.compute_grad = inputs[5]
-    ctx.save_for_backward(output[1])
-
-
-def _backward_masked_loss(ctx, grad_loss, grad_grad):
-    # d loss / d pred was computed in the forward; the returned gradient output is treated as a constant.
-    if not ctx.compute_grad:
-        raise RuntimeError("fastmtl::masked_loss was called with compute_grad=False: it has no gradient to return")
-    (grad,) = ctx.saved_tensors
-    scaled = torch.ops.fastmtl.masked_loss_scale_grads([grad], grad_loss.reshape(1).float())[0]
-    return scaled, None, None, None, None, None
-
-
 def _register_native() -> bool:
     if not _native.has_cpp():
         return False
     torch.library.register_fake(NATIVE, _fake_masked_loss)
     torch.library.register_fake(NATIVE_SCALE, _fake_scale_grads)
-    torch.library.register_autograd(NATIVE, _backward_masked_loss, setup_context=_setup_masked_loss)
     return True
 
 
