@@ -158,7 +158,14 @@ def _tensor_meta(t: torch.Tensor | None):
     return (tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+_keys: dict[tuple, str] = {}  # (op, parts) -> _key(op, parts): a pure function, memoised for the per-call path
+
+
 def _key(op: str, parts) -> str:
+    memo = _keys.get((op, parts))
+    if memo is not None:
+        return memo
+
     def fmt(part):
         if part is None:
             return "None"
@@ -166,7 +173,10 @@ def _key(op: str, parts) -> str:
             return f"{part[0]}/{part[1]}/{str(part[2]).replace('torch.', '')}"
         return str(part)
 
-    return "|".join([op] + [fmt(p) for p in parts])
+    key = "|".join([op] + [fmt(p) for p in parts])
+    if len(_keys) < 4096:  # bounded: shapes that change every call must not grow it without end
+        _keys[(op, parts)] = key
+    return key
 
 
 def implicit_gemm_applies(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
