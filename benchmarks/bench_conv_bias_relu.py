@@ -3,7 +3,8 @@
 Shapes: 8x64x56x56 3x3 and the layers of a small trunk (8x3x128x128 -> 32 -> 64 -> 128, pooled between stages) on
 the CPU; on CUDA the trunk layers at batch 32 (128x128) and at 8x3x288x384 input, bf16, channels_last.
 Forward is timed without autograd; "fwd+bwd" includes the backward to x, weight and bias (x of the stem needs none).
-Set FASTMTL_BENCH_MAX_AUTOTUNE=1 to add torch.compile(mode="max-autotune") on CUDA (slow to compile).
+Set FASTMTL_BENCH_MAX_AUTOTUNE=1 to add torch.compile(mode="max-autotune") on CUDA (slow to compile), or set it to
+a comma-separated list of shape names (e.g. "b32 trunk2 32x32x64x64->64") to add it for those shapes only.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ def _cases():
     return cases
 
 
-def _variants(device: str):
+def _max_autotune(shape_name: str) -> bool:
+    wanted = os.environ.get("FASTMTL_BENCH_MAX_AUTOTUNE", "")
+    return wanted == "1" or shape_name in [w.strip() for w in wanted.split(",")]
+
+
+def _variants(device: str, shape_name: str):
     names = ["eager", "compile"]
-    if device == "cuda" and os.environ.get("FASTMTL_BENCH_MAX_AUTOTUNE") == "1":
+    if device == "cuda" and _max_autotune(shape_name):
         names.append("compile-max-autotune")
     names += [b for b in backends.BACKENDS if backends.can_run(b, torch.device(device))[0]]
     if device == "cuda":
@@ -116,7 +122,7 @@ def _runner(variant, x, w, b, backward):
 @pytest.mark.parametrize("device, shape, dtype, channels_last", _cases())
 @pytest.mark.parametrize("variant", ["eager", "compile", "compile-max-autotune", "torch", "cpp", "cuda", "triton", "auto"])
 def test_conv_bias_relu(bench, smoke, variant, device, shape, dtype, channels_last, mode):
-    if variant not in _variants(device):
+    if variant not in _variants(device, shape[0]):
         pytest.skip(f"{variant} is not a variant for {device} tensors on this machine")
     if smoke and variant.startswith("compile") and shape is not CPU_SHAPES[0] and device == "cpu":
         pytest.skip("smoke run: torch.compile is exercised on the first shape only (all shapes when timing)")

@@ -37,8 +37,11 @@ def main(argv=None) -> int:
     out = args.out
     env = _read(os.path.join(out, "env.txt"))
     tests_log = _read(os.path.join(out, "tests.log"))
-    bench_path = os.path.join(out, "bench.json")
-    table = report.ratio_table(report.load_rows(bench_path)) if os.path.exists(bench_path) else []
+    rows = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("bench") and name.endswith(".json"):  # bench.json, or one bench_<file>.json per file
+            rows += report.load_rows(os.path.join(out, name))
+    table = report.ratio_table(rows)
     bandwidth = json.loads(_read(os.path.join(out, "bandwidth.json")) or "{}")
     failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", tests_log, flags=re.M)
     results = {
