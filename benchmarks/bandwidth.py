@@ -5,7 +5,8 @@
 Bytes counted are the fewest each op must move: every input read once, every output written once. The copy
 bandwidth is measured here, on the same card, as (bytes read + bytes written) / time of a large device copy.
 Rows marked "graph" time the replay of a CUDA graph holding the calls (device time without launch gaps and host
-overhead); the others time one eager call with CUDA events (host overhead included where it exceeds device time).
+overhead); the others time eager calls back to back with CUDA events (host overhead counts where it exceeds the
+device time).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def _runner(variant, x, w, b, backward):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("device, shape, dtype, channels_last", _cases())
 @pytest.mark.parametrize("variant", ["eager", "compile", "compile-max-autotune", "torch", "cpp", "cuda", "triton", "auto"])
-def test_conv_bias_relu(bench, smoke, variant, device, shape, dtype, channels_last, mode):
+def test_conv_bias_relu(bench, benchmark, smoke, variant, device, shape, dtype, channels_last, mode):
     if variant not in _variants(device, shape[0]):
         pytest.skip(f"{variant} is not a variant for {device} tensors on this machine")
     if smoke and variant.startswith("compile") and shape is not CPU_SHAPES[0] and device == "cpu":
@@ -134,3 +134,8 @@ def test_conv_bias_relu(bench, smoke, variant, device, shape, dtype, channels_la
         x = x[:1, :, :8, :8].detach().requires_grad_(x.requires_grad)
     fn = _runner(variant, x, w, b, backward)
     bench(fn, op="conv_bias_relu", mode=mode, shape=shape[0], dtype=dtype, backend=variant, device=torch.device(device))
+    if variant == "auto":  # which candidate the dispatcher measured fastest for this call
+        from fastmtl import autotune
+
+        key = autotune.conv_bias_relu_key(x, w, b, (1, 1), (1, 1), (1, 1), 1)
+        benchmark.extra_info["choice"] = autotune.cached_choices().get(key)

@@ -38,6 +38,36 @@ def smoke(request) -> bool:
     return not timing_enabled(request.config)
 
 
+def graph_replay_ms(fn, replays: int = 10, repeat: int = 15) -> float | None:
+    """Median device time of one ``fn()`` in ms, from timed replays of a CUDA graph holding it; None if it
+    cannot be captured (the capture error is swallowed: host-synchronizing code has no graph form)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # capture needs a warm run on a side stream (lazy initialisation stays out of the graph)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - not capturable: no device time for this variant
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    del graph
+    times.sort()
+    return times[len(times) // 2]
+
+
 @pytest.fixture
 def bench(benchmark, request):
     """``bench(fn, op=, mode=, shape=, dtype=, backend=, device=)``: warm up, record metadata, time ``fn``.
@@ -46,7 +76,9 @@ def bench(benchmark, request):
     per call is the steady-state cost of a call inside a training step (host work overlapping device work, as in
     real use) rather than one call's latency plus a synchronize; ``extra_info["calls_per_round"]`` records the
     count and ``benchmarks/report.py`` divides by it. The peak memory of one call (above what was allocated
-    before it) is recorded as ``extra_info["peak_mem_bytes"]``.
+    before it) is recorded as ``extra_info["peak_mem_bytes"]``, and the device time of one call, from replays
+    of a CUDA graph holding it (no host overhead, no launch gaps), as ``extra_info["device_ms"]`` (None where
+    the call cannot be captured, e.g. boolean indexing, which synchronizes).
     """
 
     def run(fn, *, op: str, mode: str, shape: str, dtype, backend: str, device: torch.device):
@@ -65,6 +97,7 @@ def bench(benchmark, request):
             torch.cuda.synchronize()
             benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - before
             benchmark.extra_info["calls_per_round"] = CUDA_CALLS_PER_ROUND
+            benchmark.extra_info["device_ms"] = graph_replay_ms(fn)
 
             def timed():
                 for _ in range(CUDA_CALLS_PER_ROUND):

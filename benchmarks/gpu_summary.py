@@ -40,7 +40,10 @@ def main(argv=None) -> int:
     rows = []
     for name in sorted(os.listdir(out)):
         if name.startswith("bench") and name.endswith(".json"):  # bench.json, or one bench_<file>.json per file
-            rows += report.load_rows(os.path.join(out, name))
+            try:
+                rows += report.load_rows(os.path.join(out, name))
+            except ValueError:  # a run stopped at its time limit leaves an empty file: its results are lost
+                print(f"gpu_summary: {name} holds no results (the run was stopped?)", file=sys.stderr)
     table = report.ratio_table(rows)
     bandwidth = json.loads(_read(os.path.join(out, "bandwidth.json")) or "{}")
     failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", tests_log, flags=re.M)

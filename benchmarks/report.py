@@ -4,8 +4,10 @@
 
 Rows are grouped by (op, mode, shape, dtype, device). For each backend the table gives the median time, the speed
 ratio against eager PyTorch and against torch.compile (baseline median / this median: > 1 means faster), and the
-peak-memory ratio against eager (this / eager: < 1 means less memory; CUDA only). Baselines are the rows named
-"eager" and "compile" (or "compile-max-autotune", the faster of the two) in the same group, measured in the same run.
+peak-memory ratio against eager (this / eager: < 1 means less memory; CUDA only), and on CUDA the device time
+of one call (CUDA graph replay: kernels alone, no host overhead) with its ratio against eager's. Baselines are the
+rows named "eager" and "compile" (or "compile-max-autotune", the faster of the two) in the same group, measured in
+the same run. For ``auto`` rows that record it, the backend column names the dispatcher's choice.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def ratio_table(rows: list[dict]) -> list[dict]:
             out["median_ms"] = r["median"] * 1e3
             out["vs_eager"] = eager["median"] / r["median"] if eager else None
             out["vs_compile"] = compiled["median"] / r["median"] if compiled else None
+            dev, dev0 = r.get("device_ms"), eager.get("device_ms") if eager else None
+            out["device_ms"] = dev
+            out["device_vs_eager"] = dev0 / dev if dev and dev0 else None
+            if r.get("choice"):
+                out["backend"] = f"{r['backend']} ({r['choice']})"
             mem, mem0 = r.get("peak_mem_bytes"), eager.get("peak_mem_bytes") if eager else None
             out["mem_vs_eager"] = mem / mem0 if mem is not None and mem0 else None
             table.append(out)
@@ -69,14 +76,16 @@ def _fmt(v, spec):
 def markdown(table: list[dict]) -> str:
     """The table as GitHub markdown."""
     lines = [
-        "| op | mode | shape | dtype | device | backend | median ms | vs eager | vs compile | peak mem vs eager |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|",
+        "| op | mode | shape | dtype | device | backend | median ms | vs eager | vs compile | peak mem vs eager "
+        "| device ms | device vs eager |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         lines.append(
             f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['device']} | {r['backend']} | "
             f"{r['median_ms']:.3f} | {_fmt(r['vs_eager'], '.2f')}x | {_fmt(r['vs_compile'], '.2f')}x | "
-            f"{_fmt(r['mem_vs_eager'], '.2f')} |"
+            f"{_fmt(r['mem_vs_eager'], '.2f')} | {_fmt(r.get('device_ms'), '.3f')} | "
+            f"{_fmt(r.get('device_vs_eager'), '.2f')}x |"
         )
     return "\n".join(lines)
 

@@ -5,8 +5,8 @@ with CUDA events and remembers the fastest, in memory and, when ``FASTMTL_AUTOTU
 (JSON, read once, rewritten after each new choice). A choice is a backend name, optionally with an algorithm
 after a colon: ``"cuda:library"`` runs the native op with ``algo="library"``.
 
-Candidates of ``conv_bias_relu`` (fixed preference order): ``cuda:implicit_gemm`` (our tensor-core kernel, only
-where it applies), ``cuda:library`` (cuDNN convolution with the fused bias + ReLU, and our backward epilogue),
+Candidates of ``conv_bias_relu`` (fixed preference order): ``cuda:library`` (cuDNN convolution with the fused bias
++ ReLU, and our backward epilogue), ``cuda:implicit_gemm`` (our tensor-core kernel, only where it applies),
 ``triton``, ``torch``. When inputs require grad, a candidate is timed forward + backward, so the choice reflects
 training cost; otherwise forward only.
 
@@ -94,18 +94,24 @@ def clear() -> None:
         _disk_loaded = False
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> float:
-    """Median time of ``fn()`` in milliseconds, timed with CUDA events on the current stream."""
+def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, calls: int = 5) -> float:
+    """Median time per call of ``fn()`` in milliseconds, timed with CUDA events on the current stream.
+
+    Each of the ``repeat`` samples times ``calls`` calls back to back, so a sample is the steady-state cost of a
+    call inside a stream of work (host overhead counts where it exceeds the device time, as in training), not
+    one call's latency.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     times.sort()
     return times[len(times) // 2]
 
@@ -193,7 +199,7 @@ def conv_bias_relu_candidates(device: torch.device, implicit_gemm: bool = True) 
     names = []
     for backend in backends.gpu_candidates(device):
         if backend == "cuda":
-            names += (["cuda:implicit_gemm"] if implicit_gemm else []) + ["cuda:library"]
+            names += ["cuda:library"] + (["cuda:implicit_gemm"] if implicit_gemm else [])
         else:
             names.append(backend)
     return names

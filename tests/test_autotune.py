@@ -137,7 +137,7 @@ def test_key_covers_shape_strides_dtype_args_and_grad_mode():
 def test_candidates_order(monkeypatch):
     monkeypatch.setattr(backends, "gpu_candidates", lambda device: ["cuda", "triton", "torch"])
     dev = torch.device("cpu")
-    assert autotune.conv_bias_relu_candidates(dev) == ["cuda:implicit_gemm", "cuda:library", "triton", "torch"]
+    assert autotune.conv_bias_relu_candidates(dev) == ["cuda:library", "cuda:implicit_gemm", "triton", "torch"]
     assert autotune.conv_bias_relu_candidates(dev, implicit_gemm=False) == ["cuda:library", "triton", "torch"]
     assert autotune._fixed_choice(dev) == "cuda"
     monkeypatch.setattr(backends, "gpu_candidates", lambda device: [])
