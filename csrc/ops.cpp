@@ -10,8 +10,9 @@
 
 TORCH_LIBRARY(fastmtl, m) {
   // ---- conv_bias_relu: y = relu(conv2d(x, weight, bias)) -------------------------------------------------
-  // algo: "default" (oneDNN's fused kernel on CPU; "library" on CUDA), "library" (vendor convolution + our fused epilogue),
-  //       "implicit_gemm" (our own convolution kernel, CUDA only; measured slower than cuDNN, so never the default).
+  // algo: "default" (oneDNN's fused kernel on CPU, "library" on CUDA), "library" (vendor convolution + our
+  //       fused epilogue), "implicit_gemm" (our own convolution kernel, CUDA only; measured slower than cuDNN,
+  //       so never the default).
   m.def(
       "conv_bias_relu(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, str algo) -> Tensor");
