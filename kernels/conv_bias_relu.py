@@ -148,6 +148,12 @@ def _launch(kernel, wrap):
     return wrap(kernel) if wrap is not None else kernel
 
 
+# Row tiles per group in the launch order of the GEMM kernels. A module-level constexpr rather than a defaulted kernel
+# parameter: torch.compile (Inductor) compiles user kernels without applying a constexpr parameter's default
+# (seen with triton 3.6 / torch 2.11 on an H100: "'NoneType' object has no attribute 'type'").
+GROUP_M = tl.constexpr(8)
+
+
 @triton.jit
 def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Map a linear program id to (tile_m, tile_n), GROUP_M row tiles at a time, so neighbours share operands in L2."""
@@ -174,7 +180,7 @@ def _conv_bias_relu_fwd_kernel(
     M, K_total,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_out, BLOCK_N), GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -425,7 +431,7 @@ def _conv_dgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     M, K_total,
     KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """grad_x[n, ci, ih, iw] = sum over (kh, kw, co) of grad_z[n, co, oh, ow] * w[co, ci, kh, kw], where
     ih = oh*stride - pad + kh*dil (taps whose oh is fractional or out of range contribute nothing)."""
