@@ -12,9 +12,8 @@ Variants (``extra_info["backend"]``):
 * ``torch``, ``cpp``, ``cuda``, ``triton`` - ``fastmtl.masked_multitask_loss`` on that backend.
 
 Peak memory (``extra_info["peak_mem_bytes"]``): on CUDA the conftest's ``max_memory_allocated`` above what was
-allocated before the call; on the CPU the peak of the running sum of the allocations and frees that
-``torch.profiler(profile_memory=True)`` records during one call (inputs excluded; temporaries freed inside the same
-ATen op are not seen, so it is a lower bound for the eager forms).
+allocated before the call; on the CPU the peak of the running sum of the allocations and frees in the memory
+timeline of ``torch.profiler`` during one call (inputs excluded, temporaries inside ops included).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 import fastmtl
 from fastmtl import backends
 from fastmtl.ops import masked_loss as masked_loss_op
+from fastmtl.testing import cpu_peak_bytes
 
 CUDA = torch.cuda.is_available()
 KINDS = {"seg": "ce", "depth": "l1", "normals": "l1", "cls": "ce"}
@@ -135,24 +135,6 @@ def make_step(variant, preds, targets, masks):
         return torch.autograd.grad(fn(preds, targets, masks), leaves)
 
     return step
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak of the running sum of CPU allocations minus frees recorded by the profiler during one ``fn()``.
-
-    Each profiler event carries the bytes its op allocated minus freed itself (children excluded); "[memory]"
-    events are allocations and frees outside any op. Summed in start order this is the live memory the call added;
-    a temporary both allocated and freed inside one op is not seen, so the figure is a lower bound.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    running = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        running += e.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
 
 
 @pytest.mark.parametrize("device, size, dtype", _cases())

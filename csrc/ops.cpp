@@ -34,6 +34,9 @@ TORCH_LIBRARY(fastmtl, m) {
       "-> (Tensor, Tensor)");
   // Backward of a set of tasks in one launch: out[t] = grads[t] * scales[t] (scales: float32 [T] on device).
   m.def("masked_loss_scale_grads(Tensor[] grads, Tensor scales) -> Tensor[]");
+  // The same in place: grads[t] *= scales[t]. Used by the backward when autograd will not keep the graph (the
+  // saved gradients die with it anyway), so the backward allocates nothing of the gradients' size.
+  m.def("masked_loss_scale_grads_(Tensor(a!)[] grads, Tensor scales) -> ()");
 }
 
 static struct PyModuleDef fastmtl_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

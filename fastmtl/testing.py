@@ -43,3 +43,24 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         name = str(func.overloadpacket)
         self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak live bytes that one ``fn()`` adds on the CPU (its inputs excluded), from the profiler's memory timeline.
+
+    The timeline (the data behind ``torch.profiler``'s ``export_memory_timeline``) has one event per allocation and
+    free of every tensor, temporaries inside an op included, so the running sum of its creations minus its
+    destructions is the live memory the call added, and its maximum the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    running = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action.name == "CREATE":
+            running += size
+        elif action.name == "DESTROY":
+            running -= size
+        peak = max(peak, running)
+    return peak

@@ -407,19 +407,30 @@ def _elementwise(pred, target, mask, kind, compute_grad, grad, loss, launch):
     return grad
 
 
-def scale_grads(grads, scales, launch=_direct):
+def scale_grads(grads, scales, launch=_direct, inplace=False):
     """``out[t] = grads[t] * scales[t]`` for every task, in ``ceil(T / 8)`` launches (one for up to 8 tasks).
 
     Args:
-        grads: list of gradient tensors (any float dtype, any dense layout; others are made contiguous).
+        grads: list of gradient tensors (any float dtype, any dense layout; others are made contiguous, or with
+            ``inplace`` scaled by ATen in place).
         scales: float32 tensor ``[T]`` on the grads' device.
         launch: as in :func:`masked_loss`; ``None`` only allocates.
+        inplace: write the result into ``grads`` (each element is read and written by the same program).
 
     Returns:
-        New tensors like ``grads`` (never written in place).
+        New tensors like ``grads`` (with ``inplace``: the dense inputs, now scaled; use ``grads`` instead).
     """
-    grads = [g if _dense(g) else g.contiguous() for g in grads]
-    outs = [torch.empty_like(g) for g in grads]
+    if inplace:
+        # Dense gradients are both input and output of the kernel; strided ones are scaled by ATen here and left
+        # to the kernel as empty slots.
+        for t, g in enumerate(grads):
+            if not _dense(g):
+                g.mul_(scales[t])
+        grads = [g if _dense(g) else g.new_empty(0) for g in grads]
+        outs = grads
+    else:
+        grads = [g if _dense(g) else g.contiguous() for g in grads]
+        outs = [torch.empty_like(g) for g in grads]
     if launch is None:
         return outs
     for first in range(0, len(grads), SCALE_SLOTS):

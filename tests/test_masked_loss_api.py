@@ -11,7 +11,7 @@ import torch
 import fastmtl
 from fastmtl import backends
 from fastmtl.reference import masked_loss as reference
-from fastmtl.testing import rel_err
+from fastmtl.testing import cpu_peak_bytes, rel_err
 
 HAS_TRITON_LOSS = importlib.util.find_spec("fastmtl.ops.masked_loss_triton") is not None
 CPU_BACKENDS = ["torch", "cpp"] + (["triton"] if HAS_TRITON_LOSS else [])
@@ -206,6 +206,94 @@ def test_opcheck_masked_loss(kind, shape, layout, dtype, compute_grad):
     for m in (mask, None):
         pred_in = pred.detach().requires_grad_(compute_grad and dtype == torch.float32)
         torch.library.opcheck(torch.ops.fastmtl.masked_loss.default, (pred_in, target, m, kind, -100, compute_grad))
+
+
+def _scale_inputs():
+    return [
+        torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last),
+        torch.randn(4, 3, dtype=torch.float16),
+        torch.randn(0),
+        torch.randn(5, dtype=torch.bfloat16),
+        torch.randn(4, 6)[:, ::2],  # not dense: scaled by ATen's in-place multiply
+    ]
+
+
+def test_opcheck_scale_grads_inplace():
+    grads = _scale_inputs()
+    scales = torch.rand(len(grads))
+    torch.library.opcheck(torch.ops.fastmtl.masked_loss_scale_grads_.default, ([g.clone() for g in grads], scales))
+    want = torch.ops.fastmtl.masked_loss_scale_grads(grads, scales)
+    ptrs = [g.data_ptr() for g in grads]
+    torch.ops.fastmtl.masked_loss_scale_grads_(grads, scales)
+    for g, w, p in zip(grads, want, ptrs):
+        assert g.data_ptr() == p
+        assert torch.equal(g, w), "in place and copying scaling must round alike"
+
+
+def test_reference_scale_in_place_matches_copy():
+    grads = _scale_inputs()
+    scales = torch.rand(len(grads))
+    want = reference.scale_grads(grads, scales)
+    reference.scale_grads_(grads, scales)
+    for g, w in zip(grads, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_scales_in_place_only_when_the_graph_is_freed(backend, monkeypatch):
+    """retain_graph keeps the saved gradients intact (copying scaling); the last backward scales them in place."""
+    from fastmtl.ops import masked_loss as op
+
+    calls = []
+    run_loss, scale, scale_inplace = op.RUNNERS[backend]
+
+    def spy_copy(grads, scales):
+        calls.append("copy")
+        return scale(grads, scales)
+
+    def spy_inplace(grads, scales):
+        calls.append("in place")
+        scale_inplace(grads, scales)
+
+    monkeypatch.setitem(op.RUNNERS, backend, (run_loss, spy_copy, spy_inplace))
+    preds, targets, kinds, masks = batch()
+    params = list(preds.values())
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, weights={"seg": 0.5})
+    first = torch.autograd.grad(total, params, retain_graph=True)
+    doubled = torch.autograd.grad(total * 2, params, retain_graph=True)
+    (seg,) = torch.autograd.grad(per_task["seg"], preds["seg"], retain_graph=True)
+    last = torch.autograd.grad(total, params)
+    assert calls == ["copy", "copy", "copy", "in place"]
+    for a, b, c in zip(first, doubled, last):
+        assert rel_err(b, 2 * a) <= 1e-6, "a retained backward changed the saved gradients"
+        assert torch.equal(a, c)
+    assert rel_err(seg, 2 * first[0]) <= 1e-6  # the seg weight is 0.5
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_backward_without_retain_allocates_no_gradient_sized_buffer(backend):
+    """Peak memory: the freeing backward hands on the saved gradients; a retaining one must copy them."""
+    pred = torch.randn(8, 13, 32, 32, requires_grad=True)
+    target = torch.randint(0, 13, (8, 32, 32))
+    with fastmtl.use_backend(backend):
+        total, _ = fastmtl.masked_multitask_loss({"seg": pred}, {"seg": target}, {"seg": "ce"})
+        retained = cpu_peak_bytes(lambda: torch.autograd.grad(total, [pred], retain_graph=True))
+        freed = cpu_peak_bytes(lambda: torch.autograd.grad(total, [pred]))
+    assert retained >= pred.nbytes
+    assert freed < pred.nbytes // 8
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpp_forward_allocates_the_gradient_once(layout):
+    """The forward's only pred-sized allocation is the saved gradient (no scratch copy of it)."""
+    pred = torch.randn(8, 13, 32, 32, requires_grad=True)
+    if layout == "channels_last":
+        pred = pred.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    target = torch.randint(0, 13, (8, 32, 32))
+    with fastmtl.use_backend("cpp"):
+        peak = cpu_peak_bytes(lambda: fastmtl.masked_multitask_loss({"seg": pred}, {"seg": target}, {"seg": "ce"}))
+    assert pred.nbytes <= peak < 1.25 * pred.nbytes
 
 
 def test_opcheck_scale_grads():

@@ -387,6 +387,26 @@ def test_triton_opcheck(tri):
     torch.library.opcheck(
         torch.ops.fastmtl.masked_loss_scale_grads_triton.default, (grads, torch.rand(2, device=DEVICE))
     )
+    torch.library.opcheck(
+        torch.ops.fastmtl.masked_loss_scale_grads_triton_.default, (grads, torch.rand(2, device=DEVICE))
+    )
+
+
+def test_triton_scale_in_place_matches_copy(tri):
+    """The in-place scaling writes into the gradients (strided ones too) the values of the copying one."""
+    grads = [
+        torch.randn(3, 4, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last),
+        torch.randn(4, 3, device=DEVICE, dtype=torch.float16),
+        torch.randn(0, device=DEVICE),
+        torch.randn(4, 6, device=DEVICE)[:, ::2],  # not dense: scaled by ATen
+    ]
+    scales = torch.rand(len(grads), device=DEVICE)
+    want = tri.scale_grads(grads, scales)
+    ptrs = [g.data_ptr() for g in grads]
+    tri.scale_grads_(grads, scales)
+    for g, w, p in zip(grads, want, ptrs):
+        assert g.data_ptr() == p
+        assert torch.equal(g, w)
 
 
 # ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss.cu compiled by g++ against a small emulation ---------------

@@ -886,6 +886,8 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cpu(const at::Tensor& pred, const
   at::Tensor loss = at::empty({}, pred.options().dtype(loss_dtype));
   loss.fill_(count > 0 ? sum / static_cast<double>(count) : 0.0);
   if (!compute_grad) return {loss, at::empty({0}, pred.options())};
+  // grad_work = empty_like(pred) already, unless pred was copied: then allocate pred's layout only if it differs.
+  if (x.is_same(pred)) return {loss, grad_work};
   at::Tensor grad = at::empty_like(pred);
   if (grad.strides() == grad_work.strides()) return {loss, grad_work};
   grad.copy_(grad_work);
@@ -939,11 +941,30 @@ std::vector<at::Tensor> masked_loss_scale_grads_cpu(at::TensorList grads, const 
   return out;
 }
 
+void masked_loss_scale_grads_inplace_cpu(at::TensorList grads, const at::Tensor& scales) {
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == static_cast<int64_t>(grads.size()),
+              "masked_loss_scale_grads_: scales must have shape [", grads.size(), "], got ", scales.sizes());
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  for (size_t t = 0; t < grads.size(); ++t) {
+    at::Tensor g = grads[t];
+    if (!g.is_non_overlapping_and_dense()) {  // a strided view: ATen's in-place multiply walks its strides
+      g.mul_(static_cast<double>(sp[t]));
+      continue;
+    }
+    // Element i is read and then written by the same iteration: scaling in place is safe.
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "masked_loss_scale_grads_", [&] {
+      scale_dense(g.const_data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), g.numel(), sp[t]);
+    });
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
   m.impl("masked_loss", &masked_loss_cpu);
   m.impl("masked_loss_scale_grads", &masked_loss_scale_grads_cpu);
+  m.impl("masked_loss_scale_grads_", &masked_loss_scale_grads_inplace_cpu);
 }
 
 }  // namespace fastmtl

@@ -189,28 +189,66 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
   TORCH_CHECK(false, "masked_loss (CUDA): kind must be one of ce, bce, l1, mse, got '", k, "'");
 }
 
-std::vector<at::Tensor> masked_loss_scale_grads_cuda(at::TensorList grads, const at::Tensor& scales) {
+void check_scales(at::TensorList grads, const at::Tensor& scales, const char* op) {
   TORCH_CHECK(scales.is_cuda() && scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
                   scales.size(0) == static_cast<int64_t>(grads.size()),
-              "masked_loss_scale_grads (CUDA): scales must be a float32 CUDA tensor of shape [", grads.size(), "]");
+              op, " (CUDA): scales must be a float32 CUDA tensor of shape [", grads.size(), "]");
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.device() == scales.device(), op, " (CUDA): grads must be on scales' device");
+  }
+}
+
+// One launch per kMaxScaleTasks tasks (one launch for any realistic number of tasks).
+void launch_scale(const std::vector<cuda::ScaleTask>& tasks, const at::Tensor& scales_c, cudaStream_t stream) {
+  for (size_t first = 0; first < tasks.size(); first += cuda::kMaxScaleTasks) {
+    const int num = static_cast<int>(std::min<size_t>(cuda::kMaxScaleTasks, tasks.size() - first));
+    check_cuda(cuda::masked_loss_scale_grads(tasks.data() + first, num, scales_c.data_ptr<float>() + first, stream),
+               "scale kernel");
+  }
+}
+
+std::vector<at::Tensor> masked_loss_scale_grads_cuda(at::TensorList grads, const at::Tensor& scales) {
+  check_scales(grads, scales, "masked_loss_scale_grads");
   const at::Tensor scales_c = scales.contiguous();
   const c10::cuda::CUDAGuard guard(scales.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scales.device().index()).stream();
   std::vector<at::Tensor> ins, outs;
   std::vector<cuda::ScaleTask> tasks;
   for (const at::Tensor& g : grads) {
-    TORCH_CHECK(g.device() == scales.device(), "masked_loss_scale_grads (CUDA): grads must be on scales' device");
     ins.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
     outs.push_back(at::empty_like(ins.back()));
     tasks.push_back({ins.back().data_ptr(), outs.back().data_ptr(), ins.back().numel(), dtype_of(g, "grads")});
   }
-  // One launch per kMaxScaleTasks tasks (one launch for any realistic number of tasks).
-  for (size_t first = 0; first < tasks.size(); first += cuda::kMaxScaleTasks) {
-    const int num = static_cast<int>(std::min<size_t>(cuda::kMaxScaleTasks, tasks.size() - first));
-    check_cuda(cuda::masked_loss_scale_grads(tasks.data() + first, num, scales_c.data_ptr<float>() + first, stream),
-               "scale kernel");
-  }
+  launch_scale(tasks, scales_c, stream);
   return outs;
+}
+
+// In place: the kernel reads element i and writes it from the same thread, so in == out is safe. A strided
+// gradient (not produced by our forward, which writes dense ones) goes through ATen's in-place multiply.
+void masked_loss_scale_grads_inplace_cuda(at::TensorList grads, const at::Tensor& scales) {
+  check_scales(grads, scales, "masked_loss_scale_grads_");
+  const at::Tensor scales_c = scales.contiguous();
+  const c10::cuda::CUDAGuard guard(scales.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scales.device().index()).stream();
+  std::vector<cuda::ScaleTask> tasks;
+  std::vector<float*> task_scales;
+  for (size_t t = 0; t < grads.size(); ++t) {
+    at::Tensor g = grads[t];
+    if (!g.is_non_overlapping_and_dense()) {
+      g.mul_(scales_c[static_cast<int64_t>(t)]);
+      continue;
+    }
+    tasks.push_back({g.data_ptr(), g.data_ptr(), g.numel(), dtype_of(g, "grads")});
+    task_scales.push_back(scales_c.data_ptr<float>() + t);
+  }
+  if (tasks.size() == grads.size()) {
+    launch_scale(tasks, scales_c, stream);
+    return;
+  }
+  // Some gradients were strided: the dense ones' scales are no longer at their task index.
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    check_cuda(cuda::masked_loss_scale_grads(&tasks[i], 1, task_scales[i], stream), "scale kernel");
+  }
 }
 
 }  // namespace
@@ -219,4 +257,5 @@ std::vector<at::Tensor> masked_loss_scale_grads_cuda(at::TensorList grads, const
 TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
   m.impl("masked_loss", &fastmtl::masked_loss_cuda);
   m.impl("masked_loss_scale_grads", &fastmtl::masked_loss_scale_grads_cuda);
+  m.impl("masked_loss_scale_grads_", &fastmtl::masked_loss_scale_grads_inplace_cuda);
 }

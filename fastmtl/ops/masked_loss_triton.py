@@ -1,6 +1,7 @@
-"""The Triton backend of the masked loss: ops ``fastmtl::masked_loss_triton`` and ``masked_loss_scale_grads_triton``.
+"""The Triton backend of the masked loss: ops ``fastmtl::masked_loss_triton``, ``masked_loss_scale_grads_triton``
+and its in-place form ``masked_loss_scale_grads_triton_``.
 
-Same contract as the native ops ``fastmtl::masked_loss`` / ``fastmtl::masked_loss_scale_grads`` (csrc/ops.cpp), run by
+Same contract as the native ops ``fastmtl::masked_loss`` / ``masked_loss_scale_grads(_)`` (csrc/ops.cpp), run by
 the kernels of :mod:`fastmtl.kernels.masked_loss`. Importing this module imports Triton (slow), so the op layer
 (:mod:`fastmtl.ops.masked_loss`) imports it only when the triton backend is used.
 
@@ -21,6 +22,7 @@ from fastmtl.kernels import masked_loss as kernels
 
 LOSS_OP = "fastmtl::masked_loss_triton"
 SCALE_OP = "fastmtl::masked_loss_scale_grads_triton"
+SCALE_INPLACE_OP = "fastmtl::masked_loss_scale_grads_triton_"
 
 
 def _register() -> None:
@@ -38,6 +40,10 @@ def _register() -> None:
         @torch.library.triton_op(SCALE_OP, mutates_args=())
         def _scale(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
             return kernels.scale_grads(grads, scales, launch=wrap)
+
+        @torch.library.triton_op(SCALE_INPLACE_OP, mutates_args=("grads",))
+        def _scale_inplace(grads: List[Tensor], scales: Tensor) -> None:
+            kernels.scale_grads(grads, scales, launch=wrap, inplace=True)
 
         return
 
@@ -59,6 +65,14 @@ def _register() -> None:
     def _(grads, scales):
         return kernels.scale_grads(grads, scales, launch=None)
 
+    @torch.library.custom_op(SCALE_INPLACE_OP, mutates_args=("grads",))
+    def _scale_inplace_old(grads: List[Tensor], scales: Tensor) -> None:
+        kernels.scale_grads(grads, scales, inplace=True)
+
+    @_scale_inplace_old.register_fake
+    def _(grads, scales):
+        return None
+
 
 _register()
 
@@ -78,3 +92,8 @@ def masked_loss(
 def scale_grads(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
     """``[grads[t] * scales[t] for t]`` as new tensors, in one launch for up to 8 tasks (``scales``: float32 [T])."""
     return torch.ops.fastmtl.masked_loss_scale_grads_triton(list(grads), scales)
+
+
+def scale_grads_(grads: List[Tensor], scales: Tensor) -> None:
+    """``grads[t] *= scales[t]`` in place, in one launch for up to 8 tasks (``scales``: float32 [T])."""
+    torch.ops.fastmtl.masked_loss_scale_grads_triton_(list(grads), scales)

@@ -119,3 +119,13 @@ def scale_grads(grads: list[torch.Tensor], scales: torch.Tensor) -> list[torch.T
         o.copy_(g.to(math_dtype(g.dtype)) * scales[t].to(math_dtype(g.dtype)))
         out.append(o)
     return out
+
+
+def scale_grads_(grads: list[torch.Tensor], scales: torch.Tensor) -> None:
+    """``grads[t] *= scales[t]`` in place, with the rounding of :func:`scale_grads` (float32 math, one rounding)."""
+    for t, g in enumerate(grads):
+        scale = scales[t].to(math_dtype(g.dtype))
+        if g.dtype == math_dtype(g.dtype):
+            g.mul_(scale)
+        else:  # multiplying a half tensor in place would round the scale to its dtype first
+            g.copy_(g.to(scale.dtype) * scale)
