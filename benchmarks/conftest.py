@@ -38,9 +38,9 @@ def smoke(request) -> bool:
     return not timing_enabled(request.config)
 
 
-def graph_replay_ms(fn, replays: int = 10, repeat: int = 15) -> float | None:
-    """Median device time of one ``fn()`` in ms, from timed replays of a CUDA graph holding it; None if it
-    cannot be captured (the capture error is swallowed: host-synchronizing code has no graph form)."""
+def graph_replay_ms(fn, replays: int = 10, repeat: int = 15) -> tuple[float | None, str]:
+    """Median device time of one ``fn()`` in ms, from timed replays of a CUDA graph holding it, and ``""``; or
+    ``(None, why)`` when it cannot be captured (host-synchronizing code has no graph form)."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -50,9 +50,9 @@ def graph_replay_ms(fn, replays: int = 10, repeat: int = 15) -> float | None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-    except Exception:  # noqa: BLE001 - not capturable: no device time for this variant
+    except Exception as exc:  # noqa: BLE001 - not capturable: no device time for this variant, and why
         torch.cuda.synchronize()
-        return None
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     graph.replay()
     times = []
     for _ in range(repeat):
@@ -65,12 +65,13 @@ def graph_replay_ms(fn, replays: int = 10, repeat: int = 15) -> float | None:
         times.append(start.elapsed_time(end) / replays)
     del graph
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], ""
 
 
 @pytest.fixture
 def bench(benchmark, request):
-    """``bench(fn, op=, mode=, shape=, dtype=, backend=, device=)``: warm up, record metadata, time ``fn``.
+    """``bench(fn, op=, mode=, shape=, dtype=, backend=, device=, device_time=True)``: warm up, record metadata,
+    time ``fn``.
 
     On CUDA one timed round makes ``CUDA_CALLS_PER_ROUND`` calls back to back and then synchronizes, so the time
     per call is the steady-state cost of a call inside a training step (host work overlapping device work, as in
@@ -78,10 +79,12 @@ def bench(benchmark, request):
     count and ``benchmarks/report.py`` divides by it. The peak memory of one call (above what was allocated
     before it) is recorded as ``extra_info["peak_mem_bytes"]``, and the device time of one call, from replays
     of a CUDA graph holding it (no host overhead, no launch gaps), as ``extra_info["device_ms"]`` (None where
-    the call cannot be captured, e.g. boolean indexing, which synchronizes).
+    the call cannot be captured, e.g. boolean indexing, which synchronizes, with the reason in
+    ``extra_info["device_ms_why_not"]``; ``device_time=False`` skips it for variants that capture graphs
+    themselves).
     """
 
-    def run(fn, *, op: str, mode: str, shape: str, dtype, backend: str, device: torch.device):
+    def run(fn, *, op: str, mode: str, shape: str, dtype, backend: str, device: torch.device, device_time=True):
         dtype_name = str(dtype).replace("torch.", "")
         benchmark.group = f"{op} | {mode} | {shape} | {dtype_name} | {device.type}"
         benchmark.extra_info.update(
@@ -97,7 +100,13 @@ def bench(benchmark, request):
             torch.cuda.synchronize()
             benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - before
             benchmark.extra_info["calls_per_round"] = CUDA_CALLS_PER_ROUND
-            benchmark.extra_info["device_ms"] = graph_replay_ms(fn)
+            if device_time:
+                ms, why = graph_replay_ms(fn)
+            else:
+                ms, why = None, "not measured: the variant makes CUDA graphs of its own"
+            benchmark.extra_info["device_ms"] = ms
+            if why:
+                benchmark.extra_info["device_ms_why_not"] = why
 
             def timed():
                 for _ in range(CUDA_CALLS_PER_ROUND):

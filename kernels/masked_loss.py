@@ -424,8 +424,8 @@ def scale_grads(grads, scales, launch=_direct, inplace=False):
         # Dense gradients are both input and output of the kernel; strided ones are scaled by ATen here and left
         # to the kernel as empty slots.
         for t, g in enumerate(grads):
-            if not _dense(g):
-                g.mul_(scales[t])
+            if not _dense(g):  # in float32: a half tensor multiplied in place would round the scale to half
+                g.copy_(g.float() * scales[t])
         grads = [g if _dense(g) else g.new_empty(0) for g in grads]
         outs = grads
     else:

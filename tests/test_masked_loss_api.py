@@ -214,7 +214,9 @@ def _scale_inputs():
         torch.randn(4, 3, dtype=torch.float16),
         torch.randn(0),
         torch.randn(5, dtype=torch.bfloat16),
-        torch.randn(4, 6)[:, ::2],  # not dense: scaled by ATen's in-place multiply
+        torch.randn(4, 6)[:, ::2],  # not dense: scaled by ATen (in float32, as the dense kernel rounds)
+        torch.randn(4, 6, dtype=torch.float16)[:, ::2],
+        torch.randn(4, 6, dtype=torch.bfloat16)[:, ::2],
     ]
 
 
@@ -269,6 +271,19 @@ def test_backward_scales_in_place_only_when_the_graph_is_freed(backend, monkeypa
         assert rel_err(b, 2 * a) <= 1e-6, "a retained backward changed the saved gradients"
         assert torch.equal(a, c)
     assert rel_err(seg, 2 * first[0]) <= 1e-6  # the seg weight is 0.5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_create_graph_keeps_the_saved_gradients(backend):
+    """create_graph=True (grad mode on in the backward) takes the copying scaling even without retain_graph."""
+    preds, targets, kinds, masks = batch()
+    params = list(preds.values())
+    with fastmtl.use_backend(backend):
+        total, _ = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        want = torch.autograd.grad(total, params, retain_graph=True)
+        got = torch.autograd.grad(total, params, create_graph=True, retain_graph=False)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b.detach())
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

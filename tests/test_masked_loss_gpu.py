@@ -398,7 +398,8 @@ def test_triton_scale_in_place_matches_copy(tri):
         torch.randn(3, 4, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last),
         torch.randn(4, 3, device=DEVICE, dtype=torch.float16),
         torch.randn(0, device=DEVICE),
-        torch.randn(4, 6, device=DEVICE)[:, ::2],  # not dense: scaled by ATen
+        torch.randn(4, 6, device=DEVICE)[:, ::2],  # not dense: scaled by ATen (in float32)
+        torch.randn(4, 6, device=DEVICE, dtype=torch.float16)[:, ::2],
     ]
     scales = torch.rand(len(grads), device=DEVICE)
     want = tri.scale_grads(grads, scales)

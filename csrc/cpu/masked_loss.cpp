@@ -944,12 +944,18 @@ std::vector<at::Tensor> masked_loss_scale_grads_cpu(at::TensorList grads, const 
 void masked_loss_scale_grads_inplace_cpu(at::TensorList grads, const at::Tensor& scales) {
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == static_cast<int64_t>(grads.size()),
               "masked_loss_scale_grads_: scales must have shape [", grads.size(), "], got ", scales.sizes());
+  for (const at::Tensor& g : grads) {  // every check before anything is written
+    TORCH_CHECK(at::isFloatingType(g.scalar_type()), "masked_loss_scale_grads_: grads must be floating, got ",
+                g.scalar_type());
+  }
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   const float* sp = s.const_data_ptr<float>();
   for (size_t t = 0; t < grads.size(); ++t) {
     at::Tensor g = grads[t];
-    if (!g.is_non_overlapping_and_dense()) {  // a strided view: ATen's in-place multiply walks its strides
-      g.mul_(static_cast<double>(sp[t]));
+    if (!g.is_non_overlapping_and_dense()) {
+      // A strided view: ATen walks its strides, in the math type (a half tensor multiplied in place would round
+      // the scale to half first), so it rounds like the dense kernel.
+      g.copy_(g.to(at::toOpMathType(g.scalar_type())).mul_(static_cast<double>(sp[t])));
       continue;
     }
     // Element i is read and then written by the same iteration: scaling in place is safe.

@@ -128,12 +128,10 @@ at::Tensor conv_bias_relu_cuda(const at::Tensor& x, const at::Tensor& weight, co
   if (x.size(0) == 0 || weight.size(0) == 0) {
     return at::empty(conv_output_shape(x, weight, stride, padding, dilation), x.options().memory_format(layout_of(x)));
   }
-  const std::string why_not = implicit_gemm_unsupported(x, weight, groups);
   if (algo == "implicit_gemm") {
+    const std::string why_not = implicit_gemm_unsupported(x, weight, groups);
     TORCH_CHECK(why_not.empty(), "conv_bias_relu algo='implicit_gemm' ", why_not,
                 "; use algo='library' or 'default' for this case");
-  }
-  if (algo == "implicit_gemm") {
     return forward_implicit_gemm(x, weight, bias, stride, padding, dilation);
   }
   return forward_library(x, weight, bias, stride, padding, dilation, groups);

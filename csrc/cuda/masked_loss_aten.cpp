@@ -230,12 +230,14 @@ void masked_loss_scale_grads_inplace_cuda(at::TensorList grads, const at::Tensor
   const at::Tensor scales_c = scales.contiguous();
   const c10::cuda::CUDAGuard guard(scales.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scales.device().index()).stream();
+  for (const at::Tensor& g : grads) dtype_of(g, "grads");  // every check before anything is written
   std::vector<cuda::ScaleTask> tasks;
   std::vector<float*> task_scales;
   for (size_t t = 0; t < grads.size(); ++t) {
     at::Tensor g = grads[t];
     if (!g.is_non_overlapping_and_dense()) {
-      g.mul_(scales_c[static_cast<int64_t>(t)]);
+      // In float32: a half tensor multiplied in place would round the scale to half first.
+      g.copy_(g.to(at::kFloat).mul_(scales_c[static_cast<int64_t>(t)]));
       continue;
     }
     tasks.push_back({g.data_ptr(), g.data_ptr(), g.numel(), dtype_of(g, "grads")});

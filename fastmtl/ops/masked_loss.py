@@ -254,7 +254,7 @@ def _graph_released_after_backward() -> bool:
     Evaluated when the backward runs, in eager mode only: a compiled backward is traced once and may later run
     with or without ``retain_graph`` (torch.compile's own runtime makes this check at run time, not in the graph).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():  # grad mode on: create_graph, the copy is recorded
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is not None and not keep_graph()
