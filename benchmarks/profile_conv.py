@@ -5,14 +5,15 @@
 Runs forward + backward (to x, weight and bias) of eager ``relu(conv2d)`` and of fastmtl's CUDA choices
 (``cuda:library`` = cuDNN's fused convolution + bias + ReLU, ``cuda:implicit_gemm`` = our tensor-core kernel, both
 with our fused backward epilogue), bf16 channels_last, under ``torch.profiler``; prints each variant's kernels
-with their mean device time per step. This explains the ratios of ``bench_conv_bias_relu.py``; it is not a
-benchmark itself (the profiler adds host overhead).
+with their mean device time per step, and the host time per step (launches queued without waiting). This explains
+the ratios of ``bench_conv_bias_relu.py``; it is not a benchmark itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,12 @@ def main(argv=None) -> int:
             for _ in range(3):
                 _step(variant, x, w, b, grad)
             torch.cuda.synchronize()
+            # Host time per step: the launches are queued behind each other without waiting for the device.
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                _step(variant, x, w, b, grad)
+            host_us = (time.perf_counter() - start) / args.steps * 1e6
+            torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.steps):
                     _step(variant, x, w, b, grad)
@@ -67,7 +74,10 @@ def main(argv=None) -> int:
                 rows.append((device_us / args.steps, event.count // args.steps, event.key))
         rows.sort(reverse=True)
         total = sum(r[0] for r in rows)
-        print(f"\n{variant}: {total:.1f} us of device time per fwd+bwd step ({args.shape}, bf16 channels_last)")
+        print(
+            f"\n{variant}: {total:.1f} us of device time and {host_us:.1f} us of host time per fwd+bwd step "
+            f"({args.shape}, bf16 channels_last)"
+        )
         for us, count, name in rows[:12]:
             print(f"  {us:8.1f} us  x{count}  {name[:110]}")
     return 0

@@ -14,6 +14,9 @@ With ``torch.library.triton_op`` (torch >= 2.6) the kernels are launched through
 back the interpreted kernel untouched, so fake tensors would reach the interpreter), the ops are opaque
 ``custom_op`` s with the fake implementations below.
 
+``fastmtl.conv_bias_relu`` calls the registered op while torch.compile traces, and in eager mode an autograd
+Function running the same launchers directly (the torch.library layers cost more host time than small kernels).
+
 This module imports Triton; ``fastmtl.ops.conv_bias_relu`` imports it only when the triton backend is used.
 Kernels: ``fastmtl.kernels.conv_bias_relu``.
 """
@@ -147,16 +150,15 @@ def _setup_context(ctx, inputs, output):
     ctx.impl = backward_impl()
 
 
-def _autograd_backward(ctx, grad_y):
+def _gradients(ctx, grad_y, backward):
+    """The autograd backward of both forms: ``backward`` is the registered op (traced) or the launcher (eager)."""
     if grad_y is None:
         return (None, None, None, None, None, None)
     x, weight, y = ctx.saved_tensors
     stride, padding, dilation = ctx.conv_args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     mask = [bool(need_x), bool(need_w), bool(need_b and ctx.has_bias)]
-    grad_x, grad_w, grad_b = torch.ops.fastmtl.conv_bias_relu_triton_backward(
-        grad_y, y, x, weight, stride, padding, dilation, mask, ctx.impl
-    )
+    grad_x, grad_w, grad_b = backward(grad_y, y, x, weight, stride, padding, dilation, mask, ctx.impl)
     return (
         grad_x if mask[0] else None,
         grad_w if mask[1] else None,
@@ -167,7 +169,30 @@ def _autograd_backward(ctx, grad_y):
     )
 
 
+def _autograd_backward(ctx, grad_y):
+    return _gradients(ctx, grad_y, torch.ops.fastmtl.conv_bias_relu_triton_backward)
+
+
 torch.library.register_autograd(FORWARD, _autograd_backward, setup_context=_setup_context)
+
+
+class _EagerConvBiasReluTriton(torch.autograd.Function):
+    """The registered op's kernels, saved tensors and backward, called without the torch.library layers.
+
+    In eager mode the custom-op dispatch and its Python autograd wrapper cost more host time than a small
+    convolution's kernels (on an H100, 0.24 ms of wall time per forward against 0.03 ms on the device), so
+    :func:`run` takes this path unless torch.compile is tracing (the registered op is what it must see).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        y = kernels.conv_bias_relu_forward(x, weight, bias, stride, padding, dilation)
+        _setup_context(ctx, (x, weight, bias, stride, padding, dilation), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _gradients(ctx, grad_y, kernels.conv_backward)
 
 
 # ---- entry point used by fastmtl.ops.conv_bias_relu -------------------------------------------------------------
@@ -181,4 +206,6 @@ def run(x, weight, bias, stride, padding, dilation, groups):
     """
     if groups != 1:
         return reference.conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
-    return torch.ops.fastmtl.conv_bias_relu_triton(x, weight, bias, list(stride), list(padding), list(dilation))
+    if torch.compiler.is_compiling():
+        return torch.ops.fastmtl.conv_bias_relu_triton(x, weight, bias, list(stride), list(padding), list(dilation))
+    return _EagerConvBiasReluTriton.apply(x, weight, bias, list(stride), list(padding), list(dilation))

@@ -85,15 +85,25 @@ def masked_loss(
     Returns ``(loss, grad)``: the float32 0-dim mean of the element losses over valid elements (exactly 0.0 when
     there is none) and ``d loss / d pred`` in pred's dtype and layout (an empty tensor when ``compute_grad`` is
     false). Two kernel launches: the valid count, then loss and gradient in one sweep.
+
+    Like the functions below, this calls the registered op while torch.compile traces and the launcher directly
+    otherwise: in eager mode the custom-op dispatch costs more host time than small kernels take.
     """
-    return torch.ops.fastmtl.masked_loss_triton(pred, target, mask, kind, int(ignore_index), bool(compute_grad))
+    if torch.compiler.is_compiling():
+        return torch.ops.fastmtl.masked_loss_triton(pred, target, mask, kind, int(ignore_index), bool(compute_grad))
+    return kernels.masked_loss(pred, target, mask, kind, int(ignore_index), bool(compute_grad))
 
 
 def scale_grads(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
     """``[grads[t] * scales[t] for t]`` as new tensors, in one launch for up to 8 tasks (``scales``: float32 [T])."""
-    return torch.ops.fastmtl.masked_loss_scale_grads_triton(list(grads), scales)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastmtl.masked_loss_scale_grads_triton(list(grads), scales)
+    return kernels.scale_grads(list(grads), scales)
 
 
 def scale_grads_(grads: List[Tensor], scales: Tensor) -> None:
     """``grads[t] *= scales[t]`` in place, in one launch for up to 8 tasks (``scales``: float32 [T])."""
-    torch.ops.fastmtl.masked_loss_scale_grads_triton_(list(grads), scales)
+    if torch.compiler.is_compiling():
+        torch.ops.fastmtl.masked_loss_scale_grads_triton_(list(grads), scales)
+    else:
+        kernels.scale_grads(list(grads), scales, inplace=True)
