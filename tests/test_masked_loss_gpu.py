@@ -715,6 +715,22 @@ def test_cuda_kernels_emulated_scale_grads(emu):
         assert rel_err(o, (g.double() * s.double()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
 
 
+def test_cuda_kernels_emulated_scale_grads_in_place(emu):
+    """masked_loss_scale_grads_ launches the same kernel with in == out: each element is read before it is written."""
+    import ctypes
+
+    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(4000).bfloat16()]
+    want = [(g.double() * s).to(g.dtype) for g, s in zip(grads, (0.5, -2.0, 3.0))]
+    scales = torch.tensor([0.5, -2.0, 3.0])
+    n = len(grads)
+    ptrs = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
+    numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
+    dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
+    assert emu.emu_scale(ptrs, ptrs, numels, dtypes, n, _ptr(scales)) == 0
+    for g, w in zip(grads, want):
+        assert torch.equal(g, w)
+
+
 # ---- CUDA (native op and Triton on the GPU) ---------------------------------------------------------------------
 
 
@@ -874,6 +890,27 @@ def test_gpu_scale_grads(tri, backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_scale_grads_in_place_matches_copy(tri, backend):
+    grads = [torch.randn(4 + i, 3, 9, 7, device="cuda", dtype=DTYPES[i % 3]) for i in range(5)]
+    grads[1] = grads[1].contiguous(memory_format=torch.channels_last)
+    grads.append(torch.randn(6, 8, device="cuda", dtype=torch.bfloat16)[:, ::2])  # strided: ATen in float32
+    scales = torch.randn(len(grads), device="cuda")
+    if backend == "cuda":
+        _native()
+        want = torch.ops.fastmtl.masked_loss_scale_grads(grads, scales)
+        ptrs = [g.data_ptr() for g in grads]
+        torch.ops.fastmtl.masked_loss_scale_grads_(grads, scales)
+    else:
+        want = tri.scale_grads(grads, scales)
+        ptrs = [g.data_ptr() for g in grads]
+        tri.scale_grads_(grads, scales)
+    for g, w, p in zip(grads, want, ptrs):
+        assert g.data_ptr() == p
+        assert torch.equal(g, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_no_host_sync_and_graph_capture(tri, backend):
     """No host synchronisation (sync debug mode 'error'), and the loss is capturable in a CUDA graph and replays."""
     mask = make_mask(4, "random", device="cuda")
@@ -929,6 +966,7 @@ def test_gpu_opcheck_native():
     torch.library.opcheck(op, (pred, target, None, "mse", -100, False))
     grads = [torch.randn(3, 4, device="cuda"), torch.randn(2, 5, device="cuda", dtype=torch.float16)]
     torch.library.opcheck(torch.ops.fastmtl.masked_loss_scale_grads.default, (grads, torch.rand(2, device="cuda")))
+    torch.library.opcheck(torch.ops.fastmtl.masked_loss_scale_grads_.default, (grads, torch.rand(2, device="cuda")))
 
 
 @pytest.mark.cuda
