@@ -25,23 +25,6 @@ def median_ms(fn) -> float:
     return time_ms(fn, warmup=5, repeat=30)
 
 
-def graph_ms(fn) -> float:
-    """Median time of one replay of ``fn`` captured in a CUDA graph: the device time without launch gaps.
-
-    Warmed up on a side stream first (as capture requires), so lazy initialisation stays out of the graph.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_ms(graph.replay)
-
-
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy, counting read + write."""
     src = torch.randn(256 * 2**20, device="cuda")
@@ -127,6 +110,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bandwidth.py needs a CUDA GPU")
         return 0
+    from fastmtl.testing import graph_replay_ms
+
     copy = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "copy_GBps": copy, "kernels": []}
     print(f"copy bandwidth: {copy:.0f} GB/s on {results['device']}")
@@ -138,7 +123,7 @@ def main(argv=None) -> int:
             continue
         for name, fn in cases.items():
             try:
-                ms = graph_ms(fn[1]) if isinstance(fn, tuple) else median_ms(fn)
+                ms = graph_replay_ms(fn[1]) if isinstance(fn, tuple) else median_ms(fn)
             except Exception as exc:  # noqa: BLE001
                 print(f"{name}: failed: {str(exc).splitlines()[0][:200]}")
                 continue

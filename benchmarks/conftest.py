@@ -38,34 +38,15 @@ def smoke(request) -> bool:
     return not timing_enabled(request.config)
 
 
-def graph_replay_ms(fn, replays: int = 10, repeat: int = 15) -> tuple[float | None, str]:
-    """Median device time of one ``fn()`` in ms, from timed replays of a CUDA graph holding it, and ``""``; or
-    ``(None, why)`` when it cannot be captured (host-synchronizing code has no graph form)."""
+def _device_ms(fn) -> tuple[float | None, str]:
+    """``(device ms of one call, "")`` from CUDA-graph replays, or ``(None, why)`` when ``fn`` cannot be captured."""
+    from fastmtl.testing import graph_replay_ms
+
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # capture needs a warm run on a side stream (lazy initialisation stays out of the graph)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        return graph_replay_ms(fn), ""
     except Exception as exc:  # noqa: BLE001 - not capturable: no device time for this variant, and why
         torch.cuda.synchronize()
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    graph.replay()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    del graph
-    times.sort()
-    return times[len(times) // 2], ""
 
 
 @pytest.fixture
@@ -101,7 +82,7 @@ def bench(benchmark, request):
             benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - before
             benchmark.extra_info["calls_per_round"] = CUDA_CALLS_PER_ROUND
             if device_time:
-                ms, why = graph_replay_ms(fn)
+                ms, why = _device_ms(fn)
             else:
                 ms, why = None, "not measured: the variant makes CUDA graphs of its own"
             benchmark.extra_info["device_ms"] = ms

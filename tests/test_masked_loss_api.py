@@ -11,7 +11,7 @@ import torch
 import fastmtl
 from fastmtl import backends
 from fastmtl.reference import masked_loss as reference
-from fastmtl.testing import cpu_peak_bytes, rel_err
+from fastmtl.testing import assert_scales_in_place_like_copy, cpu_peak_bytes, rel_err
 
 HAS_TRITON_LOSS = importlib.util.find_spec("fastmtl.ops.masked_loss_triton") is not None
 CPU_BACKENDS = ["torch", "cpp"] + (["triton"] if HAS_TRITON_LOSS else [])
@@ -224,21 +224,14 @@ def test_opcheck_scale_grads_inplace():
     grads = _scale_inputs()
     scales = torch.rand(len(grads))
     torch.library.opcheck(torch.ops.fastmtl.masked_loss_scale_grads_.default, ([g.clone() for g in grads], scales))
-    want = torch.ops.fastmtl.masked_loss_scale_grads(grads, scales)
-    ptrs = [g.data_ptr() for g in grads]
-    torch.ops.fastmtl.masked_loss_scale_grads_(grads, scales)
-    for g, w, p in zip(grads, want, ptrs):
-        assert g.data_ptr() == p
-        assert torch.equal(g, w), "in place and copying scaling must round alike"
+    assert_scales_in_place_like_copy(
+        torch.ops.fastmtl.masked_loss_scale_grads, torch.ops.fastmtl.masked_loss_scale_grads_, grads, scales
+    )
 
 
 def test_reference_scale_in_place_matches_copy():
     grads = _scale_inputs()
-    scales = torch.rand(len(grads))
-    want = reference.scale_grads(grads, scales)
-    reference.scale_grads_(grads, scales)
-    for g, w in zip(grads, want):
-        assert torch.equal(g, w)
+    assert_scales_in_place_like_copy(reference.scale_grads, reference.scale_grads_, grads, torch.rand(len(grads)))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

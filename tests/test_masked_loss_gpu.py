@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from fastmtl.testing import TOLERANCES, rel_err
+from fastmtl.testing import TOLERANCES, assert_scales_in_place_like_copy, rel_err
 
 triton = pytest.importorskip("triton")
 
@@ -401,13 +401,7 @@ def test_triton_scale_in_place_matches_copy(tri):
         torch.randn(4, 6, device=DEVICE)[:, ::2],  # not dense: scaled by ATen (in float32)
         torch.randn(4, 6, device=DEVICE, dtype=torch.float16)[:, ::2],
     ]
-    scales = torch.rand(len(grads), device=DEVICE)
-    want = tri.scale_grads(grads, scales)
-    ptrs = [g.data_ptr() for g in grads]
-    tri.scale_grads_(grads, scales)
-    for g, w, p in zip(grads, want, ptrs):
-        assert g.data_ptr() == p
-        assert torch.equal(g, w)
+    assert_scales_in_place_like_copy(tri.scale_grads, tri.scale_grads_, grads, torch.rand(len(grads), device=DEVICE))
 
 
 # ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss.cu compiled by g++ against a small emulation ---------------
@@ -897,16 +891,10 @@ def test_gpu_scale_grads_in_place_matches_copy(tri, backend):
     scales = torch.randn(len(grads), device="cuda")
     if backend == "cuda":
         _native()
-        want = torch.ops.fastmtl.masked_loss_scale_grads(grads, scales)
-        ptrs = [g.data_ptr() for g in grads]
-        torch.ops.fastmtl.masked_loss_scale_grads_(grads, scales)
+        scale, scale_inplace = torch.ops.fastmtl.masked_loss_scale_grads, torch.ops.fastmtl.masked_loss_scale_grads_
     else:
-        want = tri.scale_grads(grads, scales)
-        ptrs = [g.data_ptr() for g in grads]
-        tri.scale_grads_(grads, scales)
-    for g, w, p in zip(grads, want, ptrs):
-        assert g.data_ptr() == p
-        assert torch.equal(g, w)
+        scale, scale_inplace = tri.scale_grads, tri.scale_grads_
+    assert_scales_in_place_like_copy(scale, scale_inplace, grads, scales)
 
 
 @pytest.mark.cuda

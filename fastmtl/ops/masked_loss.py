@@ -8,9 +8,9 @@ the graph after the backward (no ``retain_graph``), the in-place form ``masked_l
 saved gradients themselves, so the backward allocates nothing of their size.
 
 Registered ops (namespace ``fastmtl``, schemas in ``csrc/ops.cpp``): ``masked_loss``,
-``masked_loss_scale_grads`` and ``masked_loss_scale_grads_``, with CPU kernels in ``csrc/cpu/masked_loss.cpp`` and CUDA kernels in
-``csrc/cuda/masked_loss*`` and the autograd of ``masked_loss`` in ``csrc/autograd.cpp``. Their fake
-implementations are registered here.
+``masked_loss_scale_grads`` and ``masked_loss_scale_grads_``, with CPU kernels in ``csrc/cpu/masked_loss.cpp``,
+CUDA kernels in ``csrc/cuda/masked_loss*`` and the autograd of ``masked_loss`` in ``csrc/autograd.cpp``. Their
+fake implementations are registered here.
 The Triton versions live in ``fastmtl.ops.masked_loss_triton``.
 """
 
