@@ -2,7 +2,8 @@
 
 Two extension modules are built:
 
-* ``fastmtl._C`` (always): op schemas (``csrc/ops.cpp``), their autograd (``csrc/autograd.cpp``) and the C++ CPU kernels (``csrc/cpu/*.cpp``), OpenMP, -O3.
+* ``fastmtl._C`` (always): op schemas (``csrc/ops.cpp``), their autograd (``csrc/autograd.cpp``), the grouped
+  multi-task loss (``csrc/masked_multitask_loss.cpp``) and the C++ CPU kernels (``csrc/cpu/*.cpp``), OpenMP, -O3.
 * ``fastmtl._C_cuda`` (when torch has CUDA and nvcc is found): the CUDA kernels (``csrc/cuda/*.cu``, raw pointers
   only, so they compile in seconds) and their ATen glue (``csrc/cuda/*_aten.cpp``).
 
@@ -89,7 +90,8 @@ def _extensions():
     ext_modules = [
         CppExtension(
             "fastmtl._C",
-            _sources("csrc/ops.cpp") + _sources("csrc/autograd.cpp") + _sources("csrc/cpu/*.cpp"),
+            _sources("csrc/ops.cpp") + _sources("csrc/autograd.cpp") + _sources("csrc/masked_multitask_loss.cpp")
+            + _sources("csrc/cpu/*.cpp"),
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=["-fopenmp"],
         )

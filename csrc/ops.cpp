@@ -37,6 +37,13 @@ TORCH_LIBRARY(fastmtl, m) {
   // The same in place: grads[t] *= scales[t]. Used by the backward when autograd will not keep the graph (the
   // saved gradients die with it anyway), so the backward allocates nothing of the gradients' size.
   m.def("masked_loss_scale_grads_(Tensor(a!)[] grads, Tensor scales) -> ()");
+  // All tasks of fastmtl.masked_multitask_loss in one call (its autograd in C++, csrc/masked_multitask_loss.cpp):
+  // returns [total, loss_0, ..., loss_{T-1}], total = sum_t weights[t] * loss_t (weights: [T] or None = all 1).
+  // names are the task names, for error messages. On the CPU a ce class index outside [0, C) other than
+  // ignore_index raises ValueError before any task runs.
+  m.def(
+      "masked_multitask_loss(Tensor[] preds, Tensor[] targets, Tensor?[] masks, str[] kinds, str[] names, "
+      "int ignore_index, Tensor? weights) -> Tensor[]");
 }
 
 static struct PyModuleDef fastmtl_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -208,6 +208,73 @@ def test_opcheck_masked_loss(kind, shape, layout, dtype, compute_grad):
         torch.library.opcheck(torch.ops.fastmtl.masked_loss.default, (pred_in, target, m, kind, -100, compute_grad))
 
 
+def _grouped_args(weights_require_grad: bool):
+    """Arguments of fastmtl::masked_multitask_loss for the small batch (float32, masks partly given); the same
+    values on every call."""
+    torch.manual_seed(0)
+    preds, targets, kinds, masks = batch()
+    names = list(preds)
+    weights = torch.tensor([0.5, 1.0, 2.0, 0.25], requires_grad=weights_require_grad)
+    return (
+        [preds[n] for n in names],
+        [targets[n] for n in names],
+        [masks.get(n) for n in names],
+        [kinds[n] for n in names],
+        names,
+        -100,
+        weights,
+    )
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_opcheck_masked_multitask_loss(weighted):
+    args = list(_grouped_args(weights_require_grad=weighted))
+    if not weighted:
+        args[-1] = None
+    torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss.default, tuple(args))
+
+
+def test_grouped_native_op_matches_the_python_node():
+    """The eager cpp path (one native op, C++ autograd) and the Python autograd node agree on values and gradients:
+    total and per-task backward, tensor weights, a task without gradient."""
+    from fastmtl.ops import masked_loss as op
+
+    results = []
+    for grouped in (True, False):
+        preds, targets, masks, kinds, names, ignore_index, weights = _grouped_args(weights_require_grad=True)
+        preds[1].requires_grad_(False)
+        if grouped:
+            outs = torch.ops.fastmtl.masked_multitask_loss(preds, targets, masks, kinds, names, ignore_index, weights)
+            assert "MaskedMultitaskLossFunction" in outs[0].grad_fn.name()
+        else:
+            outs = op._MaskedMultitaskLoss.apply("cpp", tuple(kinds), ignore_index, weights, *preds, *targets, *masks)
+        leaves = [p for p in preds if p.requires_grad] + [weights]
+        by_total = torch.autograd.grad(3.0 * outs[0], leaves, retain_graph=True)
+        by_task = torch.autograd.grad(outs[1] - outs[3], [preds[0], preds[2]])
+        results.append((outs, by_total, by_task))
+    (outs_a, total_a, task_a), (outs_b, total_b, task_b) = results
+    for a, b in zip([*outs_a, *total_a, *task_a], [*outs_b, *total_b, *task_b]):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_grouped_native_op_in_inference_mode():
+    """Below autograd (inference mode) the op runs its forward alone: the same losses, no gradient computed."""
+    args = _grouped_args(weights_require_grad=False)
+    want = torch.ops.fastmtl.masked_multitask_loss(*args)
+    with torch.inference_mode():
+        got = torch.ops.fastmtl.masked_multitask_loss(*args)
+    assert all(not g.requires_grad for g in got)
+    for a, b in zip(want, got):
+        assert torch.equal(a.detach(), b)
+
+
+def test_eager_cpp_takes_the_grouped_native_op():
+    preds, targets, kinds, masks = batch()
+    with fastmtl.use_backend("cpp"):
+        total, _ = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    assert "MaskedMultitaskLossFunction" in total.grad_fn.name()
+
+
 def _scale_inputs():
     return [
         torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last),
@@ -234,32 +301,55 @@ def test_reference_scale_in_place_matches_copy():
     assert_scales_in_place_like_copy(reference.scale_grads, reference.scale_grads_, grads, torch.rand(len(grads)))
 
 
+class _ScalingSpy:
+    """Records, per backward, whether the saved gradients were scaled by copy or in place.
+
+    The Python backends (torch, triton) are spied on through ``RUNNERS``; the native grouped op (cpp) scales from its
+    C++ backward, so its calls of the two scaling ops are read from the profiler instead.
+    """
+
+    OPS = {"fastmtl::masked_loss_scale_grads": "copy", "fastmtl::masked_loss_scale_grads_": "in place"}
+
+    def __init__(self, backend, monkeypatch):
+        from fastmtl.ops import masked_loss as op
+
+        self.backend, self.calls = backend, []
+        if backend == "cpp":
+            return
+        run_loss, scale, scale_inplace = op.RUNNERS[backend]
+
+        def spy_copy(grads, scales):
+            self.calls.append("copy")
+            return scale(grads, scales)
+
+        def spy_inplace(grads, scales):
+            self.calls.append("in place")
+            scale_inplace(grads, scales)
+
+        monkeypatch.setitem(op.RUNNERS, backend, (run_loss, spy_copy, spy_inplace))
+
+    def run(self, fn):
+        if self.backend != "cpp":
+            return fn()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fn()
+        self.calls += [self.OPS[e.name] for e in prof.events() if e.name in self.OPS]
+        return out
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backward_scales_in_place_only_when_the_graph_is_freed(backend, monkeypatch):
     """retain_graph keeps the saved gradients intact (copying scaling); the last backward scales them in place."""
-    from fastmtl.ops import masked_loss as op
-
-    calls = []
-    run_loss, scale, scale_inplace = op.RUNNERS[backend]
-
-    def spy_copy(grads, scales):
-        calls.append("copy")
-        return scale(grads, scales)
-
-    def spy_inplace(grads, scales):
-        calls.append("in place")
-        scale_inplace(grads, scales)
-
-    monkeypatch.setitem(op.RUNNERS, backend, (run_loss, spy_copy, spy_inplace))
+    spy = _ScalingSpy(backend, monkeypatch)
     preds, targets, kinds, masks = batch()
     params = list(preds.values())
     with fastmtl.use_backend(backend):
         total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, weights={"seg": 0.5})
-    first = torch.autograd.grad(total, params, retain_graph=True)
-    doubled = torch.autograd.grad(total * 2, params, retain_graph=True)
-    (seg,) = torch.autograd.grad(per_task["seg"], preds["seg"], retain_graph=True)
-    last = torch.autograd.grad(total, params)
-    assert calls == ["copy", "copy", "copy", "in place"]
+    first = spy.run(lambda: torch.autograd.grad(total, params, retain_graph=True))
+    doubled = spy.run(lambda: torch.autograd.grad(total * 2, params, retain_graph=True))
+    (seg,) = spy.run(lambda: torch.autograd.grad(per_task["seg"], preds["seg"], retain_graph=True))
+    last = spy.run(lambda: torch.autograd.grad(total, params))
+    assert spy.calls == ["copy", "copy", "copy", "in place"]
     for a, b, c in zip(first, doubled, last):
         assert rel_err(b, 2 * a) <= 1e-6, "a retained backward changed the saved gradients"
         assert torch.equal(a, c)

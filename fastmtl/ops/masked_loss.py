@@ -9,8 +9,10 @@ saved gradients themselves, so the backward allocates nothing of their size.
 
 Registered ops (namespace ``fastmtl``, schemas in ``csrc/ops.cpp``): ``masked_loss``,
 ``masked_loss_scale_grads`` and ``masked_loss_scale_grads_``, with CPU kernels in ``csrc/cpu/masked_loss.cpp``,
-CUDA kernels in ``csrc/cuda/masked_loss*`` and the autograd of ``masked_loss`` in ``csrc/autograd.cpp``. Their
-fake implementations are registered here.
+CUDA kernels in ``csrc/cuda/masked_loss*`` and the autograd of ``masked_loss`` in ``csrc/autograd.cpp``; and
+``masked_multitask_loss``, all tasks in one op with its autograd in C++ (``csrc/masked_multitask_loss.cpp``), which
+the cpp and cuda backends take in eager mode (the Python node below costs more host time; torch.compile traces the
+Python node). Their fake implementations are registered here.
 The Triton versions live in ``fastmtl.ops.masked_loss_triton``.
 """
 
@@ -28,6 +30,7 @@ PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NATIVE = "fastmtl::masked_loss"
 NATIVE_SCALE = "fastmtl::masked_loss_scale_grads"
 NATIVE_SCALE_INPLACE = "fastmtl::masked_loss_scale_grads_"
+NATIVE_MULTITASK = "fastmtl::masked_multitask_loss"
 
 
 # ---- validation -----------------------------------------------------------------------------------------------
@@ -138,15 +141,18 @@ def class_range_error(name: str, pred, target, ignore_index: int) -> torch.Tenso
     return ((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()
 
 
-def _check_class_range(names, preds, targets, kinds, ignore_index) -> None:
+def _check_class_range(names, preds, targets, kinds, ignore_index, cpu_checked_natively: bool = False) -> None:
     """Raise ValueError for out-of-range ce classes: always on the CPU, under ``fastmtl.debug()`` on other devices.
 
     On the CPU under torch.compile the check becomes an asynchronous assertion (RuntimeError) in the graph.
+    ``cpu_checked_natively``: the native grouped op makes the CPU check itself (same message), so skip it here.
     """
     for name in names:
         if kinds[name] != "ce":
             continue
         pred, target = preds[name], targets[name]
+        if pred.device.type == "cpu" and cpu_checked_natively:
+            continue
         if pred.device.type != "cpu" and not debug.enabled():
             continue
         msg = (
@@ -178,12 +184,23 @@ def _fake_scale_grads_inplace(grads, scales):
     return None
 
 
+def _fake_masked_multitask_loss(preds, targets, masks, kinds, names, ignore_index, weights):
+    losses = [p.new_empty((), dtype=reference.math_dtype(p.dtype)) for p in preds]
+    dtype = losses[0].dtype
+    for loss in losses[1:]:
+        dtype = torch.promote_types(dtype, loss.dtype)
+    if weights is not None:
+        dtype = torch.promote_types(dtype, weights.dtype)
+    return [preds[0].new_empty((), dtype=dtype), *losses]
+
+
 def _register_native() -> bool:
     if not _native.has_cpp():
         return False
     torch.library.register_fake(NATIVE, _fake_masked_loss)
     torch.library.register_fake(NATIVE_SCALE, _fake_scale_grads)
     torch.library.register_fake(NATIVE_SCALE_INPLACE, _fake_scale_grads_inplace)
+    torch.library.register_fake(NATIVE_MULTITASK, _fake_masked_multitask_loss)
     return True
 
 
@@ -377,14 +394,27 @@ def masked_multitask_loss(preds, targets, kinds, masks=None, weights=None, ignor
     ``fastmtl.debug()`` reports it. No host synchronisation otherwise.
     """
     names = validate(preds, targets, kinds, masks, weights, ignore_index)
-    _check_class_range(names, preds, targets, kinds, ignore_index)
     first = preds[names[0]]
     backend = _selected_backend(first.device)
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
     if backend == "triton":
         _triton_module()
+    # Eager cpp / cuda: the grouped native op, autograd in C++ (torch.compile traces the Python node below).
+    native = backend in ("cpp", "cuda") and not torch.compiler.is_compiling()
+    _check_class_range(names, preds, targets, kinds, ignore_index, cpu_checked_natively=native)
     masks = masks or {}
+    if native:
+        outputs = torch.ops.fastmtl.masked_multitask_loss(
+            [preds[n] for n in names],
+            [targets[n] for n in names],
+            [masks.get(n) for n in names],
+            [kinds[n] for n in names],
+            names,
+            ignore_index,
+            _weight_vector(names, weights, first),
+        )
+        return outputs[0], dict(zip(names, outputs[1:]))
     outputs = _MaskedMultitaskLoss.apply(
         backend,
         tuple(kinds[n] for n in names),
