@@ -41,6 +41,8 @@ timeout ${BW_TIMEOUT:-60} $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.
 
 log "profile of one conv_bias_relu training step (per-kernel device time)"
 timeout ${PROFILE_TIMEOUT:-40} $PY -P benchmarks/profile_conv.py 2>&1 | tee "$OUT/profile_conv.txt"
+log "profile of one masked_multitask_loss forward + backward (kernels, launches, host time)"
+timeout ${PROFILE_TIMEOUT:-40} $PY -P benchmarks/profile_loss.py 2>&1 | tee "$OUT/profile_loss.txt"
 
 log "benchmarks (CUDA cases), one pytest run per file so that a time limit loses one file's results only"
 # name:seconds; BENCH_FILES overrides (e.g. "bench_conv_bias_relu:120").

@@ -12,11 +12,14 @@ the ratios of ``bench_conv_bias_relu.py``; it is not a benchmark itself.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profiling import print_profile, profile_step  # noqa: E402  (benchmarks/profiling.py, beside this file)
 
 
 def _step(variant, x, w, b, grad):
@@ -51,35 +54,11 @@ def main(argv=None) -> int:
     )
     for variant in ("eager", "cuda:library", "cuda:implicit_gemm"):
         try:
-            for _ in range(3):
-                _step(variant, x, w, b, grad)
-            torch.cuda.synchronize()
-            # Host time per step: the launches are queued behind each other without waiting for the device.
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                _step(variant, x, w, b, grad)
-            host_us = (time.perf_counter() - start) / args.steps * 1e6
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.steps):
-                    _step(variant, x, w, b, grad)
-                torch.cuda.synchronize()
+            host_us, rows = profile_step(lambda: _step(variant, x, w, b, grad), args.steps)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
             print(f"{variant}: failed: {str(exc).splitlines()[0][:200]}")
             continue
-        rows = []
-        for event in prof.key_averages():
-            device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-            if device_us > 0:
-                rows.append((device_us / args.steps, event.count // args.steps, event.key))
-        rows.sort(reverse=True)
-        total = sum(r[0] for r in rows)
-        print(
-            f"\n{variant}: {total:.1f} us of device time and {host_us:.1f} us of host time per fwd+bwd step "
-            f"({args.shape}, bf16 channels_last)"
-        )
-        for us, count, name in rows[:12]:
-            print(f"  {us:8.1f} us  x{count}  {name[:110]}")
+        print_profile(f"{variant} fwd+bwd ({args.shape}, bf16 channels_last)", host_us, rows)
     return 0
 
 
