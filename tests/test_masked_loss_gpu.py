@@ -656,6 +656,10 @@ def _emu_elementwise(lib, pred, target, mask, kind):
         ((3, 13, 6, 7), "channels_last", torch.float16, "random"),  # channels_last: rows kernel
         ((2, 40, 5, 3), "contiguous", torch.bfloat16, "random"),  # NCHW, C > 16: online softmax
         ((2, 40, 5, 3), "contiguous", torch.float32, "empty"),
+        ((3, 13, 4, 6), "contiguous", torch.float32, "random"),  # NCHW, S % 4 == 0: 4 pixels per thread
+        ((2, 13, 8, 8), "contiguous", torch.bfloat16, "random"),
+        ((2, 5, 4, 4), "contiguous", torch.float16, "none"),
+        ((2, 5, 4, 4), "contiguous", torch.float32, "empty"),
     ],
 )
 def test_cuda_kernels_emulated_ce(emu, shape, layout, dtype, mask_mode):
@@ -693,10 +697,24 @@ def test_cuda_kernels_emulated_elementwise(emu, kind, dtype, target_dtype, misal
     assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_emulated_ce_misaligned_pixels(emu, dtype):
+    """NCHW logits one element off a vector boundary: the one-pixel-per-thread kernel, same results."""
+    pred, target = make_ce((2, 6, 4, 4), "contiguous", dtype, device="cpu")
+    pred = torch.cat([pred.new_zeros(1), pred.flatten()])[1:].view(pred.shape)
+    mask = make_mask(2, "random", device="cpu")
+    loss, grad = _emu_ce(emu, pred, target, mask)
+    ref_loss, ref_grad = reference(pred, target, mask, "ce")
+    tol = TOLERANCES["loss"][dtype]
+    assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
+
+
 def test_cuda_kernels_emulated_scale_grads(emu):
+    """Whole 16-byte-aligned chunks in vectors, the tails and a misaligned tensor one element at a time."""
     import ctypes
 
-    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16()]
+    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16(),
+             torch.randn(4097)[1:]]  # fmt: skip
     outs = [torch.full_like(g, float("nan")) for g in grads]
     scales = torch.randn(len(grads))
     n = len(grads)

@@ -5,10 +5,13 @@
 //   count_ce_kernel / count_float_kernel   partial valid counts (grid-stride, at most kMaxCountBlocks blocks)
 //   ce_pixel_kernel                        one thread per pixel, loop over C (NCHW: coalesced along the pixels);
 //                                          up to 16 logits cached in registers, else an online softmax and a re-read
+//   ce_pixel_vec_kernel                    NCHW with contiguous pixels and C <= 16: 4 pixels per thread, so each
+//                                          class plane is read and written in 8- or 16-byte vectors
 //   ce_rows_kernel                         TPR threads per row when C is contiguous ([N, C], channels_last);
 //                                          per-lane online softmax merged with shuffles
 //   elementwise_kernel                     bce / l1 / mse, 16-byte vector loads and stores where aligned
-//   scale_grads_kernel                     grouped out[t] = in[t] * scales[t] over a task table passed by value
+//   scale_grads_kernel                     grouped out[t] = in[t] * scales[t] over a task table passed by value,
+//                                          16-byte vectors where aligned
 // Every loss kernel starts by summing the partial counts (one per thread, blockDim == kMaxCountBlocks) and ends
 // with a block reduction and one atomicAdd of its loss partial times 1/count.
 
@@ -27,6 +30,7 @@ constexpr int kThreads = 256;
 static_assert(kThreads == kMaxCountBlocks, "each loss-kernel thread reads one partial count");
 constexpr int kElementwiseItems = 2;  // vectors per thread in elementwise_kernel
 constexpr int kScaleItems = 8;        // elements per thread in scale_grads_kernel
+constexpr int kPixelVec = 4;          // neighbouring pixels per thread in ce_pixel_vec_kernel
 
 // ---- conversions and reductions --------------------------------------------------------------------------------
 
@@ -210,6 +214,100 @@ __global__ void __launch_bounds__(kThreads)
   block_add_loss(row_loss, inv, loss);
 }
 
+template <typename X, int V>
+struct alignas(sizeof(X) * V) Pack {
+  X v[V];
+};
+
+// NCHW logits with contiguous pixels (p_ss == g_ss == 1): PIX neighbouring pixels per thread, so every load and store
+// of a class plane moves PIX elements at once (8 or 16 bytes instead of 2 or 4). The launcher checks that S and the
+// sample and class strides are multiples of PIX and that pred and grad are aligned to PIX elements. C <= CREG.
+template <typename P, int CREG, int PIX>
+__global__ void __launch_bounds__(kThreads)
+    ce_pixel_vec_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+                        P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
+                        const int32_t* __restrict__ counts, int num_counts, float* __restrict__ loss) {
+  using Vec = Pack<P, PIX>;
+  const float inv = block_inv_count(counts, num_counts);
+  const int64_t n = blockIdx.x / s_blocks;
+  const int64_t s0 = ((blockIdx.x - n * s_blocks) * kThreads + threadIdx.x) * PIX;
+  float row_loss = 0.0f;
+  if (s0 < g.S) {
+    int64_t cls[PIX];
+    bool ok[PIX];
+    bool any = false;
+#pragma unroll
+    for (int j = 0; j < PIX; ++j) {
+      const CeRow row = load_ce_row(target, mask, g, n, s0 + j, ignore_index);
+      cls[j] = row.t;
+      ok[j] = row.ok;
+      any |= row.ok;
+    }
+    const P* x = pred + n * g.p_sn + s0;
+    P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
+    if (!any) {  // no labelled pixel here (e.g. an unlabelled sample): the logits are not read at all
+      if (gx != nullptr) {
+        Vec zero;
+#pragma unroll
+        for (int j = 0; j < PIX; ++j) zero.v[j] = from_float<P>(0.0f);
+        for (int64_t c = 0; c < g.C; ++c) *reinterpret_cast<Vec*>(gx + c * g.g_sc) = zero;
+      }
+    } else {
+      float v[CREG][PIX];
+      float m[PIX], l[PIX], xt[PIX];
+#pragma unroll
+      for (int j = 0; j < PIX; ++j) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+        xt[j] = 0.0f;
+      }
+#pragma unroll
+      for (int c = 0; c < CREG; ++c) {
+        if (c < g.C) {
+          const Vec pk = *reinterpret_cast<const Vec*>(x + c * g.p_sc);
+#pragma unroll
+          for (int j = 0; j < PIX; ++j) v[c][j] = to_float(pk.v[j]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < PIX; ++j) v[c][j] = -INFINITY;
+        }
+#pragma unroll
+        for (int j = 0; j < PIX; ++j) {
+          m[j] = fmaxf(m[j], v[c][j]);
+          if (c == cls[j]) xt[j] = v[c][j];
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < CREG; ++c) {
+#pragma unroll
+        for (int j = 0; j < PIX; ++j) {
+          v[c][j] = expf(v[c][j] - m[j]);
+          l[j] += v[c][j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < PIX; ++j)
+        if (ok[j]) row_loss += m[j] + logf(l[j]) - xt[j];
+      if (gx != nullptr) {
+        float scale[PIX];
+#pragma unroll
+        for (int j = 0; j < PIX; ++j) scale[j] = inv / l[j];
+#pragma unroll
+        for (int c = 0; c < CREG; ++c) {
+          if (c < g.C) {
+            Vec out;
+#pragma unroll
+            for (int j = 0; j < PIX; ++j)
+              out.v[j] = from_float<P>(ok[j] ? v[c][j] * scale[j] - (c == cls[j] ? inv : 0.0f) : 0.0f);
+            *reinterpret_cast<Vec*>(gx + c * g.g_sc) = out;
+          }
+        }
+      }
+    }
+  }
+  block_add_loss(row_loss, inv, loss);
+}
+
 // TPR threads per row of C contiguous logits (p_sc == 1); VPL > 0 caches VPL logits per lane (C <= TPR * VPL).
 template <typename P, int TPR, int VPL>
 __global__ void __launch_bounds__(kThreads)
@@ -284,11 +382,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- bce / l1 / mse --------------------------------------------------------------------------------------------
-
-template <typename X, int V>
-struct alignas(sizeof(X) * V) Pack {
-  X v[V];
-};
 
 template <int KIND>
 __device__ __forceinline__ void element_loss(float p, float t, float& loss, float& grad) {
@@ -382,13 +475,30 @@ struct ScaleTable {
   int64_t numel[kMaxScaleTasks];
   int64_t first_block[kMaxScaleTasks + 1];
   int dtype[kMaxScaleTasks];
+  bool vec[kMaxScaleTasks];  // in and out are 16-byte aligned
   int num;
 };
 
+// One block's chunk of kThreads * kScaleItems elements: 16-byte vectors when aligned and whole, else one element at
+// a time. Each element is read and written by the same thread, so in == out (in place) is safe.
 template <typename X>
-__device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t numel, int64_t base, float scale) {
+__device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t numel, int64_t base, float scale,
+                                            bool vec) {
   const X* a = static_cast<const X*>(in);
   X* b = static_cast<X*>(out);
+  constexpr int V = 16 / sizeof(X);
+  static_assert(kScaleItems % V == 0, "a chunk is a whole number of vectors per thread");
+  if (vec && base + static_cast<int64_t>(kThreads) * kScaleItems <= numel) {
+#pragma unroll
+    for (int k = 0; k < kScaleItems / V; ++k) {
+      const int64_t i = base + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * V;
+      Pack<X, V> pk = *reinterpret_cast<const Pack<X, V>*>(a + i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) pk.v[j] = from_float<X>(to_float(pk.v[j]) * scale);
+      *reinterpret_cast<Pack<X, V>*>(b + i) = pk;
+    }
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < kScaleItems; ++k) {
     const int64_t i = base + static_cast<int64_t>(k) * kThreads + threadIdx.x;
@@ -403,13 +513,16 @@ __global__ void __launch_bounds__(kThreads) scale_grads_kernel(ScaleTable table,
   const float scale = scales[task];
   switch (table.dtype[task]) {
     case static_cast<int>(DType::kFloat16):
-      scale_chunk<__half>(table.in[task], table.out[task], table.numel[task], base, scale);
+      scale_chunk<__half>(table.in[task], table.out[task], table.numel[task], base, scale,
+                              table.vec[task]);
       break;
     case static_cast<int>(DType::kBFloat16):
-      scale_chunk<__nv_bfloat16>(table.in[task], table.out[task], table.numel[task], base, scale);
+      scale_chunk<__nv_bfloat16>(table.in[task], table.out[task], table.numel[task], base, scale,
+                              table.vec[task]);
       break;
     default:
-      scale_chunk<float>(table.in[task], table.out[task], table.numel[task], base, scale);
+      scale_chunk<float>(table.in[task], table.out[task], table.numel[task], base, scale,
+                              table.vec[task]);
   }
 }
 
@@ -431,6 +544,16 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Whether ce_pixel_vec_kernel applies: C <= 16, contiguous pixels, and every PIX-pixel group of every class plane
+// (of pred and of grad) starts on a PIX-element boundary.
+template <typename P>
+bool pixel_vec_ok(const P* pred, const P* grad, const CeGeometry& g, int pix) {
+  const bool pred_ok = g.p_ss == 1 && g.p_sc % pix == 0 && g.p_sn % pix == 0 && aligned(pred, sizeof(P) * pix);
+  const bool grad_ok =
+      grad == nullptr || (g.g_ss == 1 && g.g_sc % pix == 0 && g.g_sn % pix == 0 && aligned(grad, sizeof(P) * pix));
+  return g.C <= 16 && g.S % pix == 0 && pred_ok && grad_ok;
+}
 
 template <typename P, int TPR, int VPL>
 void launch_rows(const P* pred, const int64_t* target, const bool* mask, P* grad, const CeGeometry& g,
@@ -517,6 +640,10 @@ cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target,
         launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
       else
         launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+    } else if (pixel_vec_ok(x, gx, g, kPixelVec)) {
+      const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
+      ce_pixel_vec_kernel<P, 16, kPixelVec><<<static_cast<unsigned>(g.N * s_blocks), kThreads, 0, stream>>>(
+          x, target, mask, gx, g, ignore_index, s_blocks, counts, num_counts, loss);
     } else {
       const int64_t s_blocks = ceil_div(g.S, kThreads);
       const unsigned blocks = static_cast<unsigned>(g.N * s_blocks);
@@ -562,6 +689,7 @@ cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const
     table.out[i] = tasks[i].out;
     table.numel[i] = tasks[i].numel;
     table.dtype[i] = static_cast<int>(tasks[i].dtype);
+    table.vec[i] = aligned(tasks[i].in, 16) && aligned(tasks[i].out, 16);
     table.first_block[i] = blocks;
     blocks += ceil_div(tasks[i].numel, static_cast<int64_t>(kThreads) * kScaleItems);
   }
