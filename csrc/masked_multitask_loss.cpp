@@ -1,13 +1,14 @@
 // fastmtl::masked_multitask_loss: every task of fastmtl.masked_multitask_loss in one native op, with its autograd
 // in C++. The cpp and cuda backends call it in eager mode: one dispatcher round trip and one C++ autograd node
-// instead of a Python autograd.Function around one op call per task (the Python layer cost about 150 us per
+// instead of a Python autograd.Function around one op call per task (the Python layer cost about 60 us per
 // forward+backward on this project's CPU machine, more than the kernels at small sizes).
 //
-// Forward: fastmtl::masked_loss per task (the CPU or CUDA kernel computes the task's loss and its gradient, already
-// divided by the valid count), the per-task losses stacked and weighted into the total. Backward: one call of
-// masked_loss_scale_grads with scale_t = g_total * w_t + g_task[t], computed on the device (no host
-// synchronisation); when autograd frees the graph afterwards, the in-place form scales the saved gradients
-// themselves. Under torch.compile the Python path (fastmtl/ops/masked_loss.py) is traced instead.
+// Forward: fastmtl::masked_multitask_loss_forward returns the total, the per-task losses, and each task's gradient
+// up to a per-task factor grad_scale[t] (CUDA: element gradients and 1 / valid count, from T + 1 launches; CPU: the
+// per-task op's normalised gradients and 1). Backward: one masked_loss_scale_grads call with
+// scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (no host synchronisation); when
+// autograd frees the graph afterwards, the in-place form scales the saved gradients themselves. Under
+// torch.compile the Python path (fastmtl/ops/masked_loss.py) is traced instead.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -108,35 +109,52 @@ void check_cpu_class_ranges(at::TensorList preds, const TaskInputs& in) {
   }
 }
 
-struct TaskResults {
-  std::vector<at::Tensor> losses;  // 0-dim, one per task
-  std::vector<at::Tensor> grads;   // d L_t / d pred_t (an empty tensor where no gradient was asked for)
-  at::Tensor stacked;              // the losses as one [T] tensor
-  at::Tensor total;
-};
+using ForwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>>;
 
-// Runs every task below autograd; compute_grad[t] says whether task t's gradient is wanted.
-TaskResults run_tasks(at::TensorList preds, const std::optional<at::Tensor>& weights, const TaskInputs& in,
-                      const std::vector<bool>& compute_grad) {
+// fastmtl::masked_multitask_loss_forward on the CPU: the per-task op (gradients already divided by the valid count,
+// so grad_scale is all ones), the losses stacked and weighted into the total.
+ForwardResult masked_multitask_loss_forward_cpu(at::TensorList preds, at::TensorList targets, const MaskList& masks,
+                                                const std::vector<std::string>& kinds, int64_t ignore_index,
+                                                const std::optional<at::Tensor>& weights,
+                                                const c10::List<bool>& compute_grad) {
+  const size_t n = preds.size();
+  TORCH_CHECK(n > 0 && targets.size() == n && masks.size() == n && kinds.size() == n && compute_grad.size() == n,
+              "masked_multitask_loss_forward: one pred, target, mask, kind and compute_grad per task");
+  std::vector<at::Tensor> losses, grads;
+  for (size_t t = 0; t < n; ++t) {
+    auto [loss, grad] =
+        call_masked_loss(preds[t], targets[t], masks.get(t), kinds[t], ignore_index, compute_grad.get(t));
+    losses.push_back(loss);
+    grads.push_back(grad);
+  }
+  const at::Tensor stacked = at::stack(losses);
+  const bool weighted = weights.has_value() && weights->defined();
+  at::Tensor total = weighted ? at::mul(stacked, *weights).sum() : stacked.sum();
+  return {total, losses, at::ones({static_cast<int64_t>(n)}, stacked.options().dtype(at::kFloat)), grads};
+}
+
+ForwardResult call_forward(at::TensorList preds, const std::optional<at::Tensor>& weights, const TaskInputs& in,
+                           const c10::List<bool>& compute_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastmtl::masked_multitask_loss_forward", "")
+                             .typed<ForwardResult(at::TensorList, at::TensorList, const MaskList&,
+                                                  const std::vector<std::string>&, int64_t,
+                                                  const std::optional<at::Tensor>&, const c10::List<bool>&)>();
+  return op.call(preds, in.targets, *in.masks, *in.kinds, in.ignore_index, weights, compute_grad);
+}
+
+// Checks, then the forward below autograd.
+ForwardResult run_tasks(at::TensorList preds, const std::optional<at::Tensor>& weights, const TaskInputs& in,
+                        const c10::List<bool>& compute_grad) {
   check_lengths(preds, in);
   check_cpu_class_ranges(preds, in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TaskResults r;
-  for (size_t t = 0; t < preds.size(); ++t) {
-    auto [loss, grad] = call_masked_loss(preds[t], in.targets[t], in.masks->get(t), (*in.kinds)[t],
-                                         in.ignore_index, compute_grad[t]);
-    r.losses.push_back(loss);
-    r.grads.push_back(grad);
-  }
-  r.stacked = at::stack(r.losses);
-  const bool weighted = weights.has_value() && weights->defined();
-  r.total = weighted ? at::mul(r.stacked, *weights).sum() : r.stacked.sum();
-  return r;
+  return call_forward(preds, weights, in, compute_grad);
 }
 
-variable_list outputs_of(const TaskResults& r) {
-  variable_list out{r.total};
-  out.insert(out.end(), r.losses.begin(), r.losses.end());
+variable_list outputs_of(const ForwardResult& r) {
+  variable_list out{std::get<0>(r)};
+  out.insert(out.end(), std::get<1>(r).begin(), std::get<1>(r).end());
   return out;
 }
 
@@ -155,17 +173,18 @@ bool graph_released_after_backward(const std::vector<at::Tensor>& grads) {
 struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMultitaskLossFunction> {
   static variable_list forward(AutogradContext* ctx, at::TensorList preds, const std::optional<at::Tensor>& weights,
                                const TaskInputs* in, bool grad_enabled) {
-    std::vector<bool> compute_grad;
+    c10::List<bool> compute_grad;
     for (const at::Tensor& p : preds) compute_grad.push_back(grad_enabled && p.requires_grad());
-    TaskResults r = run_tasks(preds, weights, *in, compute_grad);
+    const ForwardResult r = run_tasks(preds, weights, *in, compute_grad);
     const bool weighted = weights.has_value() && weights->defined();
-    std::vector<at::Tensor> saved{r.stacked, weighted ? *weights : at::Tensor()};
-    saved.insert(saved.end(), r.grads.begin(), r.grads.end());
+    const auto& [total, losses, grad_scale, grads] = r;
+    // Saved: grad_scale, weights, the gradients, then the losses (for the weights' gradient).
+    std::vector<at::Tensor> saved{grad_scale, weighted ? *weights : at::Tensor()};
+    saved.insert(saved.end(), grads.begin(), grads.end());
+    saved.insert(saved.end(), losses.begin(), losses.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["weighted"] = weighted;
-    c10::List<bool> computed;
-    for (bool c : compute_grad) computed.push_back(c);
-    ctx->saved_data["computed"] = computed;  // which saved gradients are real (the others are empty tensors)
+    ctx->saved_data["computed"] = compute_grad;  // which saved gradients are real (the others are empty tensors)
     ctx->set_materialize_grads(false);
     return outputs_of(r);
   }
@@ -174,10 +193,11 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
     const bool weighted = ctx->saved_data["weighted"].toBool();
     const c10::List<bool> computed = ctx->saved_data["computed"].toBoolList();
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& stacked = saved[0];
+    const size_t n = (saved.size() - 2) / 2;
+    const at::Tensor& grad_scale = saved[0];
     const at::Tensor& weights = saved[1];
-    const std::vector<at::Tensor> grads(saved.begin() + 2, saved.end());
-    const size_t n = grads.size();
+    const std::vector<at::Tensor> grads(saved.begin() + 2, saved.begin() + 2 + n);
+    const std::vector<at::Tensor> losses(saved.begin() + 2 + n, saved.end());
     variable_list result(n + 3);  // preds..., weights, the TaskInputs pointer, grad_enabled
     const at::Tensor& g_total = grad_outputs[0];
 
@@ -188,7 +208,7 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
     if (any_task) {
       std::vector<at::Tensor> per_task;
       for (size_t t = 0; t < n; ++t)
-        per_task.push_back(grad_outputs[1 + t].defined() ? grad_outputs[1 + t] : at::zeros_like(stacked[0]));
+        per_task.push_back(grad_outputs[1 + t].defined() ? grad_outputs[1 + t] : at::zeros_like(losses[t]));
       const at::Tensor task_scales = at::stack(per_task);
       scales = scales.defined() ? scales + task_scales : task_scales;
     }
@@ -201,7 +221,7 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
     if (any_active) {
       std::vector<at::Tensor> inputs;
       for (size_t t = 0; t < n; ++t) inputs.push_back(active[t] ? grads[t] : grads[t].new_empty({0}));
-      const at::Tensor scales_f = scales.to(at::kFloat).contiguous();
+      const at::Tensor scales_f = (scales * grad_scale).to(at::kFloat).contiguous();
       std::vector<at::Tensor> scaled;
       if (graph_released_after_backward(inputs)) {
         // The saved gradients die with the graph: scale them in place and hand them on (peak memory: one gradient
@@ -214,18 +234,20 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
       for (size_t t = 0; t < n; ++t)
         if (active[t]) result[t] = scaled[t];
     }
-    if (weighted && g_total.defined() && ctx->needs_input_grad(n)) result[n] = g_total * stacked;
+    if (weighted && g_total.defined() && ctx->needs_input_grad(n)) result[n] = g_total * at::stack(losses);
     return result;
   }
 };
 
 // Without autograd (inference mode, or below the Autograd key): losses only.
-std::vector<at::Tensor> masked_multitask_loss_forward(at::TensorList preds, at::TensorList targets,
-                                                      const MaskList& masks, const std::vector<std::string>& kinds,
-                                                      const std::vector<std::string>& names, int64_t ignore_index,
-                                                      const std::optional<at::Tensor>& weights) {
+std::vector<at::Tensor> masked_multitask_loss_no_autograd(at::TensorList preds, at::TensorList targets,
+                                                          const MaskList& masks, const std::vector<std::string>& kinds,
+                                                          const std::vector<std::string>& names, int64_t ignore_index,
+                                                          const std::optional<at::Tensor>& weights) {
   const TaskInputs in{targets, &masks, &kinds, &names, ignore_index};
-  return outputs_of(run_tasks(preds, weights, in, std::vector<bool>(preds.size(), false)));
+  c10::List<bool> no_grad;
+  for (size_t t = 0; t < preds.size(); ++t) no_grad.push_back(false);
+  return outputs_of(run_tasks(preds, weights, in, no_grad));
 }
 
 std::vector<at::Tensor> masked_multitask_loss_autograd(at::TensorList preds, at::TensorList targets,
@@ -238,8 +260,11 @@ std::vector<at::Tensor> masked_multitask_loss_autograd(at::TensorList preds, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmtl, CPU, m) { m.impl("masked_multitask_loss", &masked_multitask_loss_forward); }
-TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { m.impl("masked_multitask_loss", &masked_multitask_loss_forward); }
+TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
+  m.impl("masked_multitask_loss", &masked_multitask_loss_no_autograd);
+  m.impl("masked_multitask_loss_forward", &masked_multitask_loss_forward_cpu);
+}
+TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { m.impl("masked_multitask_loss", &masked_multitask_loss_no_autograd); }
 TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) { m.impl("masked_multitask_loss", &masked_multitask_loss_autograd); }
 
 }  // namespace fastmtl

@@ -44,6 +44,13 @@ TORCH_LIBRARY(fastmtl, m) {
   m.def(
       "masked_multitask_loss(Tensor[] preds, Tensor[] targets, Tensor?[] masks, str[] kinds, str[] names, "
       "int ignore_index, Tensor? weights) -> Tensor[]");
+  // Its forward, as the C++ autograd calls it: (total, losses, grad_scale, grads) where grads[t] * grad_scale[t]
+  // = d loss_t / d pred_t (grads[t] empty where compute_grad[t] is false). CUDA: one kernel per task writing
+  // element gradients and per-block partials, then one finalize launch (grad_scale = 1 / valid count); CPU: the
+  // per-task masked_loss (normalised gradients, grad_scale = 1).
+  m.def(
+      "masked_multitask_loss_forward(Tensor[] preds, Tensor[] targets, Tensor?[] masks, str[] kinds, "
+      "int ignore_index, Tensor? weights, bool[] compute_grad) -> (Tensor, Tensor[], Tensor, Tensor[])");
 }
 
 static struct PyModuleDef fastmtl_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -234,6 +234,22 @@ def test_opcheck_masked_multitask_loss(weighted):
     torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss.default, tuple(args))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_opcheck_masked_multitask_loss_forward(device):
+    preds, targets, kinds, masks = batch(device, requires_grad=False)
+    names = list(preds)
+    args = (
+        [preds[n] for n in names],
+        [targets[n] for n in names],
+        [masks.get(n) for n in names],
+        [kinds[n] for n in names],
+        -100,
+        torch.tensor([0.5, 1.0, 2.0, 0.25], device=device),
+        [True, False, True, True],
+    )
+    torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss_forward.default, args)
+
+
 def test_grouped_native_op_matches_the_python_node():
     """The eager cpp path (one native op, C++ autograd) and the Python autograd node agree on values and gradients:
     total and per-task backward, tensor weights, a task without gradient."""
@@ -575,6 +591,27 @@ def test_cuda_no_host_sync():
             per_task["depth"].backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_multitask_loss_launches():
+    """The cuda backend's forward + backward of T tasks: T loss kernels and one finalize (each target read once), then
+    the scale factors (one multiply) and one grouped scaling kernel: at most T + 3 kernels."""
+    preds, targets, kinds, masks = batch("cuda")
+    params = list(preds.values())
+
+    def step():
+        with fastmtl.use_backend("cuda"):
+            total, _ = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        return torch.autograd.grad(total, params)
+
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(preds) + 1 <= len(kernels) <= len(preds) + 3, kernels
 
 
 @pytest.mark.cuda

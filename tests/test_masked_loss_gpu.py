@@ -508,20 +508,46 @@ int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, i
                geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
   return masked_loss_count_ce(target, mask, g, ignore_index, counts, num_blocks, loss, nullptr);
 }
+static LossReduction reduction(const int32_t* counts, int num_counts, float* loss, float* psums, int32_t* pcounts) {
+  LossReduction red;
+  red.counts = counts;
+  red.num_counts = num_counts;
+  red.loss = loss;
+  red.partial_sums = psums;
+  red.partial_counts = pcounts;
+  return red;
+}
+static CeGeometry geometry(const int64_t* geom) {
+  return CeGeometry{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
+                    geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+}
 int emu_ce(const void* pred, int dtype, const int64_t* target, const bool* mask, void* grad, const int64_t* geom,
-           int64_t ignore_index, const int32_t* counts, int num_counts, float* loss) {
-  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
-               geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
-  return masked_loss_ce(pred, DType(dtype), target, mask, grad, g, ignore_index, counts, num_counts, loss, nullptr);
+           int64_t ignore_index, const int32_t* counts, int num_counts, float* loss, float* psums, int32_t* pcounts) {
+  return masked_loss_ce(pred, DType(dtype), target, mask, grad, geometry(geom), ignore_index,
+                        reduction(counts, num_counts, loss, psums, pcounts), nullptr);
+}
+int64_t emu_ce_blocks(const void* pred, int dtype, const void* grad, const int64_t* geom) {
+  return masked_loss_ce_blocks(pred, DType(dtype), grad, geometry(geom));
+}
+int64_t emu_elementwise_blocks(const void* pred, int dtype, const void* target, int tdtype, const void* grad,
+                               int64_t total) {
+  return masked_loss_elementwise_blocks(pred, DType(dtype), target, DType(tdtype), grad, total);
+}
+int emu_finalize(const int64_t* first, const int64_t* num, float** losses, int n, const float* psums,
+                 const int32_t* pcounts, const float* weights, float* grad_scale, float* total, int accumulate) {
+  FinalizeTask tasks[kMaxFinalizeTasks];
+  for (int i = 0; i < n; ++i) tasks[i] = {first[i], num[i], losses[i]};
+  return masked_loss_finalize(tasks, n, psums, pcounts, weights, grad_scale, total, accumulate != 0, nullptr);
 }
 int emu_count_float(const void* target, int tdtype, const bool* mask, int64_t total, int64_t M, int32_t* counts,
                     int num_blocks, float* loss) {
   return masked_loss_count_float(target, DType(tdtype), mask, total, M, counts, num_blocks, loss, nullptr);
 }
 int emu_elementwise(int kind, const void* pred, int dtype, const void* target, int tdtype, const bool* mask, void* grad,
-                    int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss) {
+                    int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss, float* psums,
+                    int32_t* pcounts) {
   return masked_loss_elementwise(ElementwiseKind(kind), pred, DType(dtype), target, DType(tdtype), mask, grad, total, M,
-                                 counts, num_counts, loss, nullptr);
+                                 reduction(counts, num_counts, loss, psums, pcounts), nullptr);
 }
 int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales) {
   ScaleTask tasks[kMaxScaleTasks];
@@ -597,13 +623,12 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-def _emu_ce(lib, pred, target, mask, ignore_index=-100):
-    """The geometry masked_loss_aten.cpp builds, then the count and loss launchers, on poisoned outputs."""
+def _emu_geometry(pred, target, mask, grad):
+    """The CeGeometry masked_loss_aten.cpp builds, as a ctypes int64[13]."""
     import ctypes
 
     from fastmtl.kernels.masked_loss import _collapsed_stride
 
-    grad = torch.full_like(pred, float("nan"))
     N, C = pred.shape[:2]
     S = math.prod(pred.shape[2:])
     ms = mask.stride(0) if mask is not None else 0
@@ -614,15 +639,23 @@ def _emu_ce(lib, pred, target, mask, ignore_index=-100):
         g = [N, C, S, pred.stride(0), pred.stride(1), _collapsed_stride(pred.shape[2:], pred.stride()[2:]),
              grad.stride(0), grad.stride(1), _collapsed_stride(grad.shape[2:], grad.stride()[2:]),
              target.stride(0), _collapsed_stride(target.shape[1:], target.stride()[1:]), ms, 0]  # fmt: skip
-    geom = (ctypes.c_int64 * 13)(*g)
-    blocks = lib.emu_count_blocks(ctypes.c_int64(g[0] * g[2]))
+    return (ctypes.c_int64 * 13)(*g)
+
+
+def _emu_ce(lib, pred, target, mask, ignore_index=-100):
+    """The count and loss launchers in normalised mode (fastmtl::masked_loss), on poisoned outputs."""
+    import ctypes
+
+    grad = torch.full_like(pred, float("nan"))
+    geom = _emu_geometry(pred, target, mask, grad)
+    blocks = lib.emu_count_blocks(ctypes.c_int64(geom[0] * geom[2]))
     counts = torch.full((blocks,), -1, dtype=torch.int32)
     loss = torch.full((), float("nan"))
     ii = ctypes.c_int64(ignore_index)
     assert lib.emu_count_ce(_ptr(target), _ptr(mask), geom, ii, _ptr(counts), blocks, _ptr(loss)) == 0
     dt = _EMU_DTYPE[pred.dtype]
     assert lib.emu_ce(_ptr(pred), dt, _ptr(target), _ptr(mask), _ptr(grad), geom, ii, _ptr(counts), blocks,
-                      _ptr(loss)) == 0  # fmt: skip
+                      _ptr(loss), _ptr(None), _ptr(None)) == 0  # fmt: skip
     return loss, grad
 
 
@@ -639,8 +672,55 @@ def _emu_elementwise(lib, pred, target, mask, kind):
     assert lib.emu_count_float(_ptr(target), tdt, _ptr(mask), total, M, _ptr(counts), blocks, _ptr(loss)) == 0
     code = {"bce": 0, "l1": 1, "mse": 2}[kind]
     assert lib.emu_elementwise(code, _ptr(pred), pdt, _ptr(target), tdt, _ptr(mask), _ptr(grad), total, M,
-                               _ptr(counts), blocks, _ptr(loss)) == 0  # fmt: skip
+                               _ptr(counts), blocks, _ptr(loss), _ptr(None), _ptr(None)) == 0  # fmt: skip
     return loss, grad
+
+
+def _emu_multitask_forward(lib, tasks, weights):
+    """What masked_multitask_loss_forward_cuda does, on poisoned outputs: per task the loss kernel in partials mode
+    (element gradients, one partial per block), then one finalize launch. tasks: (pred, target, mask, kind).
+    Returns (total, losses, grad_scale, grads)."""
+    import ctypes
+
+    lib.emu_ce_blocks.restype = ctypes.c_int64
+    lib.emu_elementwise_blocks.restype = ctypes.c_int64
+    plans, first = [], [0]
+    for pred, target, mask, kind in tasks:
+        grad = torch.full_like(pred, float("nan"))
+        pdt = _EMU_DTYPE[pred.dtype]
+        if kind == "ce":
+            geom = _emu_geometry(pred, target, mask, grad)
+            blocks = lib.emu_ce_blocks(_ptr(pred), pdt, _ptr(grad), geom)
+        else:
+            geom = None
+            blocks = lib.emu_elementwise_blocks(_ptr(pred), pdt, _ptr(target), _EMU_DTYPE[target.dtype], _ptr(grad),
+                                                ctypes.c_int64(pred.numel()))  # fmt: skip
+        plans.append((grad, geom))
+        first.append(first[-1] + blocks)
+    psums = torch.full((max(first[-1], 1),), float("nan"))
+    pcounts = torch.full((max(first[-1], 1),), -1, dtype=torch.int32)
+    for (pred, target, mask, kind), (grad, geom), start in zip(tasks, plans, first):
+        sums, counts = psums[start:], pcounts[start:]
+        pdt = _EMU_DTYPE[pred.dtype]
+        if kind == "ce":
+            assert lib.emu_ce(_ptr(pred), pdt, _ptr(target), _ptr(mask), _ptr(grad), geom, ctypes.c_int64(-100),
+                              _ptr(None), 0, _ptr(None), _ptr(sums), _ptr(counts)) == 0  # fmt: skip
+        else:
+            code = {"bce": 0, "l1": 1, "mse": 2}[kind]
+            assert lib.emu_elementwise(code, _ptr(pred), pdt, _ptr(target), _EMU_DTYPE[target.dtype], _ptr(mask),
+                                       _ptr(grad), ctypes.c_int64(pred.numel()),
+                                       ctypes.c_int64(pred.numel() // pred.shape[0]), _ptr(None), 0, _ptr(None),
+                                       _ptr(sums), _ptr(counts)) == 0  # fmt: skip
+    n = len(tasks)
+    losses = [torch.full((), float("nan")) for _ in tasks]
+    grad_scale = torch.full((n,), float("nan"))
+    total = torch.full((), float("nan"))
+    firsts = (ctypes.c_int64 * n)(*first[:-1])
+    nums = (ctypes.c_int64 * n)(*[b - a for a, b in zip(first[:-1], first[1:])])
+    loss_ptrs = (ctypes.c_void_p * n)(*[loss.data_ptr() for loss in losses])
+    assert lib.emu_finalize(firsts, nums, loss_ptrs, n, _ptr(psums), _ptr(pcounts), _ptr(weights), _ptr(grad_scale),
+                            _ptr(total), 0) == 0  # fmt: skip
+    return total, losses, grad_scale, [grad for grad, _ in plans]
 
 
 @pytest.mark.parametrize(
@@ -707,6 +787,41 @@ def test_cuda_kernels_emulated_ce_misaligned_pixels(emu, dtype):
     ref_loss, ref_grad = reference(pred, target, mask, "ce")
     tol = TOLERANCES["loss"][dtype]
     assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_cuda_kernels_emulated_multitask_partials(emu, weighted):
+    """The partials mode of masked_multitask_loss_forward: every kernel path writes element gradients and per-block
+    (sum, count) partials; the finalize launch turns them into the losses, 1/count factors and the weighted total."""
+    torch.manual_seed(0)
+    seg, seg_t = make_ce((3, 5, 4, 8), "contiguous", torch.float32, device="cpu")  # 4 pixels per thread
+    odd, odd_t = make_ce((3, 13, 6, 7), "contiguous", torch.float16, device="cpu")  # one pixel per thread
+    rows, rows_t = make_ce((6, 20), "contiguous", torch.bfloat16, device="cpu")  # rows kernel
+    depth, depth_t = make_dense("l1", (3, 1, 40, 9), "contiguous", torch.float32, device="cpu")  # 16-byte vectors
+    attr, attr_t = make_dense("bce", (3, 1201), "contiguous", torch.float32, device="cpu")
+    attr = torch.cat([attr.new_zeros(1), attr.flatten()])[1:].view(3, 1201)  # misaligned: scalar path
+    empty, empty_t = make_dense("mse", (3, 7), "contiguous", torch.float32, device="cpu")
+    tasks = [
+        (seg, seg_t, make_mask(3, "random", device="cpu"), "ce"),
+        (odd, odd_t, None, "ce"),
+        (rows, rows_t, make_mask(6, "random", device="cpu"), "ce"),
+        (depth, depth_t, make_mask(3, "random", device="cpu"), "l1"),
+        (attr, attr_t, None, "bce"),
+        (empty, empty_t, make_mask(3, "empty", device="cpu"), "mse"),
+    ]
+    weights = torch.rand(len(tasks)) + 0.5 if weighted else None
+    total, losses, grad_scale, grads = _emu_multitask_forward(emu, tasks, weights)
+    want_total = 0.0
+    for t, ((pred, target, mask, kind), loss, grad) in enumerate(zip(tasks, losses, grads)):
+        ref_loss, ref_grad = reference(pred, target, mask, kind)
+        want_total += (weights[t].item() if weighted else 1.0) * ref_loss.item()
+        tol = TOLERANCES["loss"][pred.dtype]
+        if ref_loss.item() == 0.0:  # no valid element: loss 0 and a zero factor
+            assert loss.item() == 0.0 and grad_scale[t].item() == 0.0 and not grad.isnan().any()
+            continue
+        assert rel_err(loss, ref_loss) <= tol
+        assert rel_err(grad.double() * grad_scale[t].item(), ref_grad) <= tol
+    assert abs(total.item() - want_total) <= 1e-5 * abs(want_total)
 
 
 def test_cuda_kernels_emulated_scale_grads(emu):

@@ -91,6 +91,26 @@ __device__ __forceinline__ void block_add_loss(float row_loss, float inv_count, 
   if (threadIdx.x == 0 && sum != 0.0f) atomicAdd(loss, sum * inv_count);
 }
 
+// The factor of the gradient: 1 / (valid count) in normalised mode, 1 (the element gradient) in partials mode.
+__device__ __forceinline__ float reduction_inv(const LossReduction& red) {
+  return red.counts != nullptr ? block_inv_count(red.counts, red.num_counts) : 1.0f;
+}
+
+// The block's end: add its loss partial / count to *loss (normalised mode), or write its loss sum and valid count
+// to its slot (partials mode). `valid`: this thread's number of valid elements.
+__device__ __forceinline__ void reduction_finish(const LossReduction& red, float row_loss, int valid, float inv) {
+  if (red.partial_sums == nullptr) {
+    block_add_loss(row_loss, inv, red.loss);
+    return;
+  }
+  const float sum = block_sum(row_loss);
+  const int count = block_sum(valid);
+  if (threadIdx.x == 0) {
+    red.partial_sums[blockIdx.x] = sum;
+    red.partial_counts[blockIdx.x] = count;
+  }
+}
+
 // ---- count kernels ---------------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads)
@@ -158,13 +178,15 @@ template <typename P, int CREG>
 __global__ void __launch_bounds__(kThreads)
     ce_pixel_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                     P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                    const int32_t* __restrict__ counts, int num_counts, float* __restrict__ loss) {
-  const float inv = block_inv_count(counts, num_counts);
+                    LossReduction red) {
+  const float inv = reduction_inv(red);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kThreads + threadIdx.x;
   float row_loss = 0.0f;
+  int valid = 0;
   if (s < g.S) {
     const CeRow row = load_ce_row(target, mask, g, n, s, ignore_index);
+    valid = row.ok ? 1 : 0;
     const P* x = pred + n * g.p_sn + s * g.p_ss;
     P* gx = grad != nullptr ? grad + n * g.g_sn + s * g.g_ss : nullptr;
     if (!row.ok) {
@@ -211,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  block_add_loss(row_loss, inv, loss);
+  reduction_finish(red, row_loss, valid, inv);
 }
 
 template <typename X, int V>
@@ -226,12 +248,13 @@ template <typename P, int CREG, int PIX>
 __global__ void __launch_bounds__(kThreads)
     ce_pixel_vec_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                         P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                        const int32_t* __restrict__ counts, int num_counts, float* __restrict__ loss) {
+                        LossReduction red) {
   using Vec = Pack<P, PIX>;
-  const float inv = block_inv_count(counts, num_counts);
+  const float inv = reduction_inv(red);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s0 = ((blockIdx.x - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   float row_loss = 0.0f;
+  int valid = 0;
   if (s0 < g.S) {
     int64_t cls[PIX];
     bool ok[PIX];
@@ -242,6 +265,7 @@ __global__ void __launch_bounds__(kThreads)
       cls[j] = row.t;
       ok[j] = row.ok;
       any |= row.ok;
+      valid += row.ok ? 1 : 0;
     }
     const P* x = pred + n * g.p_sn + s0;
     P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
@@ -305,7 +329,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  block_add_loss(row_loss, inv, loss);
+  reduction_finish(red, row_loss, valid, inv);
 }
 
 // TPR threads per row of C contiguous logits (p_sc == 1); VPL > 0 caches VPL logits per lane (C <= TPR * VPL).
@@ -313,9 +337,9 @@ template <typename P, int TPR, int VPL>
 __global__ void __launch_bounds__(kThreads)
     ce_rows_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                    P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                   const int32_t* __restrict__ counts, int num_counts, float* __restrict__ loss) {
+                   LossReduction red) {
   constexpr int kRows = kThreads / TPR;
-  const float inv = block_inv_count(counts, num_counts);
+  const float inv = reduction_inv(red);
   const int lane = threadIdx.x % TPR;
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kRows + threadIdx.x / TPR;
@@ -361,6 +385,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   float row_loss = 0.0f;
   if (row.ok && lane == 0) row_loss = m + logf(l) - to_float(x[row.t]);
+  const int valid = row.ok && lane == 0 ? 1 : 0;
   if (in_range && grad != nullptr) {
     P* gx = grad + n * g.g_sn + s * g.g_ss;
     if (!row.ok) {
@@ -378,7 +403,7 @@ __global__ void __launch_bounds__(kThreads)
         gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c]) - m) * scale - (c == row.t ? inv : 0.0f));
     }
   }
-  block_add_loss(row_loss, inv, loss);
+  reduction_finish(red, row_loss, valid, inv);
 }
 
 // ---- bce / l1 / mse --------------------------------------------------------------------------------------------
@@ -403,10 +428,10 @@ __device__ __forceinline__ void element_loss(float p, float t, float& loss, floa
 template <int KIND, typename P, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
-                       P* __restrict__ grad, int64_t total, int64_t M, const int32_t* __restrict__ counts,
-                       int num_counts, float* __restrict__ loss) {
-  const float inv = block_inv_count(counts, num_counts);
+                       P* __restrict__ grad, int64_t total, int64_t M, LossReduction red) {
+  const float inv = reduction_inv(red);
   float acc = 0.0f;
+  int valid = 0;
   const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
 #pragma unroll
   for (int item = 0; item < kElementwiseItems; ++item) {
@@ -448,11 +473,12 @@ __global__ void __launch_bounds__(kThreads)
     Pack<P, VEC> gp;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const bool valid = ok[e] && !isnan(t[e]);
+      const bool ok_e = ok[e] && !isnan(t[e]);
       float el = 0.0f, ge = 0.0f;
       element_loss<KIND>(p[e], t[e], el, ge);
-      acc += valid ? el : 0.0f;
-      gp.v[e] = from_float<P>(valid ? ge * inv : 0.0f);
+      acc += ok_e ? el : 0.0f;
+      valid += ok_e ? 1 : 0;
+      gp.v[e] = from_float<P>(ok_e ? ge * inv : 0.0f);
     }
     if (grad != nullptr) {
       if (VEC > 1 && full) {
@@ -464,7 +490,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  block_add_loss(acc, inv, loss);
+  reduction_finish(red, acc, valid, inv);
 }
 
 // ---- grouped scaling -------------------------------------------------------------------------------------------
@@ -526,6 +552,41 @@ __global__ void __launch_bounds__(kThreads) scale_grads_kernel(ScaleTable table,
   }
 }
 
+// ---- finalize (partials mode): every task's loss, gradient factor and the weighted total -------------------------
+
+struct FinalizeTable {
+  int64_t first[kMaxFinalizeTasks];  // task t's partials: [first[t], first[t] + num[t])
+  int64_t num[kMaxFinalizeTasks];
+  float* loss[kMaxFinalizeTasks];
+  int count;
+};
+
+// One block: for each task, sums its block partials (double / int64), writes L_t = sum / count (0 without a valid
+// element) and grad_scale[t] = 1 / count (0 likewise), and adds weights[t] * L_t to the total.
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(FinalizeTable table, const float* __restrict__ partial_sums,
+                    const int32_t* __restrict__ partial_counts, const float* __restrict__ weights,
+                    float* __restrict__ grad_scale, float* __restrict__ total, bool accumulate_total) {
+  float weighted = 0.0f;
+  for (int t = 0; t < table.count; ++t) {
+    double sum = 0.0;
+    long long count = 0;
+    for (int64_t i = threadIdx.x; i < table.num[t]; i += kThreads) {
+      sum += partial_sums[table.first[t] + i];
+      count += partial_counts[table.first[t] + i];
+    }
+    sum = block_sum(sum);
+    count = block_sum(count);
+    if (threadIdx.x == 0) {
+      const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
+      *table.loss[t] = loss;
+      grad_scale[t] = count > 0 ? 1.0f / static_cast<float>(count) : 0.0f;
+      weighted += (weights != nullptr ? weights[t] : 1.0f) * loss;
+    }
+  }
+  if (threadIdx.x == 0) *total = accumulate_total ? *total + weighted : weighted;
+}
+
 // ---- launch helpers --------------------------------------------------------------------------------------------
 
 template <typename F>
@@ -555,44 +616,76 @@ bool pixel_vec_ok(const P* pred, const P* grad, const CeGeometry& g, int pix) {
   return g.C <= 16 && g.S % pix == 0 && pred_ok && grad_ok;
 }
 
+int rows_threads_per_row(int64_t C) { return C <= 16 ? 4 : (C <= 32 ? 8 : (C <= 64 ? 16 : 32)); }
+
+enum class CeKernel { kRows, kPixelVec, kPixel };
+
+template <typename P>
+CeKernel ce_kernel_for(const P* pred, const P* grad, const CeGeometry& g) {
+  if (g.p_sc == 1 && g.C > 1) return CeKernel::kRows;
+  return pixel_vec_ok(pred, grad, g, kPixelVec) ? CeKernel::kPixelVec : CeKernel::kPixel;
+}
+
+// The grid of the cross-entropy kernel masked_loss_ce launches (one partial per block in partials mode).
+template <typename P>
+int64_t ce_blocks(const P* pred, const P* grad, const CeGeometry& g) {
+  switch (ce_kernel_for(pred, grad, g)) {
+    case CeKernel::kRows:
+      return g.N * ceil_div(g.S, kThreads / rows_threads_per_row(g.C));
+    case CeKernel::kPixelVec:
+      return g.N * ceil_div(g.S / kPixelVec, kThreads);
+    default:
+      return g.N * ceil_div(g.S, kThreads);
+  }
+}
+
+template <typename P, typename T>
+bool elementwise_vec_ok(const P* pred, const T* target, const P* grad) {
+  constexpr int kVec = 16 / sizeof(P);
+  return aligned(pred, sizeof(P) * kVec) && aligned(target, sizeof(T) * kVec) &&
+         (grad == nullptr || aligned(grad, sizeof(P) * kVec));
+}
+
+template <typename P, typename T>
+int64_t elementwise_blocks(const P* pred, const T* target, const P* grad, int64_t total) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kElementwiseItems;
+  return ceil_div(total, elementwise_vec_ok(pred, target, grad) ? per_block * (16 / sizeof(P)) : per_block);
+}
+
 template <typename P, int TPR, int VPL>
 void launch_rows(const P* pred, const int64_t* target, const bool* mask, P* grad, const CeGeometry& g,
-                 int64_t ignore_index, const int32_t* counts, int num_counts, float* loss, cudaStream_t stream) {
+                 int64_t ignore_index, const LossReduction& red, cudaStream_t stream) {
   const int64_t s_blocks = ceil_div(g.S, kThreads / TPR);
   ce_rows_kernel<P, TPR, VPL><<<static_cast<unsigned>(g.N * s_blocks), kThreads, 0, stream>>>(
-      pred, target, mask, grad, g, ignore_index, s_blocks, counts, num_counts, loss);
+      pred, target, mask, grad, g, ignore_index, s_blocks, red);
 }
 
 template <int KIND, typename P, typename T>
 void launch_elementwise(const P* pred, const T* target, const bool* mask, P* grad, int64_t total, int64_t M,
-                        const int32_t* counts, int num_counts, float* loss, cudaStream_t stream) {
+                        const LossReduction& red, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(P);
-  const bool vec_ok = aligned(pred, sizeof(P) * kVec) && aligned(target, sizeof(T) * kVec) &&
-                      (grad == nullptr || aligned(grad, sizeof(P) * kVec));
-  if (vec_ok) {
-    const int64_t blocks = ceil_div(total, static_cast<int64_t>(kThreads) * kVec * kElementwiseItems);
+  const int64_t blocks = elementwise_blocks(pred, target, grad, total);
+  if (elementwise_vec_ok(pred, target, grad)) {
     elementwise_kernel<KIND, P, T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        pred, target, mask, grad, total, M, counts, num_counts, loss);
+        pred, target, mask, grad, total, M, red);
   } else {
-    const int64_t blocks = ceil_div(total, static_cast<int64_t>(kThreads) * kElementwiseItems);
     elementwise_kernel<KIND, P, T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        pred, target, mask, grad, total, M, counts, num_counts, loss);
+        pred, target, mask, grad, total, M, red);
   }
 }
 
 template <typename P, typename T>
 void launch_elementwise_kind(ElementwiseKind kind, const P* pred, const T* target, const bool* mask, P* grad,
-                             int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss,
-                             cudaStream_t stream) {
+                             int64_t total, int64_t M, const LossReduction& red, cudaStream_t stream) {
   switch (kind) {
     case ElementwiseKind::kBCE:
-      launch_elementwise<0>(pred, target, mask, grad, total, M, counts, num_counts, loss, stream);
+      launch_elementwise<0>(pred, target, mask, grad, total, M, red, stream);
       break;
     case ElementwiseKind::kL1:
-      launch_elementwise<1>(pred, target, mask, grad, total, M, counts, num_counts, loss, stream);
+      launch_elementwise<1>(pred, target, mask, grad, total, M, red, stream);
       break;
     case ElementwiseKind::kMSE:
-      launch_elementwise<2>(pred, target, mask, grad, total, M, counts, num_counts, loss, stream);
+      launch_elementwise<2>(pred, target, mask, grad, total, M, red, stream);
       break;
   }
 }
@@ -619,40 +712,67 @@ cudaError_t masked_loss_count_float(const void* target, DType target_dtype, cons
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+int64_t masked_loss_ce_blocks(const void* pred, DType dtype, const void* grad, const CeGeometry& g) {
+  if (g.N * g.S == 0) return 0;
+  int64_t blocks = 0;
+  dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    blocks = ce_blocks(static_cast<const P*>(pred), static_cast<const P*>(grad), g);
+    return cudaSuccess;
+  });
+  return blocks;
+}
+
+int64_t masked_loss_elementwise_blocks(const void* pred, DType dtype, const void* target, DType target_dtype,
+                                       const void* grad, int64_t total) {
+  if (total == 0) return 0;
+  int64_t blocks = 0;
+  dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    const P* x = static_cast<const P*>(pred);
+    const P* gx = static_cast<const P*>(grad);
+    blocks = target_dtype == DType::kFloat32 ? elementwise_blocks(x, static_cast<const float*>(target), gx, total)
+                                             : elementwise_blocks(x, static_cast<const P*>(target), gx, total);
+    return cudaSuccess;
+  });
+  return blocks;
+}
+
 cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
-                           const CeGeometry& g, int64_t ignore_index, const int32_t* counts, int num_counts,
-                           float* loss, cudaStream_t stream) {
+                           const CeGeometry& g, int64_t ignore_index, const LossReduction& red,
+                           cudaStream_t stream) {
   if (g.N * g.S == 0) return cudaSuccess;
   const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
     using P = decltype(zero);
     const P* x = static_cast<const P*>(pred);
     P* gx = static_cast<P*>(grad);
-    if (g.p_sc == 1 && g.C > 1) {
+    const CeKernel kernel = ce_kernel_for(x, gx, g);
+    if (kernel == CeKernel::kRows) {
       if (g.C <= 16)
-        launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+        launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, red, stream);
       else if (g.C <= 32)
-        launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+        launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, red, stream);
       else if (g.C <= 64)
-        launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+        launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, red, stream);
       else if (g.C <= 128)
-        launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+        launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, red, stream);
       else if (g.C <= 256)
-        launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
+        launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, red, stream);
       else
-        launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, counts, num_counts, loss, stream);
-    } else if (pixel_vec_ok(x, gx, g, kPixelVec)) {
+        launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, red, stream);
+    } else if (kernel == CeKernel::kPixelVec) {
       const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
       ce_pixel_vec_kernel<P, 16, kPixelVec><<<static_cast<unsigned>(g.N * s_blocks), kThreads, 0, stream>>>(
-          x, target, mask, gx, g, ignore_index, s_blocks, counts, num_counts, loss);
+          x, target, mask, gx, g, ignore_index, s_blocks, red);
     } else {
       const int64_t s_blocks = ceil_div(g.S, kThreads);
       const unsigned blocks = static_cast<unsigned>(g.N * s_blocks);
       if (g.C <= 16)
         ce_pixel_kernel<P, 16><<<blocks, kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index, s_blocks,
-                                                                counts, num_counts, loss);
+                                                                red);
       else
         ce_pixel_kernel<P, 0><<<blocks, kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index, s_blocks,
-                                                               counts, num_counts, loss);
+                                                               red);
     }
     return cudaSuccess;
   });
@@ -661,7 +781,7 @@ cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target,
 
 cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
                                     DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
-                                    const int32_t* counts, int num_counts, float* loss, cudaStream_t stream) {
+                                    const LossReduction& red, cudaStream_t stream) {
   if (total == 0) return cudaSuccess;
   if (target_dtype != dtype && target_dtype != DType::kFloat32) return cudaErrorInvalidValue;
   const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
@@ -669,14 +789,28 @@ cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DTyp
     const P* x = static_cast<const P*>(pred);
     P* gx = static_cast<P*>(grad);
     if (target_dtype == DType::kFloat32)
-      launch_elementwise_kind(kind, x, static_cast<const float*>(target), mask, gx, total, M, counts, num_counts,
-                              loss, stream);
+      launch_elementwise_kind(kind, x, static_cast<const float*>(target), mask, gx, total, M, red, stream);
     else
-      launch_elementwise_kind(kind, x, static_cast<const P*>(target), mask, gx, total, M, counts, num_counts, loss,
-                              stream);
+      launch_elementwise_kind(kind, x, static_cast<const P*>(target), mask, gx, total, M, red, stream);
     return cudaSuccess;
   });
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+cudaError_t masked_loss_finalize(const FinalizeTask* tasks, int num_tasks, const float* partial_sums,
+                                 const int32_t* partial_counts, const float* weights, float* grad_scale, float* total,
+                                 bool accumulate_total, cudaStream_t stream) {
+  if (num_tasks <= 0 || num_tasks > kMaxFinalizeTasks) return cudaErrorInvalidValue;
+  FinalizeTable table{};
+  for (int i = 0; i < num_tasks; ++i) {
+    table.first[i] = tasks[i].first_partial;
+    table.num[i] = tasks[i].num_partials;
+    table.loss[i] = tasks[i].loss;
+  }
+  table.count = num_tasks;
+  finalize_kernel<<<1, kThreads, 0, stream>>>(table, partial_sums, partial_counts, weights, grad_scale, total,
+                                              accumulate_total);
+  return cudaGetLastError();
 }
 
 cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream) {

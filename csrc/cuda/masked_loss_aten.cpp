@@ -1,4 +1,5 @@
-// CUDA implementations of fastmtl::masked_loss and fastmtl::masked_loss_scale_grads (schemas in csrc/ops.cpp):
+// CUDA implementations of fastmtl::masked_loss, fastmtl::masked_loss_scale_grads(_) and
+// fastmtl::masked_multitask_loss_forward (schemas in csrc/ops.cpp):
 // tensor preparation (layouts, workspaces) around the raw-pointer launchers of masked_loss.cu. Arguments are
 // validated in Python (fastmtl/ops/masked_loss.py); the checks here only guard against calls that would make a
 // kernel read out of bounds. Nothing here synchronises with the host.
@@ -69,22 +70,67 @@ bool flat_by_sample(const at::Tensor& t) {
   return n <= 1 || t.stride(0) == t.numel() / n;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor target,
-                                                 const c10::optional<at::Tensor>& mask, int64_t ignore_index,
-                                                 bool compute_grad, cudaStream_t stream) {
+// One task's tensors in the layouts the kernels take, and the kernel arguments. grad always has pred's own layout
+// (empty_like, as the fake implementation says); the kernels write it directly unless its layout does not fit them
+// (rare), then they write work_grad and finish() copies it into grad.
+struct TaskLaunch {
+  bool is_ce = false;
+  at::Tensor pred, target, mask, grad, work_grad;
+  DType pred_dtype = DType::kFloat32, target_dtype = DType::kFloat32;
+  CeGeometry geom{};                                                   // ce
+  int64_t ignore_index = -100;                                         // ce
+  cuda::ElementwiseKind kind = cuda::ElementwiseKind::kL1;             // bce / l1 / mse
+  int64_t total = 0, M = 0;                                            // bce / l1 / mse
+
+  const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
+  void* grad_ptr() const { return work_grad.defined() ? work_grad.data_ptr() : nullptr; }
+
+  // Blocks of the loss kernel (= partials in partials mode).
+  int64_t blocks() const {
+    return is_ce ? cuda::masked_loss_ce_blocks(pred.data_ptr(), pred_dtype, grad_ptr(), geom)
+                 : cuda::masked_loss_elementwise_blocks(pred.data_ptr(), pred_dtype, target.data_ptr(), target_dtype,
+                                                        grad_ptr(), total);
+  }
+
+  // The count kernel of the normalised mode.
+  void count(int32_t* counts, int num_counts, float* loss, cudaStream_t stream) const {
+    check_cuda(is_ce ? cuda::masked_loss_count_ce(target.data_ptr<int64_t>(), mask_ptr(), geom, ignore_index, counts,
+                                                  num_counts, loss, stream)
+                     : cuda::masked_loss_count_float(target.data_ptr(), target_dtype, mask_ptr(), total, M, counts,
+                                                     num_counts, loss, stream),
+               "count kernel");
+  }
+
+  int64_t count_items() const { return is_ce ? geom.N * geom.S : total; }
+
+  void run(const cuda::LossReduction& red, cudaStream_t stream) const {
+    check_cuda(is_ce ? cuda::masked_loss_ce(pred.data_ptr(), pred_dtype, target.data_ptr<int64_t>(), mask_ptr(),
+                                            grad_ptr(), geom, ignore_index, red, stream)
+                     : cuda::masked_loss_elementwise(kind, pred.data_ptr(), pred_dtype, target.data_ptr(),
+                                                     target_dtype, mask_ptr(), grad_ptr(), total, M, red, stream),
+               is_ce ? "cross-entropy kernel" : "loss kernel");
+  }
+
+  void finish() const {
+    if (work_grad.defined() && !work_grad.is_same(grad)) grad.copy_(work_grad);
+  }
+};
+
+TaskLaunch prepare_cross_entropy(at::Tensor pred, at::Tensor target, const c10::optional<at::Tensor>& mask,
+                                 int64_t ignore_index, bool compute_grad) {
   TORCH_CHECK(pred.dim() >= 2, "masked_loss (CUDA): ce pred must be [N, C, *], got ", pred.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "masked_loss (CUDA): ce target must be int64");
   TORCH_CHECK(target.dim() == pred.dim() - 1 && target.size(0) == pred.size(0),
               "masked_loss (CUDA): ce target must be [N, *spatial] matching pred");
-  // grad always has pred's own layout (empty_like, as the fake implementation says); the kernel writes it directly
-  // unless its spatial dims do not collapse to one stride (rare), then a temporary is copied into it.
-  at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty_like(pred) : pred.new_empty({0});
+  TaskLaunch L;
+  L.is_ce = true;
+  L.ignore_index = ignore_index;
+  L.pred_dtype = dtype_of(pred, "pred");
+  L.grad = compute_grad ? at::empty_like(pred) : pred.new_empty({0});
   if (collapsed_stride(pred, 2) < 0) pred = pred.contiguous();
   if (collapsed_stride(target, 1) < 0) target = target.contiguous();
-  at::Tensor work_grad = grad;
-  if (compute_grad && collapsed_stride(grad, 2) < 0) work_grad = at::empty_like(pred);
-  const at::Tensor& g_src = compute_grad ? work_grad : pred;
+  if (compute_grad) L.work_grad = collapsed_stride(L.grad, 2) < 0 ? at::empty_like(pred) : L.grad;
+  const at::Tensor& g_src = compute_grad ? L.work_grad : pred;
 
   CeGeometry g{};
   g.N = pred.size(0);
@@ -113,64 +159,42 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy(at::Tensor pred, at::Tensor tar
     g.t_sn = g.S * g.t_ss;
     g.m_sn = g.S * g.m_ss;
   }
-  const bool* mask_ptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  const int num_counts = cuda::masked_loss_count_blocks(g.N * g.S);
-  at::Tensor counts = at::empty({num_counts}, pred.options().dtype(at::kInt));
-  check_cuda(cuda::masked_loss_count_ce(target.data_ptr<int64_t>(), mask_ptr, g, ignore_index,
-                                        counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream),
-             "count kernel");
-  check_cuda(cuda::masked_loss_ce(pred.data_ptr(), dtype_of(pred, "pred"), target.data_ptr<int64_t>(), mask_ptr,
-                                  compute_grad ? work_grad.data_ptr() : nullptr, g, ignore_index,
-                                  counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream),
-             "cross-entropy kernel");
-  if (compute_grad && !work_grad.is_same(grad)) grad.copy_(work_grad);
-  return {loss, grad};
+  L.geom = g;
+  L.pred = pred;
+  L.target = target;
+  if (mask.has_value()) L.mask = *mask;
+  return L;
 }
 
-std::tuple<at::Tensor, at::Tensor> elementwise(at::Tensor pred, at::Tensor target,
-                                               const c10::optional<at::Tensor>& mask, cuda::ElementwiseKind kind,
-                                               bool compute_grad, cudaStream_t stream) {
+TaskLaunch prepare_elementwise(at::Tensor pred, at::Tensor target, const c10::optional<at::Tensor>& mask,
+                               cuda::ElementwiseKind kind, bool compute_grad) {
   TORCH_CHECK(pred.dim() >= 1 && target.sizes() == pred.sizes(),
               "masked_loss (CUDA): target must have pred's shape ", pred.sizes(), ", got ", target.sizes());
-  at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty_like(pred) : pred.new_empty({0});  // pred's layout
+  TaskLaunch L;
+  L.kind = kind;
+  L.grad = compute_grad ? at::empty_like(pred) : pred.new_empty({0});  // pred's layout
   if (!flat_by_sample(pred)) pred = pred.contiguous();
-  at::Tensor work_grad = grad;
-  if (compute_grad && !(grad.is_non_overlapping_and_dense() && same_layout(grad, pred)))
-    work_grad = at::empty_like(pred);  // rare: the kernel writes in pred's working layout, copied at the end
-  const DType pdt = dtype_of(pred, "pred");
-  DType tdt = dtype_of(target, "target");
-  if (tdt != pdt && tdt != DType::kFloat32) {  // the kernels take a target in pred's dtype or float32
+  if (compute_grad)  // rare: the kernel writes in pred's working layout, copied at the end
+    L.work_grad = L.grad.is_non_overlapping_and_dense() && same_layout(L.grad, pred) ? L.grad : at::empty_like(pred);
+  L.pred_dtype = dtype_of(pred, "pred");
+  L.target_dtype = dtype_of(target, "target");
+  if (L.target_dtype != L.pred_dtype && L.target_dtype != DType::kFloat32) {  // kernels: pred's dtype or float32
     target = target.to(at::kFloat);
-    tdt = DType::kFloat32;
+    L.target_dtype = DType::kFloat32;
   }
   if (!(target.is_non_overlapping_and_dense() && same_layout(pred, target)))
     target = at::empty_like(pred, target.options()).copy_(target);  // rare: bring target to pred's layout
-  const int64_t total = pred.numel();
+  L.total = pred.numel();
   const int64_t n = pred.size(0);
-  const int64_t M = n > 0 ? total / n : 0;
-  at::Tensor mask_c;
-  const bool* mask_ptr = nullptr;
-  if (mask.has_value()) {
-    mask_c = mask->contiguous();
-    mask_ptr = mask_c.data_ptr<bool>();
-  }
-  const int num_counts = cuda::masked_loss_count_blocks(total);
-  at::Tensor counts = at::empty({num_counts}, pred.options().dtype(at::kInt));
-  check_cuda(cuda::masked_loss_count_float(target.data_ptr(), tdt, mask_ptr, total, M, counts.data_ptr<int32_t>(),
-                                           num_counts, loss.data_ptr<float>(), stream),
-             "count kernel");
-  check_cuda(cuda::masked_loss_elementwise(kind, pred.data_ptr(), pdt, target.data_ptr(), tdt, mask_ptr,
-                                           compute_grad ? work_grad.data_ptr() : nullptr, total, M,
-                                           counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream),
-             "loss kernel");
-  if (compute_grad && !work_grad.is_same(grad)) grad.copy_(work_grad);
-  return {loss, grad};
+  L.M = n > 0 ? L.total / n : 0;
+  if (mask.has_value()) L.mask = mask->contiguous();
+  L.pred = pred;
+  L.target = target;
+  return L;
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
-                                                    const c10::optional<at::Tensor>& mask, c10::string_view kind,
-                                                    int64_t ignore_index, bool compute_grad) {
+TaskLaunch prepare_task(const at::Tensor& pred, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+                        c10::string_view kind, int64_t ignore_index, bool compute_grad) {
   TORCH_CHECK(pred.is_cuda() && target.device() == pred.device(),
               "masked_loss (CUDA): pred and target must be on the same CUDA device");
   if (mask.has_value()) {
@@ -178,15 +202,90 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
                     mask->size(0) == pred.size(0),
                 "masked_loss (CUDA): mask must be a bool [N] tensor on pred's device");
   }
-  const c10::cuda::CUDAGuard guard(pred.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pred.device().index()).stream();
   dtype_of(pred, "pred");
   const std::string k(kind);
-  if (k == "ce") return cross_entropy(pred, target, mask, ignore_index, compute_grad, stream);
-  if (k == "bce") return elementwise(pred, target, mask, cuda::ElementwiseKind::kBCE, compute_grad, stream);
-  if (k == "l1") return elementwise(pred, target, mask, cuda::ElementwiseKind::kL1, compute_grad, stream);
-  if (k == "mse") return elementwise(pred, target, mask, cuda::ElementwiseKind::kMSE, compute_grad, stream);
+  if (k == "ce") return prepare_cross_entropy(pred, target, mask, ignore_index, compute_grad);
+  if (k == "bce") return prepare_elementwise(pred, target, mask, cuda::ElementwiseKind::kBCE, compute_grad);
+  if (k == "l1") return prepare_elementwise(pred, target, mask, cuda::ElementwiseKind::kL1, compute_grad);
+  if (k == "mse") return prepare_elementwise(pred, target, mask, cuda::ElementwiseKind::kMSE, compute_grad);
   TORCH_CHECK(false, "masked_loss (CUDA): kind must be one of ce, bce, l1, mse, got '", k, "'");
+}
+
+// One task, normalised mode: the count kernel, then the loss kernel (gradient divided by the count).
+std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                    const c10::optional<at::Tensor>& mask, c10::string_view kind,
+                                                    int64_t ignore_index, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pred.device().index()).stream();
+  const TaskLaunch L = prepare_task(pred, target, mask, kind, ignore_index, compute_grad);
+  at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
+  const int num_counts = cuda::masked_loss_count_blocks(L.count_items());
+  at::Tensor counts = at::empty({num_counts}, pred.options().dtype(at::kInt));
+  L.count(counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream);
+  cuda::LossReduction red;
+  red.counts = counts.data_ptr<int32_t>();
+  red.num_counts = num_counts;
+  red.loss = loss.data_ptr<float>();
+  L.run(red, stream);
+  L.finish();
+  return {loss, L.grad};
+}
+
+// All tasks, partials mode: one loss kernel per task (each target read once, element gradients), then one finalize
+// launch per kMaxFinalizeTasks tasks. Returns (total, losses, grad_scale, grads) with grads[t] * grad_scale[t] =
+// d L_t / d pred_t (csrc/masked_multitask_loss.cpp documents the op).
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> masked_multitask_loss_forward_cuda(
+    at::TensorList preds, at::TensorList targets, const c10::List<c10::optional<at::Tensor>>& masks,
+    const std::vector<std::string>& kinds, int64_t ignore_index, const c10::optional<at::Tensor>& weights,
+    const c10::List<bool>& compute_grad) {
+  const size_t n = preds.size();
+  TORCH_CHECK(n > 0 && targets.size() == n && masks.size() == n && kinds.size() == n && compute_grad.size() == n,
+              "masked_multitask_loss_forward (CUDA): one pred, target, mask, kind and compute_grad per task");
+  const c10::cuda::CUDAGuard guard(preds[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(preds[0].device().index()).stream();
+  const auto options = preds[0].options().dtype(at::kFloat);
+  at::Tensor weights_c;
+  if (weights.has_value() && weights->defined()) {
+    TORCH_CHECK(weights->device() == preds[0].device() && weights->dim() == 1 &&
+                    weights->size(0) == static_cast<int64_t>(n),
+                "masked_multitask_loss_forward (CUDA): weights must be a [", n, "] tensor on the preds' device");
+    weights_c = weights->to(at::kFloat).contiguous();
+  }
+  std::vector<TaskLaunch> launches;
+  std::vector<int64_t> first(n + 1, 0);
+  for (size_t t = 0; t < n; ++t) {
+    TORCH_CHECK(preds[t].device() == preds[0].device(), "masked_multitask_loss_forward (CUDA): preds on one device");
+    launches.push_back(prepare_task(preds[t], targets[t], masks.get(t), kinds[t], ignore_index, compute_grad.get(t)));
+    first[t + 1] = first[t] + launches.back().blocks();
+  }
+  at::Tensor partial_sums = at::empty({std::max<int64_t>(first[n], 1)}, options);
+  at::Tensor partial_counts = at::empty({std::max<int64_t>(first[n], 1)}, options.dtype(at::kInt));
+  for (size_t t = 0; t < n; ++t) {
+    cuda::LossReduction red;
+    red.partial_sums = partial_sums.data_ptr<float>() + first[t];
+    red.partial_counts = partial_counts.data_ptr<int32_t>() + first[t];
+    launches[t].run(red, stream);
+    launches[t].finish();
+  }
+  at::Tensor total = at::empty({}, options);
+  at::Tensor grad_scale = at::empty({static_cast<int64_t>(n)}, options);
+  std::vector<at::Tensor> losses, grads;
+  std::vector<cuda::FinalizeTask> tasks;
+  for (size_t t = 0; t < n; ++t) {
+    losses.push_back(at::empty({}, options));
+    grads.push_back(launches[t].grad);
+    tasks.push_back({first[t], first[t + 1] - first[t], losses.back().data_ptr<float>()});
+  }
+  for (size_t begin = 0; begin < n; begin += cuda::kMaxFinalizeTasks) {
+    const int count = static_cast<int>(std::min<size_t>(cuda::kMaxFinalizeTasks, n - begin));
+    check_cuda(cuda::masked_loss_finalize(tasks.data() + begin, count, partial_sums.data_ptr<float>(),
+                                          partial_counts.data_ptr<int32_t>(),
+                                          weights_c.defined() ? weights_c.data_ptr<float>() + begin : nullptr,
+                                          grad_scale.data_ptr<float>() + begin, total.data_ptr<float>(), begin > 0,
+                                          stream),
+               "finalize kernel");
+  }
+  return {total, losses, grad_scale, grads};
 }
 
 void check_scales(at::TensorList grads, const at::Tensor& scales, const char* op) {
@@ -260,4 +359,5 @@ TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
   m.impl("masked_loss", &fastmtl::masked_loss_cuda);
   m.impl("masked_loss_scale_grads", &fastmtl::masked_loss_scale_grads_cuda);
   m.impl("masked_loss_scale_grads_", &fastmtl::masked_loss_scale_grads_inplace_cuda);
+  m.impl("masked_multitask_loss_forward", &fastmtl::masked_multitask_loss_forward_cuda);
 }

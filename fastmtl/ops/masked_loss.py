@@ -184,14 +184,26 @@ def _fake_scale_grads_inplace(grads, scales):
     return None
 
 
-def _fake_masked_multitask_loss(preds, targets, masks, kinds, names, ignore_index, weights):
+def _fake_total_and_losses(preds, weights):
     losses = [p.new_empty((), dtype=reference.math_dtype(p.dtype)) for p in preds]
     dtype = losses[0].dtype
     for loss in losses[1:]:
         dtype = torch.promote_types(dtype, loss.dtype)
     if weights is not None:
         dtype = torch.promote_types(dtype, weights.dtype)
-    return [preds[0].new_empty((), dtype=dtype), *losses]
+    return preds[0].new_empty((), dtype=dtype), losses
+
+
+def _fake_masked_multitask_loss(preds, targets, masks, kinds, names, ignore_index, weights):
+    total, losses = _fake_total_and_losses(preds, weights)
+    return [total, *losses]
+
+
+def _fake_masked_multitask_loss_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
+    total, losses = _fake_total_and_losses(preds, weights)
+    grad_scale = preds[0].new_empty((len(preds),), dtype=torch.float32)
+    grads = [torch.empty_like(p) if c else p.new_empty(0) for p, c in zip(preds, compute_grad)]
+    return total, losses, grad_scale, grads
 
 
 def _register_native() -> bool:
@@ -201,6 +213,7 @@ def _register_native() -> bool:
     torch.library.register_fake(NATIVE_SCALE, _fake_scale_grads)
     torch.library.register_fake(NATIVE_SCALE_INPLACE, _fake_scale_grads_inplace)
     torch.library.register_fake(NATIVE_MULTITASK, _fake_masked_multitask_loss)
+    torch.library.register_fake(NATIVE_MULTITASK + "_forward", _fake_masked_multitask_loss_forward)
     return True
 
 
