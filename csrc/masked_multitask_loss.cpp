@@ -5,9 +5,10 @@
 //
 // Forward: fastmtl::masked_multitask_loss_forward returns the total, the per-task losses, and each task's gradient
 // up to a per-task factor grad_scale[t] (CUDA: element gradients and 1 / valid count, from T + 1 launches; CPU: the
-// per-task op's normalised gradients and 1). Backward: one masked_loss_scale_grads call with
-// scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (no host synchronisation); when
-// autograd frees the graph afterwards, the in-place form scales the saved gradients themselves. Under
+// per-task op's normalised gradients and 1). Backward: fastmtl::masked_multitask_loss_backward multiplies each saved
+// gradient by scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (CUDA: inside the one
+// scaling kernel; no host synchronisation); when autograd frees the graph afterwards, the in-place form
+// masked_multitask_loss_backward_ scales the saved gradients themselves. Under
 // torch.compile the Python path (fastmtl/ops/masked_loss.py) is traced instead.
 
 #include <ATen/ATen.h>
@@ -158,6 +159,57 @@ variable_list outputs_of(const ForwardResult& r) {
   return out;
 }
 
+using OptTensor = std::optional<at::Tensor>;
+using BackwardSignature = std::vector<at::Tensor>(at::TensorList, const at::Tensor&, const OptTensor&,
+                                                  const OptTensor&, const MaskList&);
+
+std::vector<at::Tensor> call_backward(at::TensorList grads, const at::Tensor& grad_scale, const OptTensor& grad_total,
+                                      const OptTensor& weights, const MaskList& grad_losses) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastmtl::masked_multitask_loss_backward", "")
+                             .typed<BackwardSignature>();
+  return op.call(grads, grad_scale, grad_total, weights, grad_losses);
+}
+
+void call_backward_inplace(at::TensorList grads, const at::Tensor& grad_scale, const OptTensor& grad_total,
+                           const OptTensor& weights, const MaskList& grad_losses) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastmtl::masked_multitask_loss_backward_", "")
+                             .typed<void(at::TensorList, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                         const MaskList&)>();
+  op.call(grads, grad_scale, grad_total, weights, grad_losses);
+}
+
+// The [T] scales of the backward, (g_total * w_t + g_task[t]) * grad_scale[t], as float32 (CPU implementation).
+at::Tensor backward_scales(const at::Tensor& grad_scale, const OptTensor& grad_total, const OptTensor& weights,
+                           const MaskList& grad_losses) {
+  const int64_t n = grad_scale.size(0);
+  at::Tensor scales = at::zeros({n}, grad_scale.options().dtype(at::kFloat));
+  if (grad_total.has_value() && grad_total->defined())
+    scales = weights.has_value() && weights->defined() ? *grad_total * *weights : grad_total->expand({n});
+  std::vector<at::Tensor> per_task;
+  bool any_task = false;
+  for (int64_t t = 0; t < n; ++t) {
+    const OptTensor g = grad_losses.get(t);
+    any_task |= g.has_value() && g->defined();
+    per_task.push_back(g.has_value() && g->defined() ? g->reshape({}) : at::zeros({}, scales.options()));
+  }
+  if (any_task) scales = scales + at::stack(per_task);
+  return (scales * grad_scale).to(at::kFloat).contiguous();
+}
+
+std::vector<at::Tensor> masked_multitask_loss_backward_cpu(at::TensorList grads, const at::Tensor& grad_scale,
+                                                           const OptTensor& grad_total, const OptTensor& weights,
+                                                           const MaskList& grad_losses) {
+  return call_scale_grads(grads, backward_scales(grad_scale, grad_total, weights, grad_losses));
+}
+
+void masked_multitask_loss_backward_inplace_cpu(at::TensorList grads, const at::Tensor& grad_scale,
+                                                const OptTensor& grad_total, const OptTensor& weights,
+                                                const MaskList& grad_losses) {
+  call_scale_grads_inplace(grads, backward_scales(grad_scale, grad_total, weights, grad_losses));
+}
+
 // The saved gradients may be scaled in place when nothing reads them after this backward: autograd frees the graph
 // (no retain_graph), grad mode is off (no create_graph) and the tensors are real (not traced by make_fx / AOT).
 bool graph_released_after_backward(const std::vector<at::Tensor>& grads) {
@@ -201,17 +253,10 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
     variable_list result(n + 3);  // preds..., weights, the TaskInputs pointer, grad_enabled
     const at::Tensor& g_total = grad_outputs[0];
 
-    at::Tensor scales;
-    if (g_total.defined()) scales = weighted ? g_total * weights : g_total.expand({static_cast<int64_t>(n)});
-    bool any_task = false;
-    for (size_t t = 0; t < n; ++t) any_task |= grad_outputs[1 + t].defined();
-    if (any_task) {
-      std::vector<at::Tensor> per_task;
-      for (size_t t = 0; t < n; ++t)
-        per_task.push_back(grad_outputs[1 + t].defined() ? grad_outputs[1 + t] : at::zeros_like(losses[t]));
-      const at::Tensor task_scales = at::stack(per_task);
-      scales = scales.defined() ? scales + task_scales : task_scales;
-    }
+    MaskList grad_losses;
+    for (size_t t = 0; t < n; ++t)
+      grad_losses.push_back(grad_outputs[1 + t].defined() ? std::optional<at::Tensor>(grad_outputs[1 + t])
+                                                          : std::nullopt);
     std::vector<bool> active(n);
     bool any_active = false;
     for (size_t t = 0; t < n; ++t) {
@@ -221,15 +266,16 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
     if (any_active) {
       std::vector<at::Tensor> inputs;
       for (size_t t = 0; t < n; ++t) inputs.push_back(active[t] ? grads[t] : grads[t].new_empty({0}));
-      const at::Tensor scales_f = (scales * grad_scale).to(at::kFloat).contiguous();
+      const std::optional<at::Tensor> total_opt = g_total.defined() ? std::optional<at::Tensor>(g_total) : std::nullopt;
+      const std::optional<at::Tensor> weights_opt = weighted ? std::optional<at::Tensor>(weights) : std::nullopt;
       std::vector<at::Tensor> scaled;
       if (graph_released_after_backward(inputs)) {
         // The saved gradients die with the graph: scale them in place and hand them on (peak memory: one gradient
         // per task instead of two).
-        call_scale_grads_inplace(inputs, scales_f);
+        call_backward_inplace(inputs, grad_scale, total_opt, weights_opt, grad_losses);
         scaled = inputs;
       } else {
-        scaled = call_scale_grads(inputs, scales_f);
+        scaled = call_backward(inputs, grad_scale, total_opt, weights_opt, grad_losses);
       }
       for (size_t t = 0; t < n; ++t)
         if (active[t]) result[t] = scaled[t];
@@ -263,6 +309,8 @@ std::vector<at::Tensor> masked_multitask_loss_autograd(at::TensorList preds, at:
 TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
   m.impl("masked_multitask_loss", &masked_multitask_loss_no_autograd);
   m.impl("masked_multitask_loss_forward", &masked_multitask_loss_forward_cpu);
+  m.impl("masked_multitask_loss_backward", &masked_multitask_loss_backward_cpu);
+  m.impl("masked_multitask_loss_backward_", &masked_multitask_loss_backward_inplace_cpu);
 }
 TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { m.impl("masked_multitask_loss", &masked_multitask_loss_no_autograd); }
 TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) { m.impl("masked_multitask_loss", &masked_multitask_loss_autograd); }

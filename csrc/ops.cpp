@@ -51,6 +51,15 @@ TORCH_LIBRARY(fastmtl, m) {
   m.def(
       "masked_multitask_loss_forward(Tensor[] preds, Tensor[] targets, Tensor?[] masks, str[] kinds, "
       "int ignore_index, Tensor? weights, bool[] compute_grad) -> (Tensor, Tensor[], Tensor, Tensor[])");
+  // Its backward: out[t] = grads[t] * (grad_total * weights[t] + grad_losses[t]) * grad_scale[t] (absent
+  // grad_total / grad_losses[t] count as 0, absent weights as 1; an empty grads[t] gives an empty out[t]). CUDA
+  // computes the scales inside the one scaling kernel. The in-place form scales grads themselves.
+  m.def(
+      "masked_multitask_loss_backward(Tensor[] grads, Tensor grad_scale, Tensor? grad_total, Tensor? weights, "
+      "Tensor?[] grad_losses) -> Tensor[]");
+  m.def(
+      "masked_multitask_loss_backward_(Tensor(a!)[] grads, Tensor grad_scale, Tensor? grad_total, Tensor? weights, "
+      "Tensor?[] grad_losses) -> ()");
 }
 
 static struct PyModuleDef fastmtl_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -15,6 +15,7 @@ from fastmtl.testing import assert_scales_in_place_like_copy, cpu_peak_bytes, re
 
 HAS_TRITON_LOSS = importlib.util.find_spec("fastmtl.ops.masked_loss_triton") is not None
 CPU_BACKENDS = ["torch", "cpp"] + (["triton"] if HAS_TRITON_LOSS else [])
+TOLERANCES_BY_DTYPE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def batch(device="cpu", dtype=torch.float32, requires_grad=True):
@@ -248,6 +249,49 @@ def test_opcheck_masked_multitask_loss_forward(device):
         [True, False, True, True],
     )
     torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss_forward.default, args)
+
+
+def _backward_case(device, with_total, with_weights):
+    """Arguments of masked_multitask_loss_backward and the float64 result it must give."""
+    grads = [
+        torch.randn(3, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last),
+        torch.randn(4, 3, device=device, dtype=torch.float16),
+        torch.randn(0, device=device),  # a task without gradient
+        torch.randn(5, 2100, device=device, dtype=torch.bfloat16),
+        torch.randn(4, 6, device=device)[:, ::2],  # strided: scaled by ATen
+    ]
+    n = len(grads)
+    grad_scale = torch.rand(n, device=device)
+    grad_total = torch.rand((), device=device) if with_total else None
+    weights = torch.rand(n, device=device) + 0.5 if with_weights else None
+    grad_losses = [torch.rand((), device=device), None, None, torch.rand((), device=device), None]
+    want = []
+    for t, g in enumerate(grads):
+        scale = 0.0
+        if with_total:
+            scale = grad_total.item() * (weights[t].item() if with_weights else 1.0)
+        if grad_losses[t] is not None:
+            scale += grad_losses[t].item()
+        want.append(g.double() * scale * grad_scale[t].item())
+    return (grads, grad_scale, grad_total, weights, grad_losses), want
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("with_total,with_weights", [(True, True), (True, False), (False, False)])
+def test_masked_multitask_loss_backward_ops(device, with_total, with_weights):
+    """out[t] = grads[t] * (grad_total * w_t + grad_losses[t]) * grad_scale[t], by copy and in place; opcheck."""
+    args, want = _backward_case(device, with_total, with_weights)
+    copy_op = torch.ops.fastmtl.masked_multitask_loss_backward
+    inplace_op = torch.ops.fastmtl.masked_multitask_loss_backward_
+    outs = copy_op(*args)
+    grads = [g.clone() for g in args[0]]
+    inplace_op(grads, *args[1:])
+    for out, inplace, ref, g in zip(outs, grads, want, args[0]):
+        assert out.shape == g.shape and out.dtype == g.dtype
+        assert rel_err(out, ref) <= TOLERANCES_BY_DTYPE[g.dtype]
+        assert torch.equal(inplace, out)
+    torch.library.opcheck(copy_op.default, args)
+    torch.library.opcheck(inplace_op.default, ([g.clone() for g in args[0]], *args[1:]))
 
 
 def test_grouped_native_op_matches_the_python_node():
@@ -596,7 +640,8 @@ def test_cuda_no_host_sync():
 @pytest.mark.cuda
 def test_cuda_multitask_loss_launches():
     """The cuda backend's forward + backward of T tasks: T loss kernels and one finalize (each target read once), then
-    the scale factors (one multiply) and one grouped scaling kernel: at most T + 3 kernels."""
+    one scaling kernel that computes the scales itself: T + 2 kernels, plus the autograd engine's fill of the upstream
+    gradient (torch.autograd.grad of a scalar): at most T + 3."""
     preds, targets, kinds, masks = batch("cuda")
     params = list(preds.values())
 

@@ -554,6 +554,16 @@ int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* d
   for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i])};
   return masked_loss_scale_grads(tasks, n, scales, nullptr);
 }
+int emu_scale_by(const void** ins, void** outs, const int64_t* numels, const int* dtypes, const float** g_tasks, int n,
+                 const float* g_total, const float* weights, const float* factor) {
+  ScaleTask tasks[kMaxScaleTasks];
+  for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i]), g_tasks[i]};
+  ScaleFactors f;
+  f.g_total = g_total;
+  f.weights = weights;
+  f.factor = factor;
+  return masked_loss_scale_grads_by(tasks, n, f, nullptr);
+}
 int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
 }
 """
@@ -840,6 +850,30 @@ def test_cuda_kernels_emulated_scale_grads(emu):
     assert emu.emu_scale(ins, out_ptrs, numels, dtypes, n, _ptr(scales)) == 0
     for g, o, s in zip(grads, outs, scales):
         assert rel_err(o, (g.double() * s.double()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
+
+
+@pytest.mark.parametrize("with_total,with_weights", [(True, True), (True, False), (False, False)])
+def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights):
+    """The backward of masked_multitask_loss_forward: scale_t = (g_total * w_t + g_task[t]) * factor[t] in the kernel."""
+    import ctypes
+
+    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(), torch.randn(10)]
+    n = len(grads)
+    outs = [torch.full_like(g, float("nan")) for g in grads]
+    g_total, weights, factor = torch.rand(()), torch.rand(n) + 0.5, torch.rand(n)
+    g_tasks = [torch.rand(()), None, torch.rand(()), None]
+    ins = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
+    out_ptrs = (ctypes.c_void_p * n)(*[o.data_ptr() for o in outs])
+    numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
+    dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
+    task_ptrs = (ctypes.c_void_p * n)(*[g.data_ptr() if g is not None else None for g in g_tasks])
+    total_ptr = _ptr(g_total if with_total else None)
+    weights_ptr = _ptr(weights if with_weights else None)
+    assert emu.emu_scale_by(ins, out_ptrs, numels, dtypes, task_ptrs, n, total_ptr, weights_ptr, _ptr(factor)) == 0
+    for t, (g, o) in enumerate(zip(grads, outs)):
+        scale = g_total.item() * (weights[t].item() if with_weights else 1.0) if with_total else 0.0
+        scale += g_tasks[t].item() if g_tasks[t] is not None else 0.0
+        assert rel_err(o, (g.double() * scale * factor[t].item()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
 
 
 def test_cuda_kernels_emulated_scale_grads_in_place(emu):

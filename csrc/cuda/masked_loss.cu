@@ -10,8 +10,9 @@
 //   ce_rows_kernel                         TPR threads per row when C is contiguous ([N, C], channels_last);
 //                                          per-lane online softmax merged with shuffles
 //   elementwise_kernel                     bce / l1 / mse, 16-byte vector loads and stores where aligned
-//   scale_grads_kernel                     grouped out[t] = in[t] * scales[t] over a task table passed by value,
-//                                          16-byte vectors where aligned
+//   scale_grads_kernel                     grouped out[t] = in[t] * scale_t over a task table passed by value,
+//                                          16-byte vectors where aligned; scale_t given, or computed from the
+//                                          upstream gradients (ScaleFactors)
 // Every loss kernel starts by summing the partial counts (one per thread, blockDim == kMaxCountBlocks) and ends
 // with a block reduction and one atomicAdd of its loss partial times 1/count.
 
@@ -502,6 +503,7 @@ struct ScaleTable {
   int64_t first_block[kMaxScaleTasks + 1];
   int dtype[kMaxScaleTasks];
   bool vec[kMaxScaleTasks];  // in and out are 16-byte aligned
+  const float* g_task[kMaxScaleTasks];
   int num;
 };
 
@@ -532,11 +534,22 @@ __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t n
   }
 }
 
-__global__ void __launch_bounds__(kThreads) scale_grads_kernel(ScaleTable table, const float* __restrict__ scales) {
+// The task's scale: scales[task], or (without scales) (g_total * weights[task] + g_task) * factor[task].
+__device__ __forceinline__ float task_scale(const ScaleTable& table, const float* scales, const ScaleFactors& f,
+                                            int task) {
+  if (scales != nullptr) return scales[task];
+  float s = 0.0f;
+  if (f.g_total != nullptr) s = *f.g_total * (f.weights != nullptr ? f.weights[task] : 1.0f);
+  if (table.g_task[task] != nullptr) s += *table.g_task[task];
+  return s * f.factor[task];
+}
+
+__global__ void __launch_bounds__(kThreads)
+    scale_grads_kernel(ScaleTable table, const float* __restrict__ scales, ScaleFactors factors) {
   int task = 0;
   while (task + 1 < table.num && static_cast<int64_t>(blockIdx.x) >= table.first_block[task + 1]) ++task;
   const int64_t base = (static_cast<int64_t>(blockIdx.x) - table.first_block[task]) * (kThreads * kScaleItems);
-  const float scale = scales[task];
+  const float scale = task_scale(table, scales, factors, task);
   switch (table.dtype[task]) {
     case static_cast<int>(DType::kFloat16):
       scale_chunk<__half>(table.in[task], table.out[task], table.numel[task], base, scale,
@@ -813,7 +826,10 @@ cudaError_t masked_loss_finalize(const FinalizeTask* tasks, int num_tasks, const
   return cudaGetLastError();
 }
 
-cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream) {
+namespace {
+
+cudaError_t launch_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, const ScaleFactors& factors,
+                               cudaStream_t stream) {
   if (num_tasks <= 0) return cudaSuccess;
   if (num_tasks > kMaxScaleTasks) return cudaErrorInvalidValue;
   ScaleTable table{};
@@ -824,14 +840,27 @@ cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const
     table.numel[i] = tasks[i].numel;
     table.dtype[i] = static_cast<int>(tasks[i].dtype);
     table.vec[i] = aligned(tasks[i].in, 16) && aligned(tasks[i].out, 16);
+    table.g_task[i] = tasks[i].g_task;
     table.first_block[i] = blocks;
     blocks += ceil_div(tasks[i].numel, static_cast<int64_t>(kThreads) * kScaleItems);
   }
   table.first_block[num_tasks] = blocks;
   table.num = num_tasks;
   if (blocks == 0) return cudaSuccess;
-  scale_grads_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, scales);
+  scale_grads_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, scales, factors);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream) {
+  return launch_scale_grads(tasks, num_tasks, scales, ScaleFactors{}, stream);
+}
+
+cudaError_t masked_loss_scale_grads_by(const ScaleTask* tasks, int num_tasks, const ScaleFactors& factors,
+                                       cudaStream_t stream) {
+  if (factors.factor == nullptr) return cudaErrorInvalidValue;
+  return launch_scale_grads(tasks, num_tasks, nullptr, factors, stream);
 }
 
 }  // namespace cuda

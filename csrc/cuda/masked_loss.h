@@ -101,10 +101,23 @@ struct ScaleTask {
   void* out;
   int64_t numel;
   DType dtype;
+  const float* g_task = nullptr;  // masked_loss_scale_grads_by: the upstream gradient of this task's loss, or none
 };
 
 // out[t] = in[t] * scales[t] for num_tasks <= kMaxScaleTasks dense tensors, in one launch.
 cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream);
+
+// The backward of masked_multitask_loss_forward: scale_t = (g_total * weights[t] + tasks[t].g_task) * factor[t],
+// computed in the kernel (absent g_total / g_task count as 0, absent weights as 1); all float32 device pointers.
+struct ScaleFactors {
+  const float* g_total = nullptr;  // 0-dim
+  const float* weights = nullptr;  // [num_tasks]
+  const float* factor = nullptr;   // [num_tasks], required (grad_scale)
+};
+
+// out[t] = in[t] * scale_t for num_tasks <= kMaxScaleTasks dense tensors, in one launch.
+cudaError_t masked_loss_scale_grads_by(const ScaleTask* tasks, int num_tasks, const ScaleFactors& factors,
+                                       cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmtl

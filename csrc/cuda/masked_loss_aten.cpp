@@ -352,6 +352,80 @@ void masked_loss_scale_grads_inplace_cuda(at::TensorList grads, const at::Tensor
   }
 }
 
+// The backward of masked_multitask_loss_forward: out[t] = grads[t] * (g_total * w_t + g_task[t]) * grad_scale[t], the
+// scales computed in the kernel (one launch per kMaxScaleTasks tasks, no [T]-sized torch ops). In place when
+// `inplace` (each element is read and written by the same thread). An empty gradient (a task without one) stays
+// empty; a strided one (not produced by our forward) is scaled by ATen in float32.
+std::vector<at::Tensor> multitask_backward(at::TensorList grads, const at::Tensor& grad_scale,
+                                           const c10::optional<at::Tensor>& grad_total,
+                                           const c10::optional<at::Tensor>& weights,
+                                           const c10::List<c10::optional<at::Tensor>>& grad_losses, bool inplace) {
+  const char* op = inplace ? "masked_multitask_loss_backward_" : "masked_multitask_loss_backward";
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.dim() == 1 && grad_scale.size(0) == n &&
+                  static_cast<int64_t>(grad_losses.size()) == n,
+              op, " (CUDA): grad_scale must be a CUDA [", n, "] tensor and grad_losses have ", n, " entries");
+  const c10::cuda::CUDAGuard guard(grad_scale.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad_scale.device().index()).stream();
+  const auto on_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == grad_scale.device(), op, " (CUDA): ", name, " must be on grad_scale's device");
+    return t.to(at::kFloat).contiguous();
+  };
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.device() == grad_scale.device(), op, " (CUDA): grads must be on grad_scale's device");
+    if (g.numel() > 0) dtype_of(g, "grads");  // every check before anything is written
+  }
+  const at::Tensor factor = on_device(grad_scale, "grad_scale");
+  const bool has_total = grad_total.has_value() && grad_total->defined();
+  const bool has_weights = weights.has_value() && weights->defined();
+  const at::Tensor g_total = has_total ? on_device(*grad_total, "grad_total") : at::Tensor();
+  const at::Tensor w = has_weights ? on_device(*weights, "weights") : at::Tensor();
+  TORCH_CHECK(!has_weights || w.numel() == n, op, " (CUDA): weights must have ", n, " entries");
+  std::vector<at::Tensor> g_tasks(n), outs(n);
+  std::vector<cuda::ScaleTask> tasks(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const c10::optional<at::Tensor> g_t = grad_losses.get(t);
+    if (g_t.has_value() && g_t->defined()) g_tasks[t] = on_device(*g_t, "grad_losses");
+    const at::Tensor& g = grads[t];
+    outs[t] = inplace ? g : at::empty_like(g);
+    tasks[t] = {g.data_ptr(), outs[t].data_ptr(), 0, g.numel() > 0 ? dtype_of(g, "grads") : DType::kFloat32,
+                g_tasks[t].defined() ? g_tasks[t].data_ptr<float>() : nullptr};
+    if (g.numel() == 0) continue;
+    if (g.is_non_overlapping_and_dense() && (inplace || same_layout(g, outs[t]))) {
+      tasks[t].numel = g.numel();
+      continue;
+    }
+    // Rare: a strided gradient, scaled by ATen in float32 (numel 0 keeps it out of the kernel).
+    at::Tensor scale = at::zeros({}, factor.options());
+    if (has_total) scale = g_total.reshape({}) * (has_weights ? w[t] : at::ones({}, factor.options()));
+    if (g_tasks[t].defined()) scale = scale + g_tasks[t].reshape({});
+    outs[t].copy_(g.to(at::kFloat) * (scale * factor[t]));
+  }
+  for (int64_t begin = 0; begin < n; begin += cuda::kMaxScaleTasks) {
+    const int count = static_cast<int>(std::min<int64_t>(cuda::kMaxScaleTasks, n - begin));
+    cuda::ScaleFactors f;
+    f.g_total = has_total ? g_total.data_ptr<float>() : nullptr;
+    f.weights = has_weights ? w.data_ptr<float>() + begin : nullptr;
+    f.factor = factor.data_ptr<float>() + begin;
+    check_cuda(cuda::masked_loss_scale_grads_by(tasks.data() + begin, count, f, stream), "scale kernel");
+  }
+  return outs;
+}
+
+std::vector<at::Tensor> masked_multitask_loss_backward_cuda(at::TensorList grads, const at::Tensor& grad_scale,
+                                                            const c10::optional<at::Tensor>& grad_total,
+                                                            const c10::optional<at::Tensor>& weights,
+                                                            const c10::List<c10::optional<at::Tensor>>& grad_losses) {
+  return multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, /*inplace=*/false);
+}
+
+void masked_multitask_loss_backward_inplace_cuda(at::TensorList grads, const at::Tensor& grad_scale,
+                                                 const c10::optional<at::Tensor>& grad_total,
+                                                 const c10::optional<at::Tensor>& weights,
+                                                 const c10::List<c10::optional<at::Tensor>>& grad_losses) {
+  multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, /*inplace=*/true);
+}
+
 }  // namespace
 }  // namespace fastmtl
 
@@ -360,4 +434,6 @@ TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
   m.impl("masked_loss_scale_grads", &fastmtl::masked_loss_scale_grads_cuda);
   m.impl("masked_loss_scale_grads_", &fastmtl::masked_loss_scale_grads_inplace_cuda);
   m.impl("masked_multitask_loss_forward", &fastmtl::masked_multitask_loss_forward_cuda);
+  m.impl("masked_multitask_loss_backward", &fastmtl::masked_multitask_loss_backward_cuda);
+  m.impl("masked_multitask_loss_backward_", &fastmtl::masked_multitask_loss_backward_inplace_cuda);
 }

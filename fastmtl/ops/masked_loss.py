@@ -206,6 +206,14 @@ def _fake_masked_multitask_loss_forward(preds, targets, masks, kinds, ignore_ind
     return total, losses, grad_scale, grads
 
 
+def _fake_masked_multitask_loss_backward(grads, grad_scale, grad_total, weights, grad_losses):
+    return [torch.empty_like(g) for g in grads]
+
+
+def _fake_masked_multitask_loss_backward_inplace(grads, grad_scale, grad_total, weights, grad_losses):
+    return None
+
+
 def _register_native() -> bool:
     if not _native.has_cpp():
         return False
@@ -214,6 +222,8 @@ def _register_native() -> bool:
     torch.library.register_fake(NATIVE_SCALE_INPLACE, _fake_scale_grads_inplace)
     torch.library.register_fake(NATIVE_MULTITASK, _fake_masked_multitask_loss)
     torch.library.register_fake(NATIVE_MULTITASK + "_forward", _fake_masked_multitask_loss_forward)
+    torch.library.register_fake(NATIVE_MULTITASK + "_backward", _fake_masked_multitask_loss_backward)
+    torch.library.register_fake(NATIVE_MULTITASK + "_backward_", _fake_masked_multitask_loss_backward_inplace)
     return True
 
 
