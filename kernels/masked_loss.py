@@ -1,10 +1,21 @@
-"""Triton kernels of the masked loss of one task, and the grouped gradient scaling of all tasks.
+"""Triton kernels of the masked loss: one task, all tasks of a batch, and the grouped gradient scaling.
 
 Installed as ``fastmtl.kernels.masked_loss``. The host launchers below take already validated arguments (the op layer,
 ``fastmtl.ops.masked_loss``, checks them) and never synchronise with the host, so they can be captured in a CUDA
 graph.
 
-One task, two launches:
+All tasks (``multitask_forward`` / ``multitask_backward``, what ``masked_multitask_loss`` runs): ``T + 1`` launches
+forward and one backward for up to 8 tasks.
+
+1. Per task, ``_ce_kernel`` / ``_elementwise_kernel`` in partials mode: the element gradient (not yet divided by the
+   valid count) and, per program, its loss sum and valid count in its own slot (no buffer needs zeroing, each target
+   is read once).
+2. ``_finalize_kernel`` (one program, 8 tasks): each task's loss (sum / count, 0 without a valid element), its
+   gradient factor ``1 / count`` and the weighted total.
+3. Backward, ``_scale_grads_kernel``: ``grad_t * (g_total * w_t + g_task) * factor_t``, the scale computed in the
+   kernel from the upstream gradients.
+
+One task (``masked_loss``, the op ``fastmtl::masked_loss_triton``), two launches:
 
 1. ``_count_kernel``: a capped grid (at most ``COUNT_PROGRAMS`` programs) counts the valid elements (sample mask AND
    element valid); each program writes its partial count, so no buffer needs zeroing. Program 0 also zeroes the
@@ -41,6 +52,7 @@ COUNT_BLOCK = 2048
 ELEMENTWISE_BLOCK = 4096
 SCALE_BLOCK = 4096
 SCALE_SLOTS = 8  # tasks per scale_grads launch (pointers are kernel arguments, so the launch is graph-capturable)
+FINALIZE_BLOCK = 1024  # partials summed per step of the finalize loop (8 tasks per launch, like SCALE_SLOTS)
 
 
 # ---- device helpers ---------------------------------------------------------------------------------------------
@@ -63,6 +75,25 @@ def _total_count(counts_ptr, num_counts, COUNTS_P2: tl.constexpr):
     idx = tl.arange(0, COUNTS_P2)
     parts = tl.load(counts_ptr + idx, mask=idx < num_counts, other=0)
     return tl.sum(parts.to(tl.int64), axis=0)
+
+
+@triton.jit
+def _inv_count(counts_ptr, num_counts, PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr):
+    """The gradient's factor: 1 / (total valid count), or 1 with PARTIALS (the count is not known yet)."""
+    inv = 1.0
+    if not PARTIALS:
+        inv = 1.0 / tl.maximum(_total_count(counts_ptr, num_counts, COUNTS_P2), 1).to(tl.float32)
+    return inv
+
+
+@triton.jit
+def _finish(loss_ptr, psum_ptr, pcount_ptr, pid, loss_sum, valid, inv_count, PARTIALS: tl.constexpr):
+    """A program's end: its (loss sum, valid count) partial in slot pid, or loss_sum / count added to the loss."""
+    if PARTIALS:
+        tl.store(psum_ptr + pid, loss_sum)
+        tl.store(pcount_ptr + pid, valid)
+    else:
+        tl.atomic_add(loss_ptr, loss_sum * inv_count)
 
 
 @triton.jit
@@ -106,13 +137,14 @@ def _count_kernel(
 
 @triton.jit
 def _ce_kernel(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
     S, C, num_s_blocks, num_counts, ignore_index,
     p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
-    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr,
+    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
     COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Cross entropy of a tile of BLOCK_S pixels of one sample: online softmax over C, loss and scaled gradient."""
+    """Cross entropy of a tile of BLOCK_S pixels of one sample: online softmax over C, loss and gradient (scaled by
+    1/count, or with PARTIALS the element gradient and this program's (loss sum, valid count) partial)."""
     pid = tl.program_id(0)
     n = (pid // num_s_blocks).to(tl.int64)
     s = (pid % num_s_blocks).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -121,7 +153,7 @@ def _ce_kernel(
     ok = s_ok & (t != ignore_index) & (t >= 0) & (t < C)  # out-of-range classes are skipped, never read
     if HAS_MASK:
         ok = ok & (tl.load(mask_ptr + n * m_sn + s * m_ss, mask=s_ok, other=0) != 0)
-    inv_count = 1.0 / tl.maximum(_total_count(counts_ptr, num_counts, COUNTS_P2), 1).to(tl.float32)
+    inv_count = _inv_count(counts_ptr, num_counts, PARTIALS, COUNTS_P2)
 
     row_p = pred_ptr + n * p_sn + s * p_ss
     row_g = grad_ptr + n * g_sn + s * g_ss
@@ -165,17 +197,19 @@ def _ce_kernel(
                 tl.store(row_g[:, None] + cc[None, :] * g_sc, g.to(grad_ptr.dtype.element_ty),
                          mask=s_ok[:, None] & c_ok[None, :])  # fmt: skip
     row_loss = tl.where(ok, m + tl.log(lsum) - x_t, 0.0)
-    tl.atomic_add(loss_ptr, tl.sum(row_loss, axis=0) * inv_count)
+    _finish(loss_ptr, psum_ptr, pcount_ptr, pid, tl.sum(row_loss, axis=0), tl.sum(ok.to(tl.int32), axis=0), inv_count,
+            PARTIALS)  # fmt: skip
 
 
 @triton.jit
 def _elementwise_kernel(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
     total, M, num_counts,
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr,
-    COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr,
+    PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """bce / l1 / mse over flat storage (sample n owns [n*M, (n+1)*M)): loss and scaled gradient in one sweep."""
+    """bce / l1 / mse over flat storage (sample n owns [n*M, (n+1)*M)): loss and gradient in one sweep (scaled as in
+    ``_ce_kernel``)."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -188,7 +222,7 @@ def _elementwise_kernel(
     t = tl.load(target_ptr + offs, mask=ok, other=0).to(tl.float32)
     p = tl.load(pred_ptr + offs, mask=ok, other=0).to(tl.float32)
     ok = ok & (t == t)
-    inv_count = 1.0 / tl.maximum(_total_count(counts_ptr, num_counts, COUNTS_P2), 1).to(tl.float32)
+    inv_count = _inv_count(counts_ptr, num_counts, PARTIALS, COUNTS_P2)
     if KIND == 0:  # bce with logits, stable form
         e = tl.exp(-tl.abs(p))
         loss = tl.maximum(p, 0.0) - p * t + _log1p(e)
@@ -201,47 +235,128 @@ def _elementwise_kernel(
         d = p - t
         loss = d * d
         g = 2.0 * d
-    tl.atomic_add(loss_ptr, tl.sum(tl.where(ok, loss, 0.0), axis=0) * inv_count)
+    _finish(loss_ptr, psum_ptr, pcount_ptr, pid, tl.sum(tl.where(ok, loss, 0.0), axis=0),
+            tl.sum(ok.to(tl.int32), axis=0), inv_count, PARTIALS)  # fmt: skip
     if COMPUTE_GRAD:
         tl.store(grad_ptr + offs, tl.where(ok, g * inv_count, 0.0).to(grad_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
-def _scale_slot(pid, first_block, g_ptr, o_ptr, numel, scales_ptr, index, BLOCK: tl.constexpr):
-    """out = grad * scales[index] for the programs [first_block, first_block + cdiv(numel, BLOCK))."""
+def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, index, grad_scale_ptr, weights_ptr,
+                   HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One task: sum its partials [first, first + num) (float64 / int64), write L_t and grad_scale[index] = 1/count
+    (both 0 without a valid element); return weights[index] * L_t."""
+    acc_s = tl.zeros([BLOCK], tl.float64)
+    acc_c = tl.zeros([BLOCK], tl.int64)
+    for i in range(0, num, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        inb = idx < num
+        acc_s += tl.load(psum_ptr + first + idx, mask=inb, other=0.0).to(tl.float64)
+        acc_c += tl.load(pcount_ptr + first + idx, mask=inb, other=0).to(tl.int64)
+    total = tl.sum(acc_s, axis=0)
+    count = tl.sum(acc_c, axis=0)
+    denom = tl.maximum(count, 1).to(tl.float64)
+    loss = tl.where(count > 0, total / denom, 0.0).to(tl.float32)
+    tl.store(loss_ptr, loss)
+    tl.store(grad_scale_ptr + index, tl.where(count > 0, (1.0 / denom).to(tl.float32), 0.0))
+    weighted = loss
+    if HAS_WEIGHTS:
+        weighted = loss * tl.load(weights_ptr + index).to(tl.float32)
+    return weighted
+
+
+@triton.jit
+def _finalize_kernel(
+    psum_ptr, pcount_ptr, grad_scale_ptr, weights_ptr, total_ptr,
+    f0, n0, l0, f1, n1, l1, f2, n2, l2, f3, n3, l3, f4, n4, l4, f5, n5, l5, f6, n6, l6, f7, n7, l7,
+    NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program for up to 8 tasks (slots): losses, gradient factors and the weighted total (added to *total_ptr
+    with ACCUMULATE, for the launches after the first)."""
+    total = _finalize_slot(psum_ptr, pcount_ptr, f0, n0, l0, 0, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if NUM > 1:
+        total += _finalize_slot(psum_ptr, pcount_ptr, f1, n1, l1, 1, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if NUM > 2:
+        total += _finalize_slot(psum_ptr, pcount_ptr, f2, n2, l2, 2, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if NUM > 3:
+        total += _finalize_slot(psum_ptr, pcount_ptr, f3, n3, l3, 3, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if NUM > 4:
+        total += _finalize_slot(psum_ptr, pcount_ptr, f4, n4, l4, 4, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if NUM > 5:
+        total += _finalize_slot(psum_ptr, pcount_ptr, f5, n5, l5, 5, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if NUM > 6:
+        total += _finalize_slot(psum_ptr, pcount_ptr, f6, n6, l6, 6, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if NUM > 7:
+        total += _finalize_slot(psum_ptr, pcount_ptr, f7, n7, l7, 7, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    if ACCUMULATE:
+        total += tl.load(total_ptr)
+    tl.store(total_ptr, total)
+
+
+@triton.jit
+def _slot_scale(scales_ptr, index, gt_ptr, g_total_ptr, weights_ptr, factor_ptr, FACTORS: tl.constexpr,
+                HAS_TOTAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_G: tl.constexpr):  # fmt: skip
+    """scales[index], or with FACTORS (g_total * weights[index] + g_task) * factor[index] (absent terms: 0, weight 1)."""
+    if FACTORS:
+        s = 0.0
+        if HAS_TOTAL:
+            s = tl.load(g_total_ptr).to(tl.float32)
+            if HAS_WEIGHTS:
+                s = s * tl.load(weights_ptr + index).to(tl.float32)
+        if HAS_G:
+            s = s + tl.load(gt_ptr).to(tl.float32)
+        scale = s * tl.load(factor_ptr + index)
+    else:
+        scale = tl.load(scales_ptr + index)
+    return scale
+
+
+@triton.jit
+def _scale_slot(pid, first_block, g_ptr, o_ptr, numel, scale, BLOCK: tl.constexpr):
+    """out = grad * scale for the programs [first_block, first_block + cdiv(numel, BLOCK))."""
     local = pid - first_block
     if (local >= 0) & (local < tl.cdiv(numel, BLOCK)):
         offs = local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < numel
-        scale = tl.load(scales_ptr + index)
         g = tl.load(g_ptr + offs, mask=inb, other=0).to(tl.float32)
         tl.store(o_ptr + offs, (g * scale).to(o_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
 def _scale_grads_kernel(
-    scales_ptr,
-    g0, o0, n0, f0, g1, o1, n1, f1, g2, o2, n2, f2, g3, o3, n3, f3,
-    g4, o4, n4, f4, g5, o5, n5, f5, g6, o6, n6, f6, g7, o7, n7, f7,
-    NUM: tl.constexpr, BLOCK: tl.constexpr,
+    scales_ptr, g_total_ptr, weights_ptr, factor_ptr,
+    g0, o0, n0, f0, t0, g1, o1, n1, f1, t1, g2, o2, n2, f2, t2, g3, o3, n3, f3, t3,
+    g4, o4, n4, f4, t4, g5, o5, n5, f5, t5, g6, o6, n6, f6, t6, g7, o7, n7, f7, t7,
+    NUM: tl.constexpr, FACTORS: tl.constexpr, HAS_TOTAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    G_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Grouped ``out[t] = grads[t] * scales[t]``: each program finds its task slot by its block range."""
+    """Grouped ``out[t] = grads[t] * scale_t``: each program finds its task slot by its block range. scale_t is
+    ``scales[t]``, or with FACTORS computed from the upstream gradients (slot t's g_task t{t} where bit t of G_MASK
+    is set)."""
     pid = tl.program_id(0)
-    _scale_slot(pid, f0, g0, o0, n0, scales_ptr, 0, BLOCK)
+    _scale_slot(pid, f0, g0, o0, n0, _slot_scale(scales_ptr, 0, t0, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                                                 (G_MASK & 1) != 0), BLOCK)  # fmt: skip
     if NUM > 1:
-        _scale_slot(pid, f1, g1, o1, n1, scales_ptr, 1, BLOCK)
+        _scale_slot(pid, f1, g1, o1, n1, _slot_scale(scales_ptr, 1, t1, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
+                                                     HAS_WEIGHTS, (G_MASK & 2) != 0), BLOCK)  # fmt: skip
     if NUM > 2:
-        _scale_slot(pid, f2, g2, o2, n2, scales_ptr, 2, BLOCK)
+        _scale_slot(pid, f2, g2, o2, n2, _slot_scale(scales_ptr, 2, t2, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
+                                                     HAS_WEIGHTS, (G_MASK & 4) != 0), BLOCK)  # fmt: skip
     if NUM > 3:
-        _scale_slot(pid, f3, g3, o3, n3, scales_ptr, 3, BLOCK)
+        _scale_slot(pid, f3, g3, o3, n3, _slot_scale(scales_ptr, 3, t3, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
+                                                     HAS_WEIGHTS, (G_MASK & 8) != 0), BLOCK)  # fmt: skip
     if NUM > 4:
-        _scale_slot(pid, f4, g4, o4, n4, scales_ptr, 4, BLOCK)
+        _scale_slot(pid, f4, g4, o4, n4, _slot_scale(scales_ptr, 4, t4, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
+                                                     HAS_WEIGHTS, (G_MASK & 16) != 0), BLOCK)  # fmt: skip
     if NUM > 5:
-        _scale_slot(pid, f5, g5, o5, n5, scales_ptr, 5, BLOCK)
+        _scale_slot(pid, f5, g5, o5, n5, _slot_scale(scales_ptr, 5, t5, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
+                                                     HAS_WEIGHTS, (G_MASK & 32) != 0), BLOCK)  # fmt: skip
     if NUM > 6:
-        _scale_slot(pid, f6, g6, o6, n6, scales_ptr, 6, BLOCK)
+        _scale_slot(pid, f6, g6, o6, n6, _slot_scale(scales_ptr, 6, t6, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
+                                                     HAS_WEIGHTS, (G_MASK & 64) != 0), BLOCK)  # fmt: skip
     if NUM > 7:
-        _scale_slot(pid, f7, g7, o7, n7, scales_ptr, 7, BLOCK)
+        _scale_slot(pid, f7, g7, o7, n7, _slot_scale(scales_ptr, 7, t7, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
+                                                     HAS_WEIGHTS, (G_MASK & 128) != 0), BLOCK)  # fmt: skip
 
 
 # ---- host side --------------------------------------------------------------------------------------------------
@@ -289,9 +404,44 @@ def _mask_u8(mask, fallback):
 
 
 def _alloc_outputs(pred, compute_grad):
+    """One task's outputs: the float32 0-dim loss and the gradient (pred's layout, as the fakes say; empty when not
+    asked for). The one place they are allocated (tests poison them here)."""
     loss = torch.empty((), dtype=torch.float32, device=pred.device)
     grad = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
     return loss, grad
+
+
+class _TaskPlan:
+    """One task's kernels, prepared: the tensors in the layouts the kernels take and their arguments.
+
+    ``grad`` is the output (pred's layout, as the fakes say); ``work_grad`` is where the kernel writes it (``grad``
+    unless that layout does not fit the kernel: rare, then ``finish`` copies). ``blocks`` is the loss kernel's grid
+    (= the number of partials in partials mode).
+    """
+
+    def __init__(self, grad, work_grad, blocks, count_args, loss_kernel, loss_args, loss_consts):
+        self.grad, self.work_grad, self.blocks = grad, work_grad, blocks
+        self._count_args, self._kernel, self._args, self._consts = count_args, loss_kernel, loss_args, loss_consts
+
+    def count(self, launch, counts, loss) -> int:
+        """Normalised mode, first launch: partial valid counts into ``counts``; returns how many."""
+        return _launch_count(launch, counts=counts, loss=loss, **self._count_args)
+
+    def run(self, launch, counts=None, loss=None, num_counts=0, psum=None, pcount=None) -> None:
+        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode."""
+        if self.blocks == 0:
+            return
+        partials = psum is not None
+        dummy = self.grad if self.grad.numel() else self._args[0]
+        launch(self._kernel)[(self.blocks,)](
+            *self._args[:4], counts if counts is not None else pcount, loss if loss is not None else psum,
+            psum if partials else dummy, pcount if partials else dummy, *self._args[4:], num_counts,
+            *self._consts[0], PARTIALS=partials, **self._consts[1],
+        )  # fmt: skip
+
+    def finish(self) -> None:
+        if self.work_grad is not self.grad and self.grad.numel():
+            self.grad.copy_(self.work_grad)  # rare: the kernel could not write pred's own layout
 
 
 def _launch_count(launch, target, mask_u8, has_mask, counts_total, counts, loss, S, t_sn, t_ss, m_sn, m_ss, C,
@@ -307,6 +457,12 @@ def _launch_count(launch, target, mask_u8, has_mask, counts_total, counts, loss,
     return programs
 
 
+def _plan(pred, target, mask, kind, ignore_index, compute_grad, grad) -> _TaskPlan:
+    if kind == "ce":
+        return _ce_plan(pred, target, mask, ignore_index, compute_grad, grad)
+    return _elementwise_plan(pred, target, mask, kind, compute_grad, grad)
+
+
 def masked_loss(pred, target, mask, kind, ignore_index=-100, compute_grad=True, launch=_direct):
     """Masked mean loss of one task and its gradient (see ``fastmtl::masked_loss`` in csrc/ops.cpp).
 
@@ -317,33 +473,34 @@ def masked_loss(pred, target, mask, kind, ignore_index=-100, compute_grad=True, 
 
     Returns:
         ``(loss, grad)``: float32 0-dim loss, gradient with pred's shape, dtype and (dense) strides, or an empty
-        tensor when ``compute_grad`` is false.
+        tensor when ``compute_grad`` is false. Two launches: the valid count, then loss and gradient in one sweep.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    loss, grad = _alloc_outputs(pred, compute_grad)  # grad is empty_like(pred): pred's layout, as the fakes say
-    if kind == "ce":
-        work_grad = _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, launch)
-    else:
-        work_grad = _elementwise(pred, target, mask, kind, compute_grad, grad, loss, launch)
-    if compute_grad and launch is not None and work_grad is not grad:
-        grad.copy_(work_grad)  # rare: the kernel could not write pred's own layout
-    return loss, grad
+    loss, grad = _alloc_outputs(pred, compute_grad)
+    plan = _plan(pred, target, mask, kind, ignore_index, compute_grad, grad)
+    if launch is None:
+        return loss, plan.grad
+    counts = torch.empty(COUNT_PROGRAMS, dtype=torch.int32, device=pred.device)
+    num_counts = plan.count(launch, counts, loss)
+    plan.run(launch, counts=counts, loss=loss, num_counts=num_counts)
+    plan.finish()
+    return loss, plan.grad
 
 
-def _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, launch):
-    """Launch the ce kernels; returns the tensor the gradient was written to (``grad`` unless a copy is needed)."""
+def _ce_plan(pred, target, mask, ignore_index, compute_grad, grad) -> _TaskPlan:
     if _collapsed_stride(pred.shape[2:], pred.stride()[2:]) is None:
         pred = pred.contiguous()
     if _collapsed_stride(target.shape[1:], target.stride()[1:]) is None:
         target = target.contiguous()
+    work_grad = grad
     if compute_grad and _collapsed_stride(grad.shape[2:], grad.stride()[2:]) is None:
-        grad = torch.empty_like(pred)
+        work_grad = torch.empty_like(pred)
     N, C = pred.shape[0], pred.shape[1]
     S = math.prod(pred.shape[2:])
     p_sn, p_sc = pred.stride(0), pred.stride(1)
     p_ss = _collapsed_stride(pred.shape[2:], pred.stride()[2:])
-    g_src = grad if compute_grad else pred
+    g_src = work_grad if compute_grad else pred
     g_sn, g_sc, g_ss = g_src.stride(0), g_src.stride(1), _collapsed_stride(g_src.shape[2:], g_src.stride()[2:])
     t_sn, t_ss = target.stride(0), _collapsed_stride(target.shape[1:], target.stride()[1:])
     m_sn, m_ss = (mask.stride(0) if mask is not None else 0), 0
@@ -352,12 +509,8 @@ def _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, l
         p_ss, g_ss, t_ss, m_ss = p_sn, g_sn, t_sn, m_sn
         p_sn = g_sn = t_sn = m_sn = 0
     mask_u8, has_mask = _mask_u8(mask, target)
-    counts = torch.empty(COUNT_PROGRAMS, dtype=torch.int32, device=pred.device)
-    num_counts = _launch_count(launch, target, mask_u8, has_mask, N * S, counts, loss, S, t_sn, t_ss, m_sn, m_ss,
-                               C, ignore_index, True)  # fmt: skip
-    if launch is None or N * S == 0:
-        return grad
-
+    count_args = dict(target=target, mask_u8=mask_u8, has_mask=has_mask, counts_total=N * S, S=S, t_sn=t_sn,
+                      t_ss=t_ss, m_sn=m_sn, m_ss=m_ss, C=C, ignore_index=ignore_index, is_ce=True)  # fmt: skip
     # constexpr block sizes are made concrete below (under dynamic-shape tracing this specialises on C and S)
     if p_sc == 1 and C > 1:  # classes contiguous ([N, C], channels_last): rows of BLOCK_C lanes
         block_c = min(triton.next_power_of_2(C), 1024)
@@ -365,27 +518,24 @@ def _cross_entropy(pred, target, mask, ignore_index, compute_grad, grad, loss, l
     else:  # pixels contiguous (NCHW): BLOCK_S pixels along the fast axis, loop over classes
         block_c = min(triton.next_power_of_2(max(C, 1)), 16)
         block_s = max(32, 4096 // block_c)
-    block_s = min(block_s, triton.next_power_of_2(S))
+    block_s = min(block_s, triton.next_power_of_2(max(S, 1)))
     num_s_blocks = triton.cdiv(S, block_s)
-    launch(_ce_kernel)[(N * num_s_blocks,)](
-        pred, target, mask_u8, grad if compute_grad else pred, counts, loss,
-        S, C, num_s_blocks, num_counts, ignore_index,
-        p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
-        HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c),
-        COUNTS_P2=COUNT_PROGRAMS, BLOCK_S=int(block_s), BLOCK_C=int(block_c),
-        num_warps=8 if block_s * block_c >= 4096 else 4,
-    )  # fmt: skip
-    return grad
+    args = (pred, target, mask_u8, work_grad if compute_grad else pred, S, C, num_s_blocks)
+    tail = (ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss)
+    consts = dict(HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c), COUNTS_P2=COUNT_PROGRAMS,
+                  BLOCK_S=int(block_s), BLOCK_C=int(block_c), num_warps=8 if block_s * block_c >= 4096 else 4)  # fmt: skip
+    blocks = N * num_s_blocks if N * S else 0
+    return _TaskPlan(grad, work_grad, blocks, count_args, _ce_kernel, args, (tail, consts))
 
 
-def _elementwise(pred, target, mask, kind, compute_grad, grad, loss, launch):
-    """Launch the bce/l1/mse kernels; returns the tensor the gradient was written to."""
+def _elementwise_plan(pred, target, mask, kind, compute_grad, grad) -> _TaskPlan:
     if not _flat_by_sample(pred):
         pred = pred.contiguous()
     if not (_dense(target) and _same_layout(pred, target)):
         target = torch.empty_like(pred, dtype=target.dtype).copy_(target)  # rare: bring target to pred's layout
+    work_grad = grad
     if compute_grad and not (_dense(grad) and _same_layout(grad, pred)):
-        grad = torch.empty_like(pred)
+        work_grad = torch.empty_like(pred)
     N = pred.shape[0]
     total = pred.numel()
     M = total // N if N else 0
@@ -393,18 +543,72 @@ def _elementwise(pred, target, mask, kind, compute_grad, grad, loss, launch):
     m_sn = mask.stride(0) if mask is not None else 0
     if has_mask and m_sn != 1:
         mask_u8 = mask_u8.contiguous()
-    counts = torch.empty(COUNT_PROGRAMS, dtype=torch.int32, device=pred.device)
     # the targets in storage order: [N, M] with strides (M, 1)
-    num_counts = _launch_count(launch, target, mask_u8, has_mask, total, counts, loss, max(M, 1), max(M, 1), 1, 1,
-                               0, 0, 0, False)  # fmt: skip
-    if launch is None or total == 0:
-        return grad
-    launch(_elementwise_kernel)[(triton.cdiv(total, ELEMENTWISE_BLOCK),)](
-        pred, target, mask_u8, grad if compute_grad else pred, counts, loss, total, M, num_counts,
-        KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, BIG_S=bool(M >= ELEMENTWISE_BLOCK),
-        COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK, num_warps=8,
-    )  # fmt: skip
-    return grad
+    count_args = dict(target=target, mask_u8=mask_u8, has_mask=has_mask, counts_total=total, S=max(M, 1),
+                      t_sn=max(M, 1), t_ss=1, m_sn=1, m_ss=0, C=0, ignore_index=0, is_ce=False)  # fmt: skip
+    args = (pred, target, mask_u8, work_grad if compute_grad else pred, total, M)
+    consts = dict(KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad,
+                  BIG_S=bool(M >= ELEMENTWISE_BLOCK), COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK, num_warps=8)  # fmt: skip
+    return _TaskPlan(grad, work_grad, triton.cdiv(total, ELEMENTWISE_BLOCK), count_args, _elementwise_kernel, args,
+                     ((), consts))  # fmt: skip
+
+
+def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad, launch=_direct):
+    """Every task's loss and gradient up to a factor (see ``fastmtl::masked_multitask_loss_forward``).
+
+    Per task one loss kernel in partials mode (element gradients, one (loss sum, valid count) partial per program,
+    each target read once), then one finalize launch per 8 tasks: ``T + ceil(T / 8)`` launches.
+
+    Returns:
+        ``(total, losses, grad_scale, grads)``: float32 0-dim total and losses, float32 ``[T]`` factors (1 / valid
+        count, 0 without a valid element) with ``grads[t] * grad_scale[t] = d L_t / d pred_t``; ``grads[t]`` is
+        empty where ``compute_grad[t]`` is false. ``launch=None`` only allocates.
+    """
+    device = preds[0].device
+    outputs = [_alloc_outputs(p, bool(c)) for p, c in zip(preds, compute_grad)]
+    losses = [loss for loss, _ in outputs]
+    plans = [
+        _plan(p, t, m, k, ignore_index, bool(c), grad)
+        for p, t, m, k, c, (_, grad) in zip(preds, targets, masks, kinds, compute_grad, outputs)
+    ]
+    n = len(plans)
+    total = _alloc_outputs(preds[0], False)[0]
+    grad_scale = torch.empty(n, dtype=torch.float32, device=device)
+    grads = [plan.grad for plan in plans]
+    if launch is None:
+        return total, losses, grad_scale, grads
+    first = [0]
+    for plan in plans:
+        first.append(first[-1] + plan.blocks)
+    psum = torch.empty(max(first[-1], 1), dtype=torch.float32, device=device)
+    pcount = torch.empty(max(first[-1], 1), dtype=torch.int32, device=device)
+    for plan, start in zip(plans, first):
+        plan.run(launch, psum=psum[start:], pcount=pcount[start:])
+        plan.finish()
+    if weights is not None:
+        weights = weights.to(torch.float32).contiguous()
+    for begin in range(0, n, SCALE_SLOTS):
+        group = list(range(begin, min(begin + SCALE_SLOTS, n)))
+        slots = []
+        for i in range(SCALE_SLOTS):
+            t = group[i] if i < len(group) else group[0]
+            slots += [first[t], first[t + 1] - first[t], losses[t]]
+        launch(_finalize_kernel)[(1,)](
+            psum, pcount, grad_scale[begin:], weights[begin:] if weights is not None else grad_scale, total, *slots,
+            NUM=len(group), HAS_WEIGHTS=weights is not None, ACCUMULATE=begin > 0, BLOCK=FINALIZE_BLOCK, num_warps=4,
+        )  # fmt: skip
+    return total, losses, grad_scale, grads
+
+
+def multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, launch=_direct, inplace=False):
+    """``out[t] = grads[t] * (grad_total * weights[t] + grad_losses[t]) * grad_scale[t]`` (see
+    ``fastmtl::masked_multitask_loss_backward``), the scales computed in the kernel: ``ceil(T / 8)`` launches.
+
+    Absent ``grad_total`` / ``grad_losses[t]`` count as 0, absent ``weights`` as 1. With ``inplace`` the result is
+    written into ``grads``. ``launch=None`` only allocates.
+    """
+    factors = {"g_total": grad_total, "weights": weights, "factor": grad_scale, "g_tasks": grad_losses}
+    return _scale(grads, None, factors, launch, inplace)
 
 
 def scale_grads(grads, scales, launch=_direct, inplace=False):
@@ -420,12 +624,28 @@ def scale_grads(grads, scales, launch=_direct, inplace=False):
     Returns:
         New tensors like ``grads`` (with ``inplace``: the dense inputs, now scaled; use ``grads`` instead).
     """
+    return _scale(grads, scales, None, launch, inplace)
+
+
+def _slot_scale_host(t, scales, factors):
+    """The scale of task t as a 0-dim float32 tensor (for gradients the kernel does not take)."""
+    if factors is None:
+        return scales[t]
+    s = torch.zeros((), dtype=torch.float32, device=factors["factor"].device)
+    if factors["g_total"] is not None:
+        s = factors["g_total"].float() * (factors["weights"][t].float() if factors["weights"] is not None else 1.0)
+    if factors["g_tasks"][t] is not None:
+        s = s + factors["g_tasks"][t].float()
+    return s * factors["factor"][t]
+
+
+def _scale(grads, scales, factors, launch, inplace):
     if inplace:
         # Dense gradients are both input and output of the kernel; strided ones are scaled by ATen here and left
         # to the kernel as empty slots.
         for t, g in enumerate(grads):
-            if not _dense(g):  # in float32: a half tensor multiplied in place would round the scale to half
-                g.copy_(g.float() * scales[t])
+            if not _dense(g) and launch is not None:  # float32: a half tensor scaled in place would round the scale
+                g.copy_(g.float() * _slot_scale_host(t, scales, factors))
         grads = [g if _dense(g) else g.new_empty(0) for g in grads]
         outs = grads
     else:
@@ -433,17 +653,29 @@ def scale_grads(grads, scales, launch=_direct, inplace=False):
         outs = [torch.empty_like(g) for g in grads]
     if launch is None:
         return outs
+    ref = factors["factor"] if factors is not None else scales
     for first in range(0, len(grads), SCALE_SLOTS):
         group = list(range(first, min(first + SCALE_SLOTS, len(grads))))
-        args, block = [], 0
+        args, block, g_mask = [], 0, 0
         for i in range(SCALE_SLOTS):
             t = group[i] if i < len(group) else group[0]
             numel = grads[t].numel() if i < len(group) else 0
-            args += [grads[t], outs[t], numel, block]
+            g_task = factors["g_tasks"][t] if factors is not None and i < len(group) else None
+            if g_task is not None:
+                g_mask |= 1 << i
+            args += [grads[t], outs[t], numel, block, g_task if g_task is not None else ref]
             block += triton.cdiv(numel, SCALE_BLOCK)
         if block == 0:
             continue
+        if factors is None:
+            pointers = (scales[first:], ref, ref, ref)
+            flags = dict(FACTORS=False, HAS_TOTAL=False, HAS_WEIGHTS=False)
+        else:
+            g_total, weights = factors["g_total"], factors["weights"]
+            pointers = (ref, g_total if g_total is not None else ref,
+                        weights[first:] if weights is not None else ref, factors["factor"][first:])  # fmt: skip
+            flags = dict(FACTORS=True, HAS_TOTAL=g_total is not None, HAS_WEIGHTS=weights is not None)
         launch(_scale_grads_kernel)[(block,)](
-            scales[first:], *args, NUM=len(group), BLOCK=SCALE_BLOCK, num_warps=8
+            *pointers, *args, NUM=len(group), G_MASK=g_mask, BLOCK=SCALE_BLOCK, num_warps=8, **flags
         )
     return outs

@@ -368,7 +368,7 @@ class _ScalingSpy:
     C++ backward, so its calls of the two scaling ops are read from the profiler instead.
     """
 
-    OPS = {"fastmtl::masked_loss_scale_grads": "copy", "fastmtl::masked_loss_scale_grads_": "in place"}
+    OPS = {"fastmtl::masked_multitask_loss_backward": "copy", "fastmtl::masked_multitask_loss_backward_": "in place"}
 
     def __init__(self, backend, monkeypatch):
         from fastmtl.ops import masked_loss as op
@@ -376,17 +376,17 @@ class _ScalingSpy:
         self.backend, self.calls = backend, []
         if backend == "cpp":
             return
-        run_loss, scale, scale_inplace = op.RUNNERS[backend]
+        forward, scale, scale_inplace = op.RUNNERS[backend]
 
-        def spy_copy(grads, scales):
+        def spy_copy(grads, *args):
             self.calls.append("copy")
-            return scale(grads, scales)
+            return scale(grads, *args)
 
-        def spy_inplace(grads, scales):
+        def spy_inplace(grads, *args):
             self.calls.append("in place")
-            scale_inplace(grads, scales)
+            scale_inplace(grads, *args)
 
-        monkeypatch.setitem(op.RUNNERS, backend, (run_loss, spy_copy, spy_inplace))
+        monkeypatch.setitem(op.RUNNERS, backend, (forward, spy_copy, spy_inplace))
 
     def run(self, fn):
         if self.backend != "cpp":

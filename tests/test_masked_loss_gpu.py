@@ -328,6 +328,92 @@ def test_triton_launch_count(kernels, kind):
     assert len(launched) == 1
 
 
+def _multitask_tasks(dtype=torch.float32):
+    """(pred, target, mask, kind) of five tasks covering the Triton kernel paths, one without any valid element."""
+    seg, seg_t = make_ce((3, 5, 4, 6), "contiguous", dtype)  # NCHW: pixels along the fast axis
+    cls, cls_t = make_ce((7, 10), "contiguous", dtype)  # [N, C]: rows
+    depth, depth_t = make_dense("l1", (3, 1, 4, 6), "contiguous", dtype)
+    attr, attr_t = make_dense("bce", (3, 5), "contiguous", dtype)
+    empty, empty_t = make_dense("mse", (3, 4), "contiguous", dtype)
+    return [
+        (seg, seg_t, make_mask(3, "random"), "ce"),
+        (cls, cls_t, None, "ce"),
+        (depth, depth_t, make_mask(3, "random"), "l1"),
+        (attr, attr_t, None, "bce"),
+        (empty, empty_t, make_mask(3, "empty"), "mse"),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_triton_multitask_forward_and_backward(kernels, poisoned, dtype, weighted):
+    """Partials, finalize and the backward's in-kernel scales against the float64 reference, on poisoned outputs."""
+    tasks = _multitask_tasks(dtype)
+    preds, targets, masks, kinds = (list(x) for x in zip(*tasks))
+    n = len(tasks)
+    weights = torch.rand(n, device=DEVICE) + 0.5 if weighted else None
+    total, losses, grad_scale, grads = kernels.multitask_forward(
+        preds, targets, masks, kinds, -100, weights, [True, True, False, True, True]
+    )
+    tol = TOLERANCES["loss"][dtype]
+    want_total, refs = 0.0, []
+    for t, (pred, target, mask, kind) in enumerate(tasks):
+        ref_loss, ref_grad = reference(pred, target, mask, kind)
+        refs.append(ref_grad)
+        want_total += (weights[t].item() if weighted else 1.0) * ref_loss.item()
+        assert rel_err(losses[t], ref_loss) <= tol if ref_loss.item() else losses[t].item() == 0.0
+        if t == 2:
+            assert grads[t].numel() == 0  # compute_grad False
+        elif ref_loss.item() == 0.0:
+            assert grad_scale[t].item() == 0.0 and not grads[t].isnan().any()
+        else:
+            assert rel_err(grads[t].double().cpu() * grad_scale[t].item(), ref_grad) <= tol
+    assert abs(total.item() - want_total) <= 1e-5 * abs(want_total)
+
+    g_total = torch.rand((), device=DEVICE)
+    g_tasks = [torch.rand((), device=DEVICE), None, None, torch.rand((), device=DEVICE), None]
+    outs = kernels.multitask_backward(grads, grad_scale, g_total, weights, g_tasks)
+    for t in (0, 1, 3):
+        scale = g_total.item() * (weights[t].item() if weighted else 1.0) + (g_tasks[t].item() if g_tasks[t] is not None else 0.0)
+        assert rel_err(outs[t].double().cpu(), refs[t] * scale) <= tol
+    in_place = [g.clone() for g in grads]
+    kernels.multitask_backward(in_place, grad_scale, g_total, weights, g_tasks, inplace=True)
+    for a, b in zip(in_place, outs):
+        assert torch.equal(a, b)
+
+
+def test_triton_multitask_launch_count(kernels):
+    """T tasks forward: T loss kernels + one finalize per 8 tasks (no count pass); backward: one launch per 8."""
+    launched = []
+
+    def counting(kernel):
+        launched.append(kernel)
+        return kernel
+
+    tasks = _multitask_tasks()
+    preds, targets, masks, kinds = (list(x) for x in zip(*tasks))
+    _, _, grad_scale, grads = kernels.multitask_forward(preds, targets, masks, kinds, -100, None, [True] * 5, counting)
+    assert launched.count(kernels._finalize_kernel) == 1 and len(launched) == len(tasks) + 1
+    assert kernels._count_kernel not in launched
+    launched.clear()
+    kernels.multitask_backward(grads, grad_scale, torch.ones((), device=DEVICE), None, [None] * 5, counting)
+    assert launched == [kernels._scale_grads_kernel]
+
+
+def test_triton_multitask_opcheck(tri):
+    tasks = _multitask_tasks()
+    preds, targets, masks, kinds = (list(x) for x in zip(*tasks))
+    weights = torch.rand(len(tasks), device=DEVICE)
+    args = (preds, targets, masks, ",".join(kinds), -100, weights, [True, False, True, True, True])
+    torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss_forward_triton.default, args)
+    grads = [torch.randn(3, 4, device=DEVICE), torch.randn(0, device=DEVICE), torch.randn(5, device=DEVICE)]
+    bwd = (grads, torch.rand(3, device=DEVICE), torch.rand((), device=DEVICE), None, [None, None, torch.rand((), device=DEVICE)])
+    torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss_backward_triton.default, bwd)
+    torch.library.opcheck(
+        torch.ops.fastmtl.masked_multitask_loss_backward_triton_.default, ([g.clone() for g in grads], *bwd[1:])
+    )
+
+
 _COMPILE_SCRIPT = r"""
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -345,21 +431,28 @@ count = {"target_ptr": "*i64", "mask_ptr": "*u8", "counts_ptr": "*i32", "loss_pt
 compile_one(K._count_kernel, count, {"IS_CE": True, "HAS_MASK": True, "BIG_S": True, "BLOCK": 2048})
 compile_one(K._count_kernel, dict(count, target_ptr="*bf16"), {"IS_CE": False, "HAS_MASK": True, "BIG_S": False,
                                                                "BLOCK": 2048})
-for dt, single, bs, bc in (("fp32", True, 256, 16), ("bf16", False, 4, 1024)):
+partials = {"psum_ptr": "*fp32", "pcount_ptr": "*i32"}
+for dt, single, bs, bc, part in (("fp32", True, 256, 16, False), ("bf16", False, 4, 1024, True)):
     ce = {"pred_ptr": "*" + dt, "target_ptr": "*i64", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
-          "loss_ptr": "*fp32", "S": "i32", "C": "i32", "num_s_blocks": "i32", "num_counts": "i32",
+          "loss_ptr": "*fp32", **partials, "S": "i32", "C": "i32", "num_s_blocks": "i32", "num_counts": "i32",
           "ignore_index": "i32", **i64("p_sn", "p_sc", "p_ss", "g_sn", "g_sc", "g_ss", "t_sn", "t_ss", "m_sn", "m_ss")}
-    compile_one(K._ce_kernel, ce, {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE_C": single, "COUNTS_P2": 256,
-                                   "BLOCK_S": bs, "BLOCK_C": bc})
+    compile_one(K._ce_kernel, ce, {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE_C": single, "PARTIALS": part,
+                                   "COUNTS_P2": 256, "BLOCK_S": bs, "BLOCK_C": bc})
 for dt, kind in (("fp16", 0), ("bf16", 1), ("fp32", 2)):
     el = {"pred_ptr": "*" + dt, "target_ptr": "*fp32", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
-          "loss_ptr": "*fp32", "total": "i64", "M": "i64", "num_counts": "i32"}
+          "loss_ptr": "*fp32", **partials, "total": "i64", "M": "i64", "num_counts": "i32"}
     compile_one(K._elementwise_kernel, el, {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1,
-                                            "COUNTS_P2": 256, "BLOCK": 4096})
-scale = {"scales_ptr": "*fp32"}
+                                            "PARTIALS": kind != 2, "COUNTS_P2": 256, "BLOCK": 4096})
+fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "grad_scale_ptr": "*fp32", "weights_ptr": "*fp32", "total_ptr": "*fp32"}
 for i in range(8):
-    scale.update({f"g{i}": "*bf16", f"o{i}": "*bf16", f"n{i}": "i64", f"f{i}": "i32"})
-compile_one(K._scale_grads_kernel, scale, {"NUM": 8, "BLOCK": 4096})
+    fin.update({f"f{i}": "i64", f"n{i}": "i64", f"l{i}": "*fp32"})
+compile_one(K._finalize_kernel, fin, {"NUM": 8, "HAS_WEIGHTS": True, "ACCUMULATE": True, "BLOCK": 1024})
+scale = {"scales_ptr": "*fp32", "g_total_ptr": "*fp32", "weights_ptr": "*fp32", "factor_ptr": "*fp32"}
+for i in range(8):
+    scale.update({f"g{i}": "*bf16", f"o{i}": "*bf16", f"n{i}": "i64", f"f{i}": "i32", f"t{i}": "*fp32"})
+for factors in (False, True):
+    compile_one(K._scale_grads_kernel, scale, {"NUM": 8, "FACTORS": factors, "HAS_TOTAL": factors,
+                                               "HAS_WEIGHTS": factors, "G_MASK": 5 if factors else 0, "BLOCK": 4096})
 print("compiled")
 """
 

@@ -1,18 +1,22 @@
 """``fastmtl.masked_multitask_loss``: several masked task losses, weighted and summed, with fused gradients.
 
-Each task's loss and its gradient come from one per-task op (``masked_loss``) on the selected backend: the
-gradient is computed in the forward, already divided by the task's valid count, and saved. The whole backward is
-one call of ``masked_loss_scale_grads`` with per-task scales computed on the device
-(``scale_t = g_total * w_t + g_per_task[t]``), so there is no host synchronisation anywhere. When autograd frees
-the graph after the backward (no ``retain_graph``), the in-place form ``masked_loss_scale_grads_`` scales the
-saved gradients themselves, so the backward allocates nothing of their size.
+Every backend implements the same two steps (``RUNNERS``), with no host synchronisation anywhere:
 
-Registered ops (namespace ``fastmtl``, schemas in ``csrc/ops.cpp``): ``masked_loss``,
-``masked_loss_scale_grads`` and ``masked_loss_scale_grads_``, with CPU kernels in ``csrc/cpu/masked_loss.cpp``,
-CUDA kernels in ``csrc/cuda/masked_loss*`` and the autograd of ``masked_loss`` in ``csrc/autograd.cpp``; and
-``masked_multitask_loss``, all tasks in one op with its autograd in C++ (``csrc/masked_multitask_loss.cpp``), which
-the cpp and cuda backends take in eager mode (the Python node below costs more host time; torch.compile traces the
-Python node). Their fake implementations are registered here.
+* forward (``masked_multitask_loss_forward``): each task's loss and its gradient in one pass over its data, the
+  gradient saved up to a per-task factor ``grad_scale[t]`` (CUDA and Triton: the element gradient and
+  ``1 / valid count``, from one kernel per task and one finalize launch, each target read once; CPU and torch:
+  the per-task op's gradient, already divided, and 1), plus the weighted total;
+* backward (``masked_multitask_loss_backward``): one grouped scaling of the saved gradients by
+  ``(g_total * w_t + g_per_task[t]) * grad_scale[t]``, computed on the device (CUDA and Triton: inside the one
+  scaling kernel). When autograd frees the graph after the backward (no ``retain_graph``), the in-place form
+  scales the saved gradients themselves, so the backward allocates nothing of their size.
+
+Registered ops (namespace ``fastmtl``, schemas in ``csrc/ops.cpp``): ``masked_loss`` (one task),
+``masked_loss_scale_grads(_)``, ``masked_multitask_loss_forward`` and ``masked_multitask_loss_backward(_)``, with
+CPU kernels in ``csrc/cpu/masked_loss.cpp`` and ``csrc/masked_multitask_loss.cpp``, CUDA kernels in
+``csrc/cuda/masked_loss*``; and ``masked_multitask_loss``, all of it in one op with its autograd in C++
+(``csrc/masked_multitask_loss.cpp``), which the cpp and cuda backends take in eager mode (the Python node below
+costs more host time; torch.compile traces the Python node). Their fake implementations are registered here.
 The Triton versions live in ``fastmtl.ops.masked_loss_triton``.
 """
 
@@ -254,36 +258,73 @@ def triton_available() -> bool:
     return True
 
 
-def _native_loss(pred, target, mask, kind, ignore_index, compute_grad):
-    return torch.ops.fastmtl.masked_loss(pred, target, mask, kind, ignore_index, compute_grad)
+def backward_scales(grad_scale, grad_total, weights, grad_losses):
+    """The [T] float32 scales of the backward: ``(grad_total * weights[t] + grad_losses[t]) * grad_scale[t]`` (absent
+    terms count as 0, absent weights as 1), as torch ops (the native CPU op computes the same in C++)."""
+    scales = torch.zeros_like(grad_scale)
+    if grad_total is not None:
+        scales = grad_total * weights if weights is not None else grad_total.expand(grad_scale.shape[0])
+    present = [g for g in grad_losses if g is not None]
+    if present:
+        zero = torch.zeros_like(present[0])
+        scales = scales + torch.stack([g if g is not None else zero for g in grad_losses])
+    return (scales * grad_scale).to(torch.float32).contiguous()
 
 
-def _native_scale(grads, scales):
-    return torch.ops.fastmtl.masked_loss_scale_grads(grads, scales)
+def _torch_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
+    """The torch backend's ``masked_multitask_loss_forward``: the reference per task (normalised gradients, so the
+    factors are 1)."""
+    losses, grads = [], []
+    for pred, target, mask, kind, needs in zip(preds, targets, masks, kinds, compute_grad):
+        loss, grad = reference.masked_loss(pred, target, mask, kind, ignore_index, needs)
+        losses.append(loss)
+        grads.append(grad)
+    stacked = torch.stack(losses)
+    total = (stacked * weights).sum() if weights is not None else stacked.sum()
+    return total, losses, torch.ones(len(preds), dtype=torch.float32, device=preds[0].device), grads
 
 
-def _native_scale_inplace(grads, scales):
-    torch.ops.fastmtl.masked_loss_scale_grads_(grads, scales)
+def _torch_backward(grads, grad_scale, grad_total, weights, grad_losses):
+    return reference.scale_grads(grads, backward_scales(grad_scale, grad_total, weights, grad_losses))
 
 
-def _triton_loss(pred, target, mask, kind, ignore_index, compute_grad):
-    return _triton_module().masked_loss(pred, target, mask, kind, ignore_index, compute_grad)
+def _torch_backward_(grads, grad_scale, grad_total, weights, grad_losses):
+    reference.scale_grads_(grads, backward_scales(grad_scale, grad_total, weights, grad_losses))
 
 
-def _triton_scale(grads, scales):
-    return _triton_module().scale_grads(grads, scales)
+def _native_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
+    return torch.ops.fastmtl.masked_multitask_loss_forward(
+        list(preds), list(targets), list(masks), list(kinds), ignore_index, weights, list(compute_grad)
+    )
 
 
-def _triton_scale_inplace(grads, scales):
-    _triton_module().scale_grads_(grads, scales)
+def _native_backward(grads, grad_scale, grad_total, weights, grad_losses):
+    return torch.ops.fastmtl.masked_multitask_loss_backward(grads, grad_scale, grad_total, weights, list(grad_losses))
 
 
-# backend -> (per-task loss and gradient, backward scaling, the same scaling in place)
+def _native_backward_(grads, grad_scale, grad_total, weights, grad_losses):
+    torch.ops.fastmtl.masked_multitask_loss_backward_(grads, grad_scale, grad_total, weights, list(grad_losses))
+
+
+def _triton_forward(*args):
+    return _triton_module().multitask_forward(*args)
+
+
+def _triton_backward(*args):
+    return _triton_module().multitask_backward(*args)
+
+
+def _triton_backward_(*args):
+    _triton_module().multitask_backward_(*args)
+
+
+# backend -> (forward: (total, losses, grad_scale, grads) with grads[t] * grad_scale[t] = d L_t / d pred_t,
+#             backward: scaled copies of the gradients, the same backward in place)
 RUNNERS = {
-    "torch": (reference.masked_loss, reference.scale_grads, reference.scale_grads_),
-    "cpp": (_native_loss, _native_scale, _native_scale_inplace),
-    "cuda": (_native_loss, _native_scale, _native_scale_inplace),
-    "triton": (_triton_loss, _triton_scale, _triton_scale_inplace),
+    "torch": (_torch_forward, _torch_backward, _torch_backward_),
+    "cpp": (_native_forward, _native_backward, _native_backward_),
+    "cuda": (_native_forward, _native_backward, _native_backward_),
+    "triton": (_triton_forward, _triton_backward, _triton_backward_),
 }
 
 
@@ -317,7 +358,8 @@ def _selected_backend(device: torch.device) -> str:
 
 
 class _MaskedMultitaskLoss(torch.autograd.Function):
-    """All tasks in one autograd node: forward runs the per-task op, backward scales the saved gradients once.
+    """All tasks in one autograd node: the backend's forward computes every loss and gradient (up to a per-task
+    factor), the backward scales the saved gradients in one call.
 
     Inputs: (backend, kinds, ignore_index, weights or None, *preds, *targets, *masks). Outputs:
     (total, *per_task_losses). Gradients are not materialised, so backward from ``per_task[t]`` alone returns a
@@ -328,50 +370,41 @@ class _MaskedMultitaskLoss(torch.autograd.Function):
     def forward(ctx, backend, kinds, ignore_index, weights, *tensors):
         n = len(kinds)
         preds, targets, masks = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        run_loss = RUNNERS[backend][0]
-        losses, grads = [], []
-        for t in range(n):
-            loss, grad = run_loss(preds[t], targets[t], masks[t], kinds[t], ignore_index, ctx.needs_input_grad[4 + t])
-            losses.append(loss)
-            grads.append(grad)
-        stacked = torch.stack(losses)
-        total = (stacked * weights).sum() if weights is not None else stacked.sum()
+        compute_grad = [bool(ctx.needs_input_grad[4 + t]) for t in range(n)]
+        total, losses, grad_scale, grads = RUNNERS[backend][0](
+            preds, targets, masks, kinds, ignore_index, weights, compute_grad
+        )
         ctx.set_materialize_grads(False)
         ctx.backend = backend
         ctx.has_weights = weights is not None
-        ctx.save_for_backward(stacked, weights, *grads)
+        ctx.compute_grad = compute_grad
+        ctx.save_for_backward(grad_scale, weights, *grads, *losses)
         return (total, *losses)
 
     @staticmethod
     def backward(ctx, grad_total, *grad_losses):
-        stacked, weights, *grads = ctx.saved_tensors
-        n = len(grads)
-        scales = None
-        if grad_total is not None:
-            scales = grad_total * weights if ctx.has_weights else grad_total.expand(n)
-        present = [g for g in grad_losses if g is not None]
-        if present:
-            zero = torch.zeros_like(present[0])
-            per_task = torch.stack([g if g is not None else zero for g in grad_losses])
-            scales = per_task if scales is None else scales + per_task
+        grad_scale, weights, *saved = ctx.saved_tensors
+        n = len(saved) // 2
+        grads, losses = saved[:n], saved[n:]
         active = [
-            ctx.needs_input_grad[4 + t] and (grad_total is not None or grad_losses[t] is not None) for t in range(n)
+            ctx.needs_input_grad[4 + t] and ctx.compute_grad[t] and (grad_total is not None or grad_losses[t] is not None)
+            for t in range(n)
         ]
         grad_preds = [None] * n
         if any(active):
             inputs = [grads[t] if active[t] else grads[t].new_empty(0) for t in range(n)]
-            scales = scales.to(torch.float32).contiguous()
+            args = (grad_scale, grad_total, weights if ctx.has_weights else None, list(grad_losses))
             if _graph_released_after_backward():
                 # The saved gradients die with the graph: scale them in place and hand them on (peak memory: one
                 # gradient per task instead of two).
-                RUNNERS[ctx.backend][2](inputs, scales)
+                RUNNERS[ctx.backend][2](inputs, *args)
                 scaled = inputs
             else:
-                scaled = RUNNERS[ctx.backend][1](inputs, scales)
+                scaled = RUNNERS[ctx.backend][1](inputs, *args)
             grad_preds = [scaled[t] if active[t] else None for t in range(n)]
         grad_weights = None
         if ctx.has_weights and ctx.needs_input_grad[3] and grad_total is not None:
-            grad_weights = grad_total * stacked
+            grad_weights = grad_total * torch.stack(losses)
         return (None, None, None, grad_weights, *grad_preds, *([None] * (2 * n)))
 
 

@@ -1,8 +1,10 @@
 """The Triton backend of the masked loss: ops ``fastmtl::masked_loss_triton``, ``masked_loss_scale_grads_triton``
-and its in-place form ``masked_loss_scale_grads_triton_``.
+and its in-place form ``masked_loss_scale_grads_triton_``; ``masked_multitask_loss_forward_triton`` and
+``masked_multitask_loss_backward_triton`` (+ in-place form), what ``masked_multitask_loss`` runs.
 
-Same contract as the native ops ``fastmtl::masked_loss`` / ``masked_loss_scale_grads(_)`` (csrc/ops.cpp), run by
-the kernels of :mod:`fastmtl.kernels.masked_loss`. Importing this module imports Triton (slow), so the op layer
+Same contract as the native ops ``fastmtl::masked_loss`` / ``masked_loss_scale_grads(_)`` /
+``masked_multitask_loss_forward`` / ``masked_multitask_loss_backward(_)`` (csrc/ops.cpp), run by the kernels of
+:mod:`fastmtl.kernels.masked_loss`. Importing this module imports Triton (slow), so the op layer
 (:mod:`fastmtl.ops.masked_loss`) imports it only when the triton backend is used.
 
 The ops are registered with ``torch.library.triton_op`` + ``wrap_triton`` where torch has them (>= 2.6), so
@@ -23,6 +25,9 @@ from fastmtl.kernels import masked_loss as kernels
 LOSS_OP = "fastmtl::masked_loss_triton"
 SCALE_OP = "fastmtl::masked_loss_scale_grads_triton"
 SCALE_INPLACE_OP = "fastmtl::masked_loss_scale_grads_triton_"
+FORWARD_OP = "fastmtl::masked_multitask_loss_forward_triton"
+BACKWARD_OP = "fastmtl::masked_multitask_loss_backward_triton"
+BACKWARD_INPLACE_OP = "fastmtl::masked_multitask_loss_backward_triton_"
 
 
 def _register() -> None:
@@ -44,6 +49,28 @@ def _register() -> None:
         @torch.library.triton_op(SCALE_INPLACE_OP, mutates_args=("grads",))
         def _scale_inplace(grads: List[Tensor], scales: Tensor) -> None:
             kernels.scale_grads(grads, scales, launch=wrap, inplace=True)
+
+        @torch.library.triton_op(FORWARD_OP, mutates_args=())
+        def _forward(
+            preds: List[Tensor], targets: List[Tensor], masks: List[Optional[Tensor]], kinds: str,
+            ignore_index: int, weights: Optional[Tensor], compute_grad: List[bool],
+        ) -> Tuple[Tensor, List[Tensor], Tensor, List[Tensor]]:  # fmt: skip
+            return kernels.multitask_forward(preds, targets, masks, kinds.split(","), ignore_index, weights,
+                                             compute_grad, wrap)  # fmt: skip
+
+        @torch.library.triton_op(BACKWARD_OP, mutates_args=())
+        def _backward(
+            grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
+            grad_losses: List[Optional[Tensor]],
+        ) -> List[Tensor]:  # fmt: skip
+            return kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, wrap)
+
+        @torch.library.triton_op(BACKWARD_INPLACE_OP, mutates_args=("grads",))
+        def _backward_inplace(
+            grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
+            grad_losses: List[Optional[Tensor]],
+        ) -> None:  # fmt: skip
+            kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, wrap, inplace=True)
 
         return
 
@@ -71,6 +98,40 @@ def _register() -> None:
 
     @_scale_inplace_old.register_fake
     def _(grads, scales):
+        return None
+
+    @torch.library.custom_op(FORWARD_OP, mutates_args=())
+    def _forward_old(
+        preds: List[Tensor], targets: List[Tensor], masks: List[Optional[Tensor]], kinds: str,
+        ignore_index: int, weights: Optional[Tensor], compute_grad: List[bool],
+    ) -> Tuple[Tensor, List[Tensor], Tensor, List[Tensor]]:  # fmt: skip
+        return kernels.multitask_forward(preds, targets, masks, kinds.split(","), ignore_index, weights, compute_grad)
+
+    @_forward_old.register_fake
+    def _(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
+        return kernels.multitask_forward(preds, targets, masks, kinds.split(","), ignore_index, weights, compute_grad,
+                                         None)  # fmt: skip
+
+    @torch.library.custom_op(BACKWARD_OP, mutates_args=())
+    def _backward_old(
+        grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
+        grad_losses: List[Optional[Tensor]],
+    ) -> List[Tensor]:  # fmt: skip
+        return kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses)
+
+    @_backward_old.register_fake
+    def _(grads, grad_scale, grad_total, weights, grad_losses):
+        return kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, None)
+
+    @torch.library.custom_op(BACKWARD_INPLACE_OP, mutates_args=("grads",))
+    def _backward_inplace_old(
+        grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
+        grad_losses: List[Optional[Tensor]],
+    ) -> None:  # fmt: skip
+        kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, inplace=True)
+
+    @_backward_inplace_old.register_fake
+    def _(grads, grad_scale, grad_total, weights, grad_losses):
         return None
 
 
@@ -107,3 +168,33 @@ def scale_grads_(grads: List[Tensor], scales: Tensor) -> None:
         torch.ops.fastmtl.masked_loss_scale_grads_triton_(list(grads), scales)
     else:
         kernels.scale_grads(list(grads), scales, inplace=True)
+
+
+def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
+    """All tasks' losses and gradients up to a factor on the Triton backend (arguments already validated): returns
+    ``(total, losses, grad_scale, grads)`` as ``fastmtl::masked_multitask_loss_forward``, in ``T + 1`` launches
+    (up to 8 tasks)."""
+    flags = [bool(c) for c in compute_grad]
+    if torch.compiler.is_compiling():  # the op takes the kinds joined by commas (custom ops have no str lists)
+        return torch.ops.fastmtl.masked_multitask_loss_forward_triton(
+            list(preds), list(targets), list(masks), ",".join(kinds), int(ignore_index), weights, flags
+        )
+    return kernels.multitask_forward(preds, targets, masks, list(kinds), int(ignore_index), weights, flags)
+
+
+def multitask_backward(grads, grad_scale, grad_total, weights, grad_losses):
+    """``grads[t] * (grad_total * weights[t] + grad_losses[t]) * grad_scale[t]`` as new tensors, one launch for up
+    to 8 tasks."""
+    args = (list(grads), grad_scale, grad_total, weights, list(grad_losses))
+    if torch.compiler.is_compiling():
+        return torch.ops.fastmtl.masked_multitask_loss_backward_triton(*args)
+    return kernels.multitask_backward(*args)
+
+
+def multitask_backward_(grads, grad_scale, grad_total, weights, grad_losses) -> None:
+    """The same, written into ``grads``."""
+    args = (list(grads), grad_scale, grad_total, weights, list(grad_losses))
+    if torch.compiler.is_compiling():
+        torch.ops.fastmtl.masked_multitask_loss_backward_triton_(*args)
+    else:
+        kernels.multitask_backward(*args, inplace=True)
