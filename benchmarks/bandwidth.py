@@ -87,18 +87,30 @@ def loss_cases():
 
         return step
 
-    def loss_and_grad_pass():
-        # The forward kernels alone (each task's loss and its gradient, one pass over pred and target): the part
-        # of the op that moves the bytes counted here; the backward then scales the saved gradients.
-        with torch.no_grad():
-            return [
-                torch.ops.fastmtl.masked_loss(preds[t], targets[t], masks[t], kinds[t], -100, True) for t in preds
-            ]
+    names = list(preds)
+    forward_args = (
+        [preds[t] for t in names], [targets[t] for t in names], [masks[t] for t in names], [kinds[t] for t in names],
+        -100, None, [True] * len(names),
+    )  # fmt: skip
+
+    def forward_pass(backend):
+        # The forward kernels alone (every task's loss and element gradient in one pass over its pred and target,
+        # then the finalize launch): the part of the op that moves the bytes counted here; the backward then scales
+        # the saved gradients.
+        def forward():
+            with torch.no_grad():
+                if backend == "cuda":
+                    return torch.ops.fastmtl.masked_multitask_loss_forward(*forward_args)
+                from fastmtl.ops import masked_loss_triton
+
+                return masked_loss_triton.multitask_forward(*forward_args)
+
+        return forward
 
     cases = {f"{b} masked_multitask_loss fwd+bwd": run(b) for b in ("cuda", "triton", "torch")}
     for b in ("cuda", "triton"):
         cases[f"{b} masked_multitask_loss fwd+bwd, graph"] = ("graph", run(b))
-    cases["cuda masked_loss passes (fwd kernels), graph"] = ("graph", loss_and_grad_pass)
+        cases[f"{b} masked_multitask_loss_forward (fwd kernels), graph"] = ("graph", forward_pass(b))
     return "NYUv2-like 8x{13,1,3}x288x384 + 8x10 bf16", nbytes, cases
 
 
