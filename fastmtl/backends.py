@@ -94,11 +94,12 @@ def available_backends() -> list[str]:
 
 def can_run(backend: str, device: torch.device) -> tuple[bool, str]:
     """Whether ``backend`` can run tensors on ``device``; if not, why."""
-    ok, why = _status(torch.cuda.is_available(), triton_interpret())[backend]
     if backend == "torch":
         return True, ""
-    if backend == "cpp":
+    if backend == "cpp":  # on every CPU op call: only the (cached) build status matters, not the GPU or Triton
+        ok, why = _native.load("_C")
         return (ok and device.type == "cpu"), (why if not ok else "cpp runs CPU tensors only")
+    ok, why = _status(torch.cuda.is_available(), triton_interpret())[backend]
     if backend == "cuda":
         return (ok and device.type == "cuda"), (why if not ok else "cuda runs CUDA tensors only")
     if not ok:

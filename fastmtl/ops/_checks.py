@@ -28,6 +28,9 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 def pair(name: str, value, minimum: int) -> tuple[int, int]:
     """Normalise an int or a pair of ints to a pair, each at least ``minimum``."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        if value[0] >= minimum and value[1] >= minimum:  # a module's own normalised pair: on every call
+            return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     try:
