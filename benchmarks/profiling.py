@@ -38,6 +38,7 @@ def print_profile(title: str, host_us: float, rows, top: int = 12) -> None:
     """Print the step's totals (device time, launches, host time), then its slowest kernels."""
     total = sum(r[0] for r in rows)
     launches = sum(r[1] for r in rows)
-    print(f"\n{title}: {total:.1f} us of device time in {launches:.0f} launches, {host_us:.1f} us of host time per step")
+    print(f"\n{title}: {total:.1f} us of device time in {launches:.0f} launches, {host_us:.1f} us of host time "
+          "per step")
     for us, count, name in rows[:top]:
         print(f"  {us:8.1f} us  x{count:g}  {name[:110]}")

@@ -18,6 +18,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <string>
 #include <tuple>

@@ -231,10 +231,10 @@ def _elementwise_kernel(
         d = p - t
         loss = tl.abs(d)
         g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-    else:  # mse
+    else:  # mse (partials mode stores d = p - t: 2d could overflow float16; the finalize's factor carries the 2)
         d = p - t
         loss = d * d
-        g = 2.0 * d
+        g = d if PARTIALS else 2.0 * d
     _finish(loss_ptr, psum_ptr, pcount_ptr, pid, tl.sum(tl.where(ok, loss, 0.0), axis=0),
             tl.sum(ok.to(tl.int32), axis=0), inv_count, PARTIALS)  # fmt: skip
     if COMPUTE_GRAD:
@@ -242,10 +242,10 @@ def _elementwise_kernel(
 
 
 @triton.jit
-def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, index, grad_scale_ptr, weights_ptr,
+def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, multiplier, index, grad_scale_ptr, weights_ptr,
                    HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One task: sum its partials [first, first + num) (float64 / int64), write L_t and grad_scale[index] = 1/count
-    (both 0 without a valid element); return weights[index] * L_t."""
+    """One task: sum its partials [first, first + num) (float64 / int64), write L_t and grad_scale[index] =
+    multiplier / count (both 0 without a valid element); return weights[index] * L_t."""
     acc_s = tl.zeros([BLOCK], tl.float64)
     acc_c = tl.zeros([BLOCK], tl.int64)
     for i in range(0, num, BLOCK):
@@ -258,7 +258,7 @@ def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, index, grad_scale
     denom = tl.maximum(count, 1).to(tl.float64)
     loss = tl.where(count > 0, total / denom, 0.0).to(tl.float32)
     tl.store(loss_ptr, loss)
-    tl.store(grad_scale_ptr + index, tl.where(count > 0, (1.0 / denom).to(tl.float32), 0.0))
+    tl.store(grad_scale_ptr + index, tl.where(count > 0, (multiplier / denom).to(tl.float32), 0.0))
     weighted = loss
     if HAS_WEIGHTS:
         weighted = loss * tl.load(weights_ptr + index).to(tl.float32)
@@ -267,27 +267,29 @@ def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, index, grad_scale
 
 @triton.jit
 def _finalize_kernel(
-    psum_ptr, pcount_ptr, grad_scale_ptr, weights_ptr, total_ptr,
-    f0, n0, l0, f1, n1, l1, f2, n2, l2, f3, n3, l3, f4, n4, l4, f5, n5, l5, f6, n6, l6, f7, n7, l7,
+    psum_ptr, pcount_ptr, gs_ptr, w_ptr, total_ptr,
+    f0, n0, l0, k0, f1, n1, l1, k1, f2, n2, l2, k2, f3, n3, l3, k3,
+    f4, n4, l4, k4, f5, n5, l5, k5, f6, n6, l6, k6, f7, n7, l7, k7,
     NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program for up to 8 tasks (slots): losses, gradient factors and the weighted total (added to *total_ptr
-    with ACCUMULATE, for the launches after the first)."""
-    total = _finalize_slot(psum_ptr, pcount_ptr, f0, n0, l0, 0, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+    """One program for up to 8 tasks (slots f: first partial, n: partials, l: loss, k: gradient multiplier): losses,
+    gradient factors (into gs_ptr) and the total weighted by w_ptr (added to *total_ptr with ACCUMULATE, for the
+    launches after the first)."""
+    total = _finalize_slot(psum_ptr, pcount_ptr, f0, n0, l0, k0, 0, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if NUM > 1:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f1, n1, l1, 1, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, f1, n1, l1, k1, 1, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if NUM > 2:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f2, n2, l2, 2, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, f2, n2, l2, k2, 2, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if NUM > 3:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f3, n3, l3, 3, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, f3, n3, l3, k3, 3, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if NUM > 4:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f4, n4, l4, 4, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, f4, n4, l4, k4, 4, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if NUM > 5:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f5, n5, l5, 5, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, f5, n5, l5, k5, 5, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if NUM > 6:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f6, n6, l6, 6, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, f6, n6, l6, k6, 6, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if NUM > 7:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f7, n7, l7, 7, grad_scale_ptr, weights_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, f7, n7, l7, k7, 7, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
     if ACCUMULATE:
         total += tl.load(total_ptr)
     tl.store(total_ptr, total)
@@ -296,7 +298,7 @@ def _finalize_kernel(
 @triton.jit
 def _slot_scale(scales_ptr, index, gt_ptr, g_total_ptr, weights_ptr, factor_ptr, FACTORS: tl.constexpr,
                 HAS_TOTAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_G: tl.constexpr):  # fmt: skip
-    """scales[index], or with FACTORS (g_total * weights[index] + g_task) * factor[index] (absent terms: 0, weight 1)."""
+    """scales[index], or with FACTORS (g_total * weights[index] + g_task) * factor[index] (absent: 0, weight 1)."""
     if FACTORS:
         s = 0.0
         if HAS_TOTAL:
@@ -324,39 +326,47 @@ def _scale_slot(pid, first_block, g_ptr, o_ptr, numel, scale, BLOCK: tl.constexp
 
 @triton.jit
 def _scale_grads_kernel(
-    scales_ptr, g_total_ptr, weights_ptr, factor_ptr,
+    scales_ptr, total_ptr, w_ptr, factor_ptr,
     g0, o0, n0, f0, t0, g1, o1, n1, f1, t1, g2, o2, n2, f2, t2, g3, o3, n3, f3, t3,
     g4, o4, n4, f4, t4, g5, o5, n5, f5, t5, g6, o6, n6, f6, t6, g7, o7, n7, f7, t7,
     NUM: tl.constexpr, FACTORS: tl.constexpr, HAS_TOTAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     G_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Grouped ``out[t] = grads[t] * scale_t``: each program finds its task slot by its block range. scale_t is
-    ``scales[t]``, or with FACTORS computed from the upstream gradients (slot t's g_task t{t} where bit t of G_MASK
-    is set)."""
+    ``scales[t]``, or with FACTORS computed from the upstream gradients: the total's (total_ptr, weighted by w_ptr)
+    and slot t's own (t{t}, where bit t of G_MASK is set), times factor_ptr[t]."""
     pid = tl.program_id(0)
-    _scale_slot(pid, f0, g0, o0, n0, _slot_scale(scales_ptr, 0, t0, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
-                                                 (G_MASK & 1) != 0), BLOCK)  # fmt: skip
+    scale = _slot_scale(scales_ptr, 0, t0, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                        (G_MASK & 1) != 0)
+    _scale_slot(pid, f0, g0, o0, n0, scale, BLOCK)
     if NUM > 1:
-        _scale_slot(pid, f1, g1, o1, n1, _slot_scale(scales_ptr, 1, t1, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
-                                                     HAS_WEIGHTS, (G_MASK & 2) != 0), BLOCK)  # fmt: skip
+        scale = _slot_scale(scales_ptr, 1, t1, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                            (G_MASK & 2) != 0)
+        _scale_slot(pid, f1, g1, o1, n1, scale, BLOCK)
     if NUM > 2:
-        _scale_slot(pid, f2, g2, o2, n2, _slot_scale(scales_ptr, 2, t2, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
-                                                     HAS_WEIGHTS, (G_MASK & 4) != 0), BLOCK)  # fmt: skip
+        scale = _slot_scale(scales_ptr, 2, t2, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                            (G_MASK & 4) != 0)
+        _scale_slot(pid, f2, g2, o2, n2, scale, BLOCK)
     if NUM > 3:
-        _scale_slot(pid, f3, g3, o3, n3, _slot_scale(scales_ptr, 3, t3, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
-                                                     HAS_WEIGHTS, (G_MASK & 8) != 0), BLOCK)  # fmt: skip
+        scale = _slot_scale(scales_ptr, 3, t3, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                            (G_MASK & 8) != 0)
+        _scale_slot(pid, f3, g3, o3, n3, scale, BLOCK)
     if NUM > 4:
-        _scale_slot(pid, f4, g4, o4, n4, _slot_scale(scales_ptr, 4, t4, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
-                                                     HAS_WEIGHTS, (G_MASK & 16) != 0), BLOCK)  # fmt: skip
+        scale = _slot_scale(scales_ptr, 4, t4, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                            (G_MASK & 16) != 0)
+        _scale_slot(pid, f4, g4, o4, n4, scale, BLOCK)
     if NUM > 5:
-        _scale_slot(pid, f5, g5, o5, n5, _slot_scale(scales_ptr, 5, t5, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
-                                                     HAS_WEIGHTS, (G_MASK & 32) != 0), BLOCK)  # fmt: skip
+        scale = _slot_scale(scales_ptr, 5, t5, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                            (G_MASK & 32) != 0)
+        _scale_slot(pid, f5, g5, o5, n5, scale, BLOCK)
     if NUM > 6:
-        _scale_slot(pid, f6, g6, o6, n6, _slot_scale(scales_ptr, 6, t6, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
-                                                     HAS_WEIGHTS, (G_MASK & 64) != 0), BLOCK)  # fmt: skip
+        scale = _slot_scale(scales_ptr, 6, t6, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                            (G_MASK & 64) != 0)
+        _scale_slot(pid, f6, g6, o6, n6, scale, BLOCK)
     if NUM > 7:
-        _scale_slot(pid, f7, g7, o7, n7, _slot_scale(scales_ptr, 7, t7, g_total_ptr, weights_ptr, factor_ptr, FACTORS, HAS_TOTAL,
-                                                     HAS_WEIGHTS, (G_MASK & 128) != 0), BLOCK)  # fmt: skip
+        scale = _slot_scale(scales_ptr, 7, t7, total_ptr, w_ptr, factor_ptr, FACTORS, HAS_TOTAL, HAS_WEIGHTS,
+                            (G_MASK & 128) != 0)
+        _scale_slot(pid, f7, g7, o7, n7, scale, BLOCK)
 
 
 # ---- host side --------------------------------------------------------------------------------------------------
@@ -523,7 +533,8 @@ def _ce_plan(pred, target, mask, ignore_index, compute_grad, grad) -> _TaskPlan:
     args = (pred, target, mask_u8, work_grad if compute_grad else pred, S, C, num_s_blocks)
     tail = (ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss)
     consts = dict(HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c), COUNTS_P2=COUNT_PROGRAMS,
-                  BLOCK_S=int(block_s), BLOCK_C=int(block_c), num_warps=8 if block_s * block_c >= 4096 else 4)  # fmt: skip
+                  BLOCK_S=int(block_s), BLOCK_C=int(block_c),
+                  num_warps=8 if block_s * block_c >= 4096 else 4)  # fmt: skip
     blocks = N * num_s_blocks if N * S else 0
     return _TaskPlan(grad, work_grad, blocks, count_args, _ce_kernel, args, (tail, consts))
 
@@ -548,7 +559,8 @@ def _elementwise_plan(pred, target, mask, kind, compute_grad, grad) -> _TaskPlan
                       t_sn=max(M, 1), t_ss=1, m_sn=1, m_ss=0, C=0, ignore_index=0, is_ce=False)  # fmt: skip
     args = (pred, target, mask_u8, work_grad if compute_grad else pred, total, M)
     consts = dict(KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad,
-                  BIG_S=bool(M >= ELEMENTWISE_BLOCK), COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK, num_warps=8)  # fmt: skip
+                  BIG_S=bool(M >= ELEMENTWISE_BLOCK), COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK,
+                  num_warps=8)  # fmt: skip
     return _TaskPlan(grad, work_grad, triton.cdiv(total, ELEMENTWISE_BLOCK), count_args, _elementwise_kernel, args,
                      ((), consts))  # fmt: skip
 
@@ -592,7 +604,7 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
         slots = []
         for i in range(SCALE_SLOTS):
             t = group[i] if i < len(group) else group[0]
-            slots += [first[t], first[t + 1] - first[t], losses[t]]
+            slots += [first[t], first[t + 1] - first[t], losses[t], 2.0 if kinds[t] == "mse" else 1.0]
         launch(_finalize_kernel)[(1,)](
             psum, pcount, grad_scale[begin:], weights[begin:] if weights is not None else grad_scale, total, *slots,
             NUM=len(group), HAS_WEIGHTS=weights is not None, ACCUMULATE=begin > 0, BLOCK=FINALIZE_BLOCK, num_warps=4,
@@ -639,8 +651,18 @@ def _slot_scale_host(t, scales, factors):
     return s * factors["factor"][t]
 
 
+def _check_disjoint(grads) -> None:
+    """In-place scaling of tensors that share memory would race (and scale shared elements twice)."""
+    spans = sorted((g.data_ptr(), g.data_ptr() + g.numel() * g.element_size()) for g in grads if g.numel())
+    for (_, end), (start, _) in zip(spans[:-1], spans[1:]):
+        if start < end:
+            raise RuntimeError("in-place scaling: some of the gradients share memory; pass distinct tensors")
+
+
 def _scale(grads, scales, factors, launch, inplace):
     if inplace:
+        if launch is not None:
+            _check_disjoint(grads)
         # Dense gradients are both input and output of the kernel; strided ones are scaled by ATen here and left
         # to the kernel as empty slots.
         for t, g in enumerate(grads):

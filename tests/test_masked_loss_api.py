@@ -294,6 +294,18 @@ def test_masked_multitask_loss_backward_ops(device, with_total, with_weights):
     torch.library.opcheck(inplace_op.default, ([g.clone() for g in args[0]], *args[1:]))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_in_place_scaling_refuses_tensors_that_share_memory(device):
+    g = torch.randn(4, 5, device=device)
+    before = g.clone()
+    scales = torch.rand(2, device=device)
+    with pytest.raises(RuntimeError, match="memory location"):
+        torch.ops.fastmtl.masked_loss_scale_grads_([g, g], scales)
+    with pytest.raises(RuntimeError, match="memory location"):
+        torch.ops.fastmtl.masked_multitask_loss_backward_([g, g[1:]], scales, None, None, [scales[0], None])
+    assert torch.equal(g, before)
+
+
 def test_grouped_native_op_matches_the_python_node():
     """The eager cpp path (one native op, C++ autograd) and the Python autograd node agree on values and gradients:
     total and per-task backward, tensor weights, a task without gradient."""

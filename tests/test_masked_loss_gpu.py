@@ -328,6 +328,15 @@ def test_triton_launch_count(kernels, kind):
     assert len(launched) == 1
 
 
+def _large_mse_task(device=DEVICE):
+    """A float16 mse task whose differences (about 5e4) fit float16 but whose doubled element gradient 2 (p - t) does
+    not: the partials mode must not overflow where the normalised gradient is finite."""
+    pred = (3e4 + 100 * torch.rand(3, 40, device=device)).to(torch.float16)
+    target = torch.full((3, 40), -2e4, device=device)
+    target.view(-1)[::3] = float("nan")
+    return pred, target, make_mask(3, "random", device=device), "mse"
+
+
 def _multitask_tasks(dtype=torch.float32):
     """(pred, target, mask, kind) of five tasks covering the Triton kernel paths, one without any valid element."""
     seg, seg_t = make_ce((3, 5, 4, 6), "contiguous", dtype)  # NCHW: pixels along the fast axis
@@ -341,6 +350,7 @@ def _multitask_tasks(dtype=torch.float32):
         (depth, depth_t, make_mask(3, "random"), "l1"),
         (attr, attr_t, None, "bce"),
         (empty, empty_t, make_mask(3, "empty"), "mse"),
+        _large_mse_task(),
     ]
 
 
@@ -353,11 +363,11 @@ def test_triton_multitask_forward_and_backward(kernels, poisoned, dtype, weighte
     n = len(tasks)
     weights = torch.rand(n, device=DEVICE) + 0.5 if weighted else None
     total, losses, grad_scale, grads = kernels.multitask_forward(
-        preds, targets, masks, kinds, -100, weights, [True, True, False, True, True]
+        preds, targets, masks, kinds, -100, weights, [True, True, False, True, True, True]
     )
-    tol = TOLERANCES["loss"][dtype]
     want_total, refs = 0.0, []
     for t, (pred, target, mask, kind) in enumerate(tasks):
+        tol = TOLERANCES["loss"][pred.dtype]
         ref_loss, ref_grad = reference(pred, target, mask, kind)
         refs.append(ref_grad)
         want_total += (weights[t].item() if weighted else 1.0) * ref_loss.item()
@@ -371,15 +381,23 @@ def test_triton_multitask_forward_and_backward(kernels, poisoned, dtype, weighte
     assert abs(total.item() - want_total) <= 1e-5 * abs(want_total)
 
     g_total = torch.rand((), device=DEVICE)
-    g_tasks = [torch.rand((), device=DEVICE), None, None, torch.rand((), device=DEVICE), None]
+    g_tasks = [torch.rand((), device=DEVICE), None, None, torch.rand((), device=DEVICE), None, None]
     outs = kernels.multitask_backward(grads, grad_scale, g_total, weights, g_tasks)
-    for t in (0, 1, 3):
-        scale = g_total.item() * (weights[t].item() if weighted else 1.0) + (g_tasks[t].item() if g_tasks[t] is not None else 0.0)
+    for t in (0, 1, 3, 5):
+        tol = TOLERANCES["loss"][grads[t].dtype]
+        scale = g_total.item() * (weights[t].item() if weighted else 1.0)
+        scale += g_tasks[t].item() if g_tasks[t] is not None else 0.0
         assert rel_err(outs[t].double().cpu(), refs[t] * scale) <= tol
     in_place = [g.clone() for g in grads]
     kernels.multitask_backward(in_place, grad_scale, g_total, weights, g_tasks, inplace=True)
     for a, b in zip(in_place, outs):
         assert torch.equal(a, b)
+
+
+def test_triton_in_place_scaling_refuses_tensors_that_share_memory(kernels):
+    g = torch.randn(4, 5, device=DEVICE)
+    with pytest.raises(RuntimeError, match="share memory"):
+        kernels.scale_grads([g, g[2:]], torch.rand(2, device=DEVICE), inplace=True)
 
 
 def test_triton_multitask_launch_count(kernels):
@@ -392,11 +410,12 @@ def test_triton_multitask_launch_count(kernels):
 
     tasks = _multitask_tasks()
     preds, targets, masks, kinds = (list(x) for x in zip(*tasks))
-    _, _, grad_scale, grads = kernels.multitask_forward(preds, targets, masks, kinds, -100, None, [True] * 5, counting)
-    assert launched.count(kernels._finalize_kernel) == 1 and len(launched) == len(tasks) + 1
+    n = len(tasks)
+    _, _, grad_scale, grads = kernels.multitask_forward(preds, targets, masks, kinds, -100, None, [True] * n, counting)
+    assert launched.count(kernels._finalize_kernel) == 1 and len(launched) == n + 1
     assert kernels._count_kernel not in launched
     launched.clear()
-    kernels.multitask_backward(grads, grad_scale, torch.ones((), device=DEVICE), None, [None] * 5, counting)
+    kernels.multitask_backward(grads, grad_scale, torch.ones((), device=DEVICE), None, [None] * n, counting)
     assert launched == [kernels._scale_grads_kernel]
 
 
@@ -404,10 +423,11 @@ def test_triton_multitask_opcheck(tri):
     tasks = _multitask_tasks()
     preds, targets, masks, kinds = (list(x) for x in zip(*tasks))
     weights = torch.rand(len(tasks), device=DEVICE)
-    args = (preds, targets, masks, ",".join(kinds), -100, weights, [True, False, True, True, True])
+    args = (preds, targets, masks, ",".join(kinds), -100, weights, [True, False, True, True, True, True])
     torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss_forward_triton.default, args)
     grads = [torch.randn(3, 4, device=DEVICE), torch.randn(0, device=DEVICE), torch.randn(5, device=DEVICE)]
-    bwd = (grads, torch.rand(3, device=DEVICE), torch.rand((), device=DEVICE), None, [None, None, torch.rand((), device=DEVICE)])
+    g_tasks = [None, None, torch.rand((), device=DEVICE)]
+    bwd = (grads, torch.rand(3, device=DEVICE), torch.rand((), device=DEVICE), None, g_tasks)
     torch.library.opcheck(torch.ops.fastmtl.masked_multitask_loss_backward_triton.default, bwd)
     torch.library.opcheck(
         torch.ops.fastmtl.masked_multitask_loss_backward_triton_.default, ([g.clone() for g in grads], *bwd[1:])
@@ -443,11 +463,11 @@ for dt, kind in (("fp16", 0), ("bf16", 1), ("fp32", 2)):
           "loss_ptr": "*fp32", **partials, "total": "i64", "M": "i64", "num_counts": "i32"}
     compile_one(K._elementwise_kernel, el, {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1,
                                             "PARTIALS": kind != 2, "COUNTS_P2": 256, "BLOCK": 4096})
-fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "grad_scale_ptr": "*fp32", "weights_ptr": "*fp32", "total_ptr": "*fp32"}
+fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "gs_ptr": "*fp32", "w_ptr": "*fp32", "total_ptr": "*fp32"}
 for i in range(8):
-    fin.update({f"f{i}": "i64", f"n{i}": "i64", f"l{i}": "*fp32"})
+    fin.update({f"f{i}": "i64", f"n{i}": "i64", f"l{i}": "*fp32", f"k{i}": "fp32"})
 compile_one(K._finalize_kernel, fin, {"NUM": 8, "HAS_WEIGHTS": True, "ACCUMULATE": True, "BLOCK": 1024})
-scale = {"scales_ptr": "*fp32", "g_total_ptr": "*fp32", "weights_ptr": "*fp32", "factor_ptr": "*fp32"}
+scale = {"scales_ptr": "*fp32", "total_ptr": "*fp32", "w_ptr": "*fp32", "factor_ptr": "*fp32"}
 for i in range(8):
     scale.update({f"g{i}": "*bf16", f"o{i}": "*bf16", f"n{i}": "i64", f"f{i}": "i32", f"t{i}": "*fp32"})
 for factors in (False, True):
@@ -626,10 +646,11 @@ int64_t emu_elementwise_blocks(const void* pred, int dtype, const void* target, 
                                int64_t total) {
   return masked_loss_elementwise_blocks(pred, DType(dtype), target, DType(tdtype), grad, total);
 }
-int emu_finalize(const int64_t* first, const int64_t* num, float** losses, int n, const float* psums,
-                 const int32_t* pcounts, const float* weights, float* grad_scale, float* total, int accumulate) {
+int emu_finalize(const int64_t* first, const int64_t* num, float** losses, const float* multipliers, int n,
+                 const float* psums, const int32_t* pcounts, const float* weights, float* grad_scale, float* total,
+                 int accumulate) {
   FinalizeTask tasks[kMaxFinalizeTasks];
-  for (int i = 0; i < n; ++i) tasks[i] = {first[i], num[i], losses[i]};
+  for (int i = 0; i < n; ++i) tasks[i] = {first[i], num[i], losses[i], multipliers[i]};
   return masked_loss_finalize(tasks, n, psums, pcounts, weights, grad_scale, total, accumulate != 0, nullptr);
 }
 int emu_count_float(const void* target, int tdtype, const bool* mask, int64_t total, int64_t M, int32_t* counts,
@@ -821,8 +842,9 @@ def _emu_multitask_forward(lib, tasks, weights):
     firsts = (ctypes.c_int64 * n)(*first[:-1])
     nums = (ctypes.c_int64 * n)(*[b - a for a, b in zip(first[:-1], first[1:])])
     loss_ptrs = (ctypes.c_void_p * n)(*[loss.data_ptr() for loss in losses])
-    assert lib.emu_finalize(firsts, nums, loss_ptrs, n, _ptr(psums), _ptr(pcounts), _ptr(weights), _ptr(grad_scale),
-                            _ptr(total), 0) == 0  # fmt: skip
+    multipliers = (ctypes.c_float * n)(*[2.0 if kind == "mse" else 1.0 for *_, kind in tasks])  # as the glue does
+    assert lib.emu_finalize(firsts, nums, loss_ptrs, multipliers, n, _ptr(psums), _ptr(pcounts), _ptr(weights),
+                            _ptr(grad_scale), _ptr(total), 0) == 0  # fmt: skip
     return total, losses, grad_scale, [grad for grad, _ in plans]
 
 
@@ -911,6 +933,7 @@ def test_cuda_kernels_emulated_multitask_partials(emu, weighted):
         (depth, depth_t, make_mask(3, "random", device="cpu"), "l1"),
         (attr, attr_t, None, "bce"),
         (empty, empty_t, make_mask(3, "empty", device="cpu"), "mse"),
+        _large_mse_task(device="cpu"),  # float16, 2 (p - t) beyond its range
     ]
     weights = torch.rand(len(tasks)) + 0.5 if weighted else None
     total, losses, grad_scale, grads = _emu_multitask_forward(emu, tasks, weights)

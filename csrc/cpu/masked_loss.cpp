@@ -16,6 +16,7 @@
 // Arguments are validated in Python (fastmtl/ops/masked_loss.py).
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -948,6 +949,8 @@ void masked_loss_scale_grads_inplace_cpu(at::TensorList grads, const at::Tensor&
     TORCH_CHECK(at::isFloatingType(g.scalar_type()), "masked_loss_scale_grads_: grads must be floating, got ",
                 g.scalar_type());
   }
+  for (size_t i = 0; i < grads.size(); ++i)  // one tensor twice would be scaled twice
+    for (size_t j = i + 1; j < grads.size(); ++j) at::assert_no_overlap(grads[i], grads[j]);
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   const float* sp = s.const_data_ptr<float>();
   for (size_t t = 0; t < grads.size(); ++t) {

@@ -431,6 +431,10 @@ __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
                        P* __restrict__ grad, int64_t total, int64_t M, LossReduction red) {
   const float inv = reduction_inv(red);
+  // Partials mode stores the mse gradient halved (p - t): 2 (p - t) could overflow float16 where the normalised
+  // value would not; the finalize's factor for the task carries the 2.
+  const float grad_factor =
+      KIND == static_cast<int>(ElementwiseKind::kMSE) && red.partial_sums != nullptr ? 0.5f * inv : inv;
   float acc = 0.0f;
   int valid = 0;
   const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
@@ -479,7 +483,7 @@ __global__ void __launch_bounds__(kThreads)
       element_loss<KIND>(p[e], t[e], el, ge);
       acc += ok_e ? el : 0.0f;
       valid += ok_e ? 1 : 0;
-      gp.v[e] = from_float<P>(ok_e ? ge * inv : 0.0f);
+      gp.v[e] = from_float<P>(ok_e ? ge * grad_factor : 0.0f);
     }
     if (grad != nullptr) {
       if (VEC > 1 && full) {
@@ -571,11 +575,12 @@ struct FinalizeTable {
   int64_t first[kMaxFinalizeTasks];  // task t's partials: [first[t], first[t] + num[t])
   int64_t num[kMaxFinalizeTasks];
   float* loss[kMaxFinalizeTasks];
+  float grad_multiplier[kMaxFinalizeTasks];
   int count;
 };
 
 // One block: for each task, sums its block partials (double / int64), writes L_t = sum / count (0 without a valid
-// element) and grad_scale[t] = 1 / count (0 likewise), and adds weights[t] * L_t to the total.
+// element) and grad_scale[t] = grad_multiplier[t] / count (0 likewise), and adds weights[t] * L_t to the total.
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(FinalizeTable table, const float* __restrict__ partial_sums,
                     const int32_t* __restrict__ partial_counts, const float* __restrict__ weights,
@@ -593,7 +598,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
       *table.loss[t] = loss;
-      grad_scale[t] = count > 0 ? 1.0f / static_cast<float>(count) : 0.0f;
+      grad_scale[t] = count > 0 ? table.grad_multiplier[t] / static_cast<float>(count) : 0.0f;
       weighted += (weights != nullptr ? weights[t] : 1.0f) * loss;
     }
   }
@@ -819,6 +824,7 @@ cudaError_t masked_loss_finalize(const FinalizeTask* tasks, int num_tasks, const
     table.first[i] = tasks[i].first_partial;
     table.num[i] = tasks[i].num_partials;
     table.loss[i] = tasks[i].loss;
+    table.grad_multiplier[i] = tasks[i].grad_multiplier;
   }
   table.count = num_tasks;
   finalize_kernel<<<1, kThreads, 0, stream>>>(table, partial_sums, partial_counts, weights, grad_scale, total,

@@ -11,7 +11,8 @@
 //      accumulator with one atomicAdd. No valid element: count 0, loss stays 0.0, the gradient is all zeros.
 //
 // Partials (fastmtl::masked_multitask_loss_forward, T tasks, T + 1 launches, each target read once):
-//   1. per task, masked_loss_ce / masked_loss_elementwise write the element gradient (not divided by the count) and
+//   1. per task, masked_loss_ce / masked_loss_elementwise write the element gradient (not divided by the count; for
+//      mse halved, p - t, so that float16 cannot overflow) and
 //      one (loss sum, valid count) partial per block (masked_loss_*_blocks says how many);
 //   2. masked_loss_finalize (one launch for up to kMaxFinalizeTasks tasks) turns the partials into each task's loss,
 //      its gradient factor 1/count (0 without a valid element) and the weighted total. The backward multiplies the
@@ -88,10 +89,11 @@ struct FinalizeTask {
   int64_t first_partial;  // the task's partials are [first_partial, first_partial + num_partials)
   int64_t num_partials;
   float* loss;  // 0-dim float32 output
+  float grad_multiplier = 1.0f;  // 2 for mse, whose partials-mode gradient is stored halved
 };
 
-// One launch for num_tasks <= kMaxFinalizeTasks tasks: *tasks[t].loss = L_t, grad_scale[t] = 1 / count_t (0 when
-// the count is 0), *total (+)= sum_t weights[t] * L_t (weights == nullptr: all 1; accumulate_total adds to *total).
+// One launch for num_tasks <= kMaxFinalizeTasks tasks: *tasks[t].loss = L_t, grad_scale[t] = grad_multiplier / count_t
+// (0 when the count is 0), *total (+)= sum_t weights[t] * L_t (weights == nullptr: all 1; accumulate_total adds to *total).
 cudaError_t masked_loss_finalize(const FinalizeTask* tasks, int num_tasks, const float* partial_sums,
                                  const int32_t* partial_counts, const float* weights, float* grad_scale, float* total,
                                  bool accumulate_total, cudaStream_t stream);

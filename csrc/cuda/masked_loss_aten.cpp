@@ -5,11 +5,13 @@
 // kernel read out of bounds. Nothing here synchronises with the host.
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -85,11 +87,13 @@ struct TaskLaunch {
   const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
   void* grad_ptr() const { return work_grad.defined() ? work_grad.data_ptr() : nullptr; }
 
-  // Blocks of the loss kernel (= partials in partials mode).
+  // Blocks of the loss kernel (= partials in partials mode); the grid is a 32-bit count.
   int64_t blocks() const {
-    return is_ce ? cuda::masked_loss_ce_blocks(pred.data_ptr(), pred_dtype, grad_ptr(), geom)
-                 : cuda::masked_loss_elementwise_blocks(pred.data_ptr(), pred_dtype, target.data_ptr(), target_dtype,
-                                                        grad_ptr(), total);
+    const int64_t b = is_ce ? cuda::masked_loss_ce_blocks(pred.data_ptr(), pred_dtype, grad_ptr(), geom)
+                            : cuda::masked_loss_elementwise_blocks(pred.data_ptr(), pred_dtype, target.data_ptr(),
+                                                                   target_dtype, grad_ptr(), total);
+    TORCH_CHECK(b <= std::numeric_limits<int32_t>::max(), "masked_loss (CUDA): tensor too large (", b, " blocks)");
+    return b;
   }
 
   // The count kernel of the normalised mode.
@@ -104,6 +108,7 @@ struct TaskLaunch {
   int64_t count_items() const { return is_ce ? geom.N * geom.S : total; }
 
   void run(const cuda::LossReduction& red, cudaStream_t stream) const {
+    blocks();  // checks that the grid fits its 32-bit launch dimension
     check_cuda(is_ce ? cuda::masked_loss_ce(pred.data_ptr(), pred_dtype, target.data_ptr<int64_t>(), mask_ptr(),
                                             grad_ptr(), geom, ignore_index, red, stream)
                      : cuda::masked_loss_elementwise(kind, pred.data_ptr(), pred_dtype, target.data_ptr(),
@@ -247,9 +252,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   at::Tensor weights_c;
   if (weights.has_value() && weights->defined()) {
     TORCH_CHECK(weights->device() == preds[0].device() && weights->dim() == 1 &&
-                    weights->size(0) == static_cast<int64_t>(n),
-                "masked_multitask_loss_forward (CUDA): weights must be a [", n, "] tensor on the preds' device");
-    weights_c = weights->to(at::kFloat).contiguous();
+                    weights->size(0) == static_cast<int64_t>(n) && weights->scalar_type() == at::kFloat,
+                "masked_multitask_loss_forward (CUDA): weights must be a float32 [", n, "] tensor on the preds' device");
+    weights_c = weights->contiguous();
   }
   std::vector<TaskLaunch> launches;
   std::vector<int64_t> first(n + 1, 0);
@@ -274,7 +279,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   for (size_t t = 0; t < n; ++t) {
     losses.push_back(at::empty({}, options));
     grads.push_back(launches[t].grad);
-    tasks.push_back({first[t], first[t + 1] - first[t], losses.back().data_ptr<float>()});
+    const float multiplier = kinds[t] == "mse" ? 2.0f : 1.0f;  // mse gradients are stored halved (masked_loss.h)
+    tasks.push_back({first[t], first[t + 1] - first[t], losses.back().data_ptr<float>(), multiplier});
   }
   for (size_t begin = 0; begin < n; begin += cuda::kMaxFinalizeTasks) {
     const int count = static_cast<int>(std::min<size_t>(cuda::kMaxFinalizeTasks, n - begin));
@@ -286,6 +292,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
                "finalize kernel");
   }
   return {total, losses, grad_scale, grads};
+}
+
+// In-place scaling of tensors that share memory would race (and scale shared elements twice).
+void check_no_overlap(at::TensorList grads) {
+  for (size_t i = 0; i < grads.size(); ++i)
+    for (size_t j = i + 1; j < grads.size(); ++j) at::assert_no_overlap(grads[i], grads[j]);
 }
 
 void check_scales(at::TensorList grads, const at::Tensor& scales, const char* op) {
@@ -330,6 +342,7 @@ void masked_loss_scale_grads_inplace_cuda(at::TensorList grads, const at::Tensor
   const c10::cuda::CUDAGuard guard(scales.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scales.device().index()).stream();
   for (const at::Tensor& g : grads) dtype_of(g, "grads");  // every check before anything is written
+  check_no_overlap(grads);
   std::vector<cuda::ScaleTask> tasks;
   std::vector<float*> task_scales;
   for (size_t t = 0; t < grads.size(); ++t) {
@@ -375,6 +388,7 @@ std::vector<at::Tensor> multitask_backward(at::TensorList grads, const at::Tenso
     TORCH_CHECK(g.device() == grad_scale.device(), op, " (CUDA): grads must be on grad_scale's device");
     if (g.numel() > 0) dtype_of(g, "grads");  // every check before anything is written
   }
+  if (inplace) check_no_overlap(grads);
   const at::Tensor factor = on_device(grad_scale, "grad_scale");
   const bool has_total = grad_total.has_value() && grad_total->defined();
   const bool has_weights = weights.has_value() && weights->defined();

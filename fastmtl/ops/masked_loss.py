@@ -386,10 +386,8 @@ class _MaskedMultitaskLoss(torch.autograd.Function):
         grad_scale, weights, *saved = ctx.saved_tensors
         n = len(saved) // 2
         grads, losses = saved[:n], saved[n:]
-        active = [
-            ctx.needs_input_grad[4 + t] and ctx.compute_grad[t] and (grad_total is not None or grad_losses[t] is not None)
-            for t in range(n)
-        ]
+        upstream = [grad_total is not None or grad_losses[t] is not None for t in range(n)]
+        active = [ctx.needs_input_grad[4 + t] and ctx.compute_grad[t] and upstream[t] for t in range(n)]
         grad_preds = [None] * n
         if any(active):
             inputs = [grads[t] if active[t] else grads[t].new_empty(0) for t in range(n)]
