@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
@@ -220,6 +221,29 @@ bool graph_released_after_backward(const std::vector<at::Tensor>& grads) {
   return true;
 }
 
+constexpr const char* kNoSecondDerivative =
+    "fastmtl.masked_multitask_loss has no second derivative: its gradients are computed in the forward and saved";
+
+// With create_graph and an upstream gradient that requires grad, differentiating the returned gradients would give
+// zero second derivatives (the saved gradients are constants): route them through DelayedError so that it raises,
+// as torch.autograd.function.once_differentiable does.
+void refuse_double_backward(variable_list& result, size_t n, const variable_list& grad_outputs,
+                            const at::Tensor& weights) {
+  if (!at::GradMode::is_enabled()) return;
+  bool upstream = weights.defined() && weights.requires_grad();
+  for (const at::Tensor& g : grad_outputs) upstream |= g.defined() && g.requires_grad();
+  if (!upstream) return;
+  variable_list inputs;
+  for (size_t t = 0; t < n; ++t)
+    if (result[t].defined()) inputs.push_back(result[t].detach().requires_grad_(true));
+  if (inputs.empty()) return;
+  auto error = std::make_shared<torch::autograd::DelayedError>(kNoSecondDerivative, inputs.size());
+  variable_list wrapped = (*error)(std::move(inputs));
+  size_t i = 0;
+  for (size_t t = 0; t < n; ++t)
+    if (result[t].defined()) result[t] = wrapped[i++];
+}
+
 // Inputs: preds (one autograd input each), weights (one more when defined), the TaskInputs pointer. Outputs:
 // (total, loss_0, ..., loss_{T-1}). Gradients are not materialised, so a backward from per_task[t] alone scales
 // task t's gradient only.
@@ -270,6 +294,7 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
       const std::optional<at::Tensor> total_opt = g_total.defined() ? std::optional<at::Tensor>(g_total) : std::nullopt;
       const std::optional<at::Tensor> weights_opt = weighted ? std::optional<at::Tensor>(weights) : std::nullopt;
       std::vector<at::Tensor> scaled;
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // constants: no graph is recorded (see below)
       if (graph_released_after_backward(inputs)) {
         // The saved gradients die with the graph: scale them in place and hand them on (peak memory: one gradient
         // per task instead of two).
@@ -281,6 +306,7 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
       for (size_t t = 0; t < n; ++t)
         if (active[t]) result[t] = scaled[t];
     }
+    refuse_double_backward(result, n, grad_outputs, weighted ? weights : at::Tensor());
     if (weighted && g_total.defined() && ctx->needs_input_grad(n)) result[n] = g_total * at::stack(losses);
     return result;
   }

@@ -441,6 +441,23 @@ def test_create_graph_keeps_the_saved_gradients(backend):
         assert torch.equal(a, b.detach())
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_second_derivative_raises_instead_of_being_zero(backend):
+    """The gradients are computed in the forward (constants to autograd): differentiating them again must raise."""
+    preds, targets, kinds, masks = batch()
+    w = torch.tensor(0.5, requires_grad=True)
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, weights={"seg": w})
+    grads = torch.autograd.grad(total, list(preds.values()), create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        grads[0].square().sum().backward()  # e.g. a gradient penalty
+    with pytest.raises(RuntimeError):  # the gradient is not connected to the preds: never a silent zero
+        torch.autograd.grad(grads[0].sum(), preds["seg"])
+    (seg_grad,) = torch.autograd.grad(per_task["seg"] * w, preds["seg"], create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        seg_grad.sum().backward()
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_backward_without_retain_allocates_no_gradient_sized_buffer(backend):
     """Peak memory: the freeing backward hands on the saved gradients; a retaining one must copy them."""

@@ -357,6 +357,27 @@ def _selected_backend(device: torch.device) -> str:
 # ---- autograd ---------------------------------------------------------------------------------------------------
 
 
+_NO_SECOND_DERIVATIVE = (
+    b"fastmtl.masked_multitask_loss has no second derivative: its gradients are computed in the forward and saved"
+)
+
+
+def _refuse_double_backward(grads, upstream):
+    """With create_graph and an upstream gradient that requires grad, differentiating the returned gradients would
+    give zero second derivatives (the saved gradients are constants): route them through DelayedError so that it
+    raises, as ``torch.autograd.function.once_differentiable`` does (torch.compile has no double backward)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return grads
+    if not any(u is not None and u.requires_grad for u in upstream):
+        return grads
+    present = [g.detach().requires_grad_() for g in grads if g is not None]
+    if not present:
+        return grads
+    wrapped = torch._C._functions.DelayedError(_NO_SECOND_DERIVATIVE, len(present))(*present)
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+    return [next(wrapped) if g is not None else None for g in grads]
+
+
 class _MaskedMultitaskLoss(torch.autograd.Function):
     """All tasks in one autograd node: the backend's forward computes every loss and gradient (up to a per-task
     factor), the backward scales the saved gradients in one call.
@@ -400,6 +421,8 @@ class _MaskedMultitaskLoss(torch.autograd.Function):
             else:
                 scaled = RUNNERS[ctx.backend][1](inputs, *args)
             grad_preds = [scaled[t] if active[t] else None for t in range(n)]
+            upstream = [grad_total, *grad_losses, weights if ctx.has_weights else None]
+            grad_preds = _refuse_double_backward(grad_preds, upstream)
         grad_weights = None
         if ctx.has_weights and ctx.needs_input_grad[3] and grad_total is not None:
             grad_weights = grad_total * torch.stack(losses)
