@@ -667,6 +667,18 @@ def test_cuda_no_host_sync():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_cuda_float64_goes_to_the_reference(backend):
+    preds, targets, kinds, masks = batch("cuda", torch.float64)
+    ref = reference_grads(preds, targets, kinds, masks)
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    total.backward()
+    for name in preds:
+        assert rel_err(per_task[name], ref[name][0]) <= 1e-12 and rel_err(preds[name].grad, ref[name][1]) <= 1e-12
+
+
+@pytest.mark.cuda
 def test_cuda_multitask_loss_launches():
     """The cuda backend's forward + backward of T tasks: T loss kernels and one finalize (each target read once), then
     one scaling kernel that computes the scales itself: T + 2 kernels, plus the autograd engine's fill of the upstream

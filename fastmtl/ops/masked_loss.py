@@ -452,7 +452,8 @@ def masked_multitask_loss(preds, targets, kinds, masks=None, weights=None, ignor
 
     Args:
         preds: dict task -> prediction. "ce": logits ``[N, C]`` or ``[N, C, *spatial]`` (NCHW or channels_last);
-            "bce": logits ``[N, *]``; "l1" / "mse": ``[N, *]``. float32 / float16 / bfloat16 (float64 too).
+            "bce": logits ``[N, *]``; "l1" / "mse": ``[N, *]``. float32 / float16 / bfloat16 (float64 too: the GPU
+            backends hand it to the torch reference).
         targets: dict task -> target. "ce": int64 ``[N]`` / ``[N, *spatial]``; else a float tensor of the pred's
             shape, NaN marking an element without a label ("bce" targets in [0, 1]).
         kinds: dict task -> "ce", "bce", "l1" or "mse".
@@ -473,6 +474,8 @@ def masked_multitask_loss(preds, targets, kinds, masks=None, weights=None, ignor
     names = validate(preds, targets, kinds, masks, weights, ignore_index)
     first = preds[names[0]]
     backend = _selected_backend(first.device)
+    if backend in ("cuda", "triton") and any(preds[n].dtype == torch.float64 for n in names):
+        backend = "torch"  # float64 (gradient checks): the GPU kernels take float32 / float16 / bfloat16
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
     if backend == "triton":
