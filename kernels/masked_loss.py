@@ -426,27 +426,31 @@ class _TaskPlan:
 
     ``grad`` is the output (pred's layout, as the fakes say); ``work_grad`` is where the kernel writes it (``grad``
     unless that layout does not fit the kernel: rare, then ``finish`` copies). ``blocks`` is the loss kernel's grid
-    (= the number of partials in partials mode).
+    (= the number of partials in partials mode). The loss kernel's arguments are ``tensors`` (pred, target, mask,
+    gradient), then the four reduction pointers (counts, loss, psum, pcount), ``sizes``, ``num_counts``, ``strides``
+    and the ``constexprs``.
     """
 
-    def __init__(self, grad, work_grad, blocks, count_args, loss_kernel, loss_args, loss_consts):
+    def __init__(self, grad, work_grad, blocks, count_args, kernel, tensors, sizes, strides, constexprs):
         self.grad, self.work_grad, self.blocks = grad, work_grad, blocks
-        self._count_args, self._kernel, self._args, self._consts = count_args, loss_kernel, loss_args, loss_consts
+        self._count_args, self._kernel = count_args, kernel
+        self._tensors, self._sizes, self._strides, self._constexprs = tensors, sizes, strides, constexprs
 
     def count(self, launch, counts, loss) -> int:
         """Normalised mode, first launch: partial valid counts into ``counts``; returns how many."""
         return _launch_count(launch, counts=counts, loss=loss, **self._count_args)
 
     def run(self, launch, counts=None, loss=None, num_counts=0, psum=None, pcount=None) -> None:
-        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode."""
+        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode. The
+        pointers a mode does not use are given pred (never read: the kernel branches on PARTIALS at compile time)."""
         if self.blocks == 0:
             return
         partials = psum is not None
-        dummy = self.grad if self.grad.numel() else self._args[0]
+        unused = self._tensors[0]
+        reduction = (counts, loss, unused, unused) if not partials else (unused, unused, psum, pcount)
         launch(self._kernel)[(self.blocks,)](
-            *self._args[:4], counts if counts is not None else pcount, loss if loss is not None else psum,
-            psum if partials else dummy, pcount if partials else dummy, *self._args[4:], num_counts,
-            *self._consts[0], PARTIALS=partials, **self._consts[1],
+            *self._tensors, *reduction, *self._sizes, num_counts, *self._strides, PARTIALS=partials,
+            **self._constexprs,
         )  # fmt: skip
 
     def finish(self) -> None:
@@ -530,13 +534,13 @@ def _ce_plan(pred, target, mask, ignore_index, compute_grad, grad) -> _TaskPlan:
         block_s = max(32, 4096 // block_c)
     block_s = min(block_s, triton.next_power_of_2(max(S, 1)))
     num_s_blocks = triton.cdiv(S, block_s)
-    args = (pred, target, mask_u8, work_grad if compute_grad else pred, S, C, num_s_blocks)
-    tail = (ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss)
+    tensors = (pred, target, mask_u8, work_grad if compute_grad else pred)
+    strides = (ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss)
     consts = dict(HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c), COUNTS_P2=COUNT_PROGRAMS,
                   BLOCK_S=int(block_s), BLOCK_C=int(block_c),
                   num_warps=8 if block_s * block_c >= 4096 else 4)  # fmt: skip
     blocks = N * num_s_blocks if N * S else 0
-    return _TaskPlan(grad, work_grad, blocks, count_args, _ce_kernel, args, (tail, consts))
+    return _TaskPlan(grad, work_grad, blocks, count_args, _ce_kernel, tensors, (S, C, num_s_blocks), strides, consts)
 
 
 def _elementwise_plan(pred, target, mask, kind, compute_grad, grad) -> _TaskPlan:
@@ -557,12 +561,12 @@ def _elementwise_plan(pred, target, mask, kind, compute_grad, grad) -> _TaskPlan
     # the targets in storage order: [N, M] with strides (M, 1)
     count_args = dict(target=target, mask_u8=mask_u8, has_mask=has_mask, counts_total=total, S=max(M, 1),
                       t_sn=max(M, 1), t_ss=1, m_sn=1, m_ss=0, C=0, ignore_index=0, is_ce=False)  # fmt: skip
-    args = (pred, target, mask_u8, work_grad if compute_grad else pred, total, M)
+    tensors = (pred, target, mask_u8, work_grad if compute_grad else pred)
     consts = dict(KIND=_ELEMENTWISE_CODE[kind], HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad,
                   BIG_S=bool(M >= ELEMENTWISE_BLOCK), COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK,
                   num_warps=8)  # fmt: skip
-    return _TaskPlan(grad, work_grad, triton.cdiv(total, ELEMENTWISE_BLOCK), count_args, _elementwise_kernel, args,
-                     ((), consts))  # fmt: skip
+    blocks = triton.cdiv(total, ELEMENTWISE_BLOCK)
+    return _TaskPlan(grad, work_grad, blocks, count_args, _elementwise_kernel, tensors, (total, M), (), consts)
 
 
 def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad, launch=_direct):
