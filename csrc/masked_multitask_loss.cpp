@@ -3,9 +3,9 @@
 // instead of a Python autograd.Function around one op call per task (the Python layer cost about 60 us per
 // forward+backward on this project's CPU machine, more than the kernels at small sizes).
 //
-// Forward: fastmtl::masked_multitask_loss_forward returns the total, the per-task losses, and each task's gradient
-// up to a per-task factor grad_scale[t] (CUDA: element gradients and 1 / valid count, from T + 1 launches; CPU: the
-// per-task op's normalised gradients and 1). Backward: fastmtl::masked_multitask_loss_backward multiplies each saved
+// Forward: fastmtl::masked_multitask_loss_forward returns the total, the per-task losses and each task's gradient,
+// already divided by its valid count (CUDA: one count launch for all tasks, then one loss kernel per task; CPU: the
+// per-task op), with an empty grad_scale (every factor 1). Backward: fastmtl::masked_multitask_loss_backward multiplies each saved
 // gradient by scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (CUDA: inside the one
 // scaling kernel; no host synchronisation); when autograd frees the graph afterwards, the in-place form
 // masked_multitask_loss_backward_ scales the saved gradients themselves. Under
@@ -115,7 +115,7 @@ void check_cpu_class_ranges(at::TensorList preds, const TaskInputs& in) {
 using ForwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>>;
 
 // fastmtl::masked_multitask_loss_forward on the CPU: the per-task op (gradients already divided by the valid count,
-// so grad_scale is all ones), the losses stacked and weighted into the total.
+// so grad_scale is empty: every factor is 1), the losses stacked and weighted into the total.
 ForwardResult masked_multitask_loss_forward_cpu(at::TensorList preds, at::TensorList targets, const MaskList& masks,
                                                 const std::vector<std::string>& kinds, int64_t ignore_index,
                                                 const std::optional<at::Tensor>& weights,
@@ -133,7 +133,7 @@ ForwardResult masked_multitask_loss_forward_cpu(at::TensorList preds, at::Tensor
   const at::Tensor stacked = at::stack(losses);
   const bool weighted = weights.has_value() && weights->defined();
   at::Tensor total = weighted ? at::mul(stacked, *weights).sum() : stacked.sum();
-  return {total, losses, at::ones({static_cast<int64_t>(n)}, stacked.options().dtype(at::kFloat)), grads};
+  return {total, losses, at::empty({0}, stacked.options().dtype(at::kFloat)), grads};
 }
 
 ForwardResult call_forward(at::TensorList preds, const std::optional<at::Tensor>& weights, const TaskInputs& in,
@@ -182,10 +182,13 @@ void call_backward_inplace(at::TensorList grads, const at::Tensor& grad_scale, c
   op.call(grads, grad_scale, grad_total, weights, grad_losses);
 }
 
-// The [T] scales of the backward, (g_total * w_t + g_task[t]) * grad_scale[t], as float32 (CPU implementation).
+// The [T] scales of the backward, (g_total * w_t + g_task[t]) * grad_scale[t] (an empty grad_scale: factors 1), as
+// float32 (CPU implementation).
 at::Tensor backward_scales(const at::Tensor& grad_scale, const OptTensor& grad_total, const OptTensor& weights,
                            const MaskList& grad_losses) {
-  const int64_t n = grad_scale.size(0);
+  const int64_t n = static_cast<int64_t>(grad_losses.size());
+  TORCH_CHECK(grad_scale.dim() == 1 && (grad_scale.size(0) == n || grad_scale.size(0) == 0),
+              "masked_multitask_loss_backward: grad_scale must have ", n, " entries or none, got ", grad_scale.sizes());
   at::Tensor scales = at::zeros({n}, grad_scale.options().dtype(at::kFloat));
   if (grad_total.has_value() && grad_total->defined())
     scales = weights.has_value() && weights->defined() ? *grad_total * *weights : grad_total->expand({n});
@@ -197,7 +200,8 @@ at::Tensor backward_scales(const at::Tensor& grad_scale, const OptTensor& grad_t
     per_task.push_back(g.has_value() && g->defined() ? g->reshape({}) : at::zeros({}, scales.options()));
   }
   if (any_task) scales = scales + at::stack(per_task);
-  return (scales * grad_scale).to(at::kFloat).contiguous();
+  if (grad_scale.numel() > 0) scales = scales * grad_scale;
+  return scales.to(at::kFloat).contiguous();
 }
 
 std::vector<at::Tensor> masked_multitask_loss_backward_cpu(at::TensorList grads, const at::Tensor& grad_scale,

@@ -45,15 +45,16 @@ TORCH_LIBRARY(fastmtl, m) {
       "masked_multitask_loss(Tensor[] preds, Tensor[] targets, Tensor?[] masks, str[] kinds, str[] names, "
       "int ignore_index, Tensor? weights) -> Tensor[]");
   // Its forward, as the C++ autograd calls it: (total, losses, grad_scale, grads) where grads[t] * grad_scale[t]
-  // = d loss_t / d pred_t (grads[t] empty where compute_grad[t] is false). CUDA: one kernel per task writing
-  // element gradients and per-block partials, then one finalize launch (grad_scale = 1 / valid count); CPU: the
-  // per-task masked_loss (normalised gradients, grad_scale = 1).
+  // = d loss_t / d pred_t (grads[t] empty where compute_grad[t] is false; an empty grad_scale means every factor
+  // is 1, which both implementations return: CUDA runs one count launch for all tasks, then one loss kernel per
+  // task; CPU the per-task masked_loss). weights: float32 [T] or None.
   m.def(
       "masked_multitask_loss_forward(Tensor[] preds, Tensor[] targets, Tensor?[] masks, str[] kinds, "
       "int ignore_index, Tensor? weights, bool[] compute_grad) -> (Tensor, Tensor[], Tensor, Tensor[])");
   // Its backward: out[t] = grads[t] * (grad_total * weights[t] + grad_losses[t]) * grad_scale[t] (absent
-  // grad_total / grad_losses[t] count as 0, absent weights as 1; an empty grads[t] gives an empty out[t]). CUDA
-  // computes the scales inside the one scaling kernel. The in-place form scales grads themselves.
+  // grad_total / grad_losses[t] count as 0, absent weights and an empty grad_scale as 1; an empty grads[t] gives an
+  // empty out[t]). CUDA computes the scales inside the one scaling kernel, whose blocks skip a scale of exactly 1
+  // in place. The in-place form scales grads themselves.
   m.def(
       "masked_multitask_loss_backward(Tensor[] grads, Tensor grad_scale, Tensor? grad_total, Tensor? weights, "
       "Tensor?[] grad_losses) -> Tensor[]");

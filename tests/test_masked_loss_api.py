@@ -680,8 +680,8 @@ def test_cuda_float64_goes_to_the_reference(backend):
 
 @pytest.mark.cuda
 def test_cuda_multitask_loss_launches():
-    """The cuda backend's forward + backward of T tasks: T loss kernels and one finalize (each target read once), then
-    one scaling kernel that computes the scales itself: T + 2 kernels, plus the autograd engine's fill of the upstream
+    """The cuda backend's forward + backward of T tasks: one count launch for all tasks and T loss kernels, then one
+    scaling kernel that computes the scales itself: T + 2 kernels, plus the autograd engine's fill of the upstream
     gradient (torch.autograd.grad of a scalar): at most T + 3."""
     preds, targets, kinds, masks = batch("cuda")
     params = list(preds.values())

@@ -621,13 +621,14 @@ int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, i
                geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
   return masked_loss_count_ce(target, mask, g, ignore_index, counts, num_blocks, loss, nullptr);
 }
-static LossReduction reduction(const int32_t* counts, int num_counts, float* loss, float* psums, int32_t* pcounts) {
+static LossReduction reduction(const int32_t* counts, int num_counts, float* loss, float* total,
+                               const float* weight) {
   LossReduction red;
   red.counts = counts;
   red.num_counts = num_counts;
   red.loss = loss;
-  red.partial_sums = psums;
-  red.partial_counts = pcounts;
+  red.total = total;
+  red.weight = weight;
   return red;
 }
 static CeGeometry geometry(const int64_t* geom) {
@@ -635,33 +636,39 @@ static CeGeometry geometry(const int64_t* geom) {
                     geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
 }
 int emu_ce(const void* pred, int dtype, const int64_t* target, const bool* mask, void* grad, const int64_t* geom,
-           int64_t ignore_index, const int32_t* counts, int num_counts, float* loss, float* psums, int32_t* pcounts) {
+           int64_t ignore_index, const int32_t* counts, int num_counts, float* loss, float* total,
+           const float* weight) {
   return masked_loss_ce(pred, DType(dtype), target, mask, grad, geometry(geom), ignore_index,
-                        reduction(counts, num_counts, loss, psums, pcounts), nullptr);
+                        reduction(counts, num_counts, loss, total, weight), nullptr);
 }
-int64_t emu_ce_blocks(const void* pred, int dtype, const void* grad, const int64_t* geom) {
-  return masked_loss_ce_blocks(pred, DType(dtype), grad, geometry(geom));
-}
-int64_t emu_elementwise_blocks(const void* pred, int dtype, const void* target, int tdtype, const void* grad,
-                               int64_t total) {
-  return masked_loss_elementwise_blocks(pred, DType(dtype), target, DType(tdtype), grad, total);
-}
-int emu_finalize(const int64_t* first, const int64_t* num, float** losses, const float* multipliers, int n,
-                 const float* psums, const int32_t* pcounts, const float* weights, float* grad_scale, float* total,
-                 int accumulate) {
-  FinalizeTask tasks[kMaxFinalizeTasks];
-  for (int i = 0; i < n; ++i) tasks[i] = {first[i], num[i], losses[i], multipliers[i]};
-  return masked_loss_finalize(tasks, n, psums, pcounts, weights, grad_scale, total, accumulate != 0, nullptr);
+// One count task: ce (geom given) or float (total, M); *loss is zeroed by the launch.
+int emu_count_tasks(const void** targets, const int* is_ce, const int* tdtypes, const bool** masks,
+                    const int64_t* geoms, int64_t ignore_index, const int64_t* totals, const int64_t* Ms,
+                    float** losses, int n, int blocks, int32_t* counts, float* total) {
+  CountTask tasks[kMaxCountTasks];
+  for (int i = 0; i < n; ++i) {
+    tasks[i] = CountTask{};
+    tasks[i].is_ce = is_ce[i] != 0;
+    tasks[i].target = targets[i];
+    tasks[i].target_dtype = DType(tdtypes[i]);
+    tasks[i].mask = masks[i];
+    tasks[i].geom = geometry(geoms + 13 * i);
+    tasks[i].ignore_index = ignore_index;
+    tasks[i].total = totals[i];
+    tasks[i].M = Ms[i];
+    tasks[i].loss = losses[i];
+  }
+  return masked_loss_count_tasks(tasks, n, blocks, counts, total, nullptr);
 }
 int emu_count_float(const void* target, int tdtype, const bool* mask, int64_t total, int64_t M, int32_t* counts,
                     int num_blocks, float* loss) {
   return masked_loss_count_float(target, DType(tdtype), mask, total, M, counts, num_blocks, loss, nullptr);
 }
 int emu_elementwise(int kind, const void* pred, int dtype, const void* target, int tdtype, const bool* mask, void* grad,
-                    int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss, float* psums,
-                    int32_t* pcounts) {
+                    int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss, float* total_loss,
+                    const float* weight) {
   return masked_loss_elementwise(ElementwiseKind(kind), pred, DType(dtype), target, DType(tdtype), mask, grad, total, M,
-                                 reduction(counts, num_counts, loss, psums, pcounts), nullptr);
+                                 reduction(counts, num_counts, loss, total_loss, weight), nullptr);
 }
 int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales) {
   ScaleTask tasks[kMaxScaleTasks];
@@ -779,7 +786,7 @@ def _emu_ce(lib, pred, target, mask, ignore_index=-100):
     assert lib.emu_count_ce(_ptr(target), _ptr(mask), geom, ii, _ptr(counts), blocks, _ptr(loss)) == 0
     dt = _EMU_DTYPE[pred.dtype]
     assert lib.emu_ce(_ptr(pred), dt, _ptr(target), _ptr(mask), _ptr(grad), geom, ii, _ptr(counts), blocks,
-                      _ptr(loss), _ptr(None), _ptr(None)) == 0  # fmt: skip
+                      _ptr(loss), _ptr(None), _ptr(None)) == 0  # fmt: skip (no total)
     return loss, grad
 
 
@@ -801,51 +808,49 @@ def _emu_elementwise(lib, pred, target, mask, kind):
 
 
 def _emu_multitask_forward(lib, tasks, weights):
-    """What masked_multitask_loss_forward_cuda does, on poisoned outputs: per task the loss kernel in partials mode
-    (element gradients, one partial per block), then one finalize launch. tasks: (pred, target, mask, kind).
-    Returns (total, losses, grad_scale, grads)."""
+    """What masked_multitask_loss_forward_cuda does, on poisoned outputs: one count launch for all tasks (which zeroes
+    the losses and the total), then per task the loss kernel adding its weighted loss to the total. tasks: (pred,
+    target, mask, kind). Returns (total, losses, grads)."""
     import ctypes
 
-    lib.emu_ce_blocks.restype = ctypes.c_int64
-    lib.emu_elementwise_blocks.restype = ctypes.c_int64
-    plans, first = [], [0]
-    for pred, target, mask, kind in tasks:
-        grad = torch.full_like(pred, float("nan"))
+    n = len(tasks)
+    grads = [torch.full_like(pred, float("nan")) for pred, *_ in tasks]
+    losses = [torch.full((), float("nan")) for _ in tasks]
+    total = torch.full((), float("nan"))
+    geoms = []
+    for (pred, target, mask, kind), grad in zip(tasks, grads):
+        geoms.extend(_emu_geometry(pred, target, mask, grad) if kind == "ce" else [0] * 13)
+    items = [geoms[13 * t] * geoms[13 * t + 2] if k == "ce" else p.numel() for t, (p, _, _, k) in enumerate(tasks)]
+    blocks = max(lib.emu_count_blocks(ctypes.c_int64(i)) for i in items)
+    counts = torch.full((n * 256,), -1, dtype=torch.int32)  # kMaxCountBlocks slots per task
+
+    def arr(ctype, values):
+        return (ctype * len(values))(*values)
+
+    assert lib.emu_count_tasks(
+        arr(ctypes.c_void_p, [t.data_ptr() for _, t, _, _ in tasks]),
+        arr(ctypes.c_int, [int(k == "ce") for *_, k in tasks]),
+        arr(ctypes.c_int, [_EMU_DTYPE.get(t.dtype, 0) for _, t, _, _ in tasks]),
+        arr(ctypes.c_void_p, [m.data_ptr() if m is not None else None for _, _, m, _ in tasks]),
+        arr(ctypes.c_int64, geoms), ctypes.c_int64(-100),
+        arr(ctypes.c_int64, [p.numel() for p, *_ in tasks]),
+        arr(ctypes.c_int64, [max(p.numel() // p.shape[0], 1) for p, *_ in tasks]),
+        arr(ctypes.c_void_p, [loss.data_ptr() for loss in losses]), n, blocks, _ptr(counts), _ptr(total),
+    ) == 0  # fmt: skip
+    for t, ((pred, target, mask, kind), grad, loss) in enumerate(zip(tasks, grads, losses)):
+        slots, weight = counts[t * 256 :], weights[t:] if weights is not None else None
         pdt = _EMU_DTYPE[pred.dtype]
         if kind == "ce":
-            geom = _emu_geometry(pred, target, mask, grad)
-            blocks = lib.emu_ce_blocks(_ptr(pred), pdt, _ptr(grad), geom)
-        else:
-            geom = None
-            blocks = lib.emu_elementwise_blocks(_ptr(pred), pdt, _ptr(target), _EMU_DTYPE[target.dtype], _ptr(grad),
-                                                ctypes.c_int64(pred.numel()))  # fmt: skip
-        plans.append((grad, geom))
-        first.append(first[-1] + blocks)
-    psums = torch.full((max(first[-1], 1),), float("nan"))
-    pcounts = torch.full((max(first[-1], 1),), -1, dtype=torch.int32)
-    for (pred, target, mask, kind), (grad, geom), start in zip(tasks, plans, first):
-        sums, counts = psums[start:], pcounts[start:]
-        pdt = _EMU_DTYPE[pred.dtype]
-        if kind == "ce":
+            geom = arr(ctypes.c_int64, geoms[13 * t : 13 * t + 13])
             assert lib.emu_ce(_ptr(pred), pdt, _ptr(target), _ptr(mask), _ptr(grad), geom, ctypes.c_int64(-100),
-                              _ptr(None), 0, _ptr(None), _ptr(sums), _ptr(counts)) == 0  # fmt: skip
+                              _ptr(slots), blocks, _ptr(loss), _ptr(total), _ptr(weight)) == 0  # fmt: skip
         else:
             code = {"bce": 0, "l1": 1, "mse": 2}[kind]
             assert lib.emu_elementwise(code, _ptr(pred), pdt, _ptr(target), _EMU_DTYPE[target.dtype], _ptr(mask),
                                        _ptr(grad), ctypes.c_int64(pred.numel()),
-                                       ctypes.c_int64(pred.numel() // pred.shape[0]), _ptr(None), 0, _ptr(None),
-                                       _ptr(sums), _ptr(counts)) == 0  # fmt: skip
-    n = len(tasks)
-    losses = [torch.full((), float("nan")) for _ in tasks]
-    grad_scale = torch.full((n,), float("nan"))
-    total = torch.full((), float("nan"))
-    firsts = (ctypes.c_int64 * n)(*first[:-1])
-    nums = (ctypes.c_int64 * n)(*[b - a for a, b in zip(first[:-1], first[1:])])
-    loss_ptrs = (ctypes.c_void_p * n)(*[loss.data_ptr() for loss in losses])
-    multipliers = (ctypes.c_float * n)(*[2.0 if kind == "mse" else 1.0 for *_, kind in tasks])  # as the glue does
-    assert lib.emu_finalize(firsts, nums, loss_ptrs, multipliers, n, _ptr(psums), _ptr(pcounts), _ptr(weights),
-                            _ptr(grad_scale), _ptr(total), 0) == 0  # fmt: skip
-    return total, losses, grad_scale, [grad for grad, _ in plans]
+                                       ctypes.c_int64(pred.numel() // pred.shape[0]), _ptr(slots), blocks,
+                                       _ptr(loss), _ptr(total), _ptr(weight)) == 0  # fmt: skip
+    return total, losses, grads
 
 
 @pytest.mark.parametrize(
@@ -915,9 +920,9 @@ def test_cuda_kernels_emulated_ce_misaligned_pixels(emu, dtype):
 
 
 @pytest.mark.parametrize("weighted", [True, False])
-def test_cuda_kernels_emulated_multitask_partials(emu, weighted):
-    """The partials mode of masked_multitask_loss_forward: every kernel path writes element gradients and per-block
-    (sum, count) partials; the finalize launch turns them into the losses, 1/count factors and the weighted total."""
+def test_cuda_kernels_emulated_multitask_forward(emu, weighted):
+    """masked_multitask_loss_forward's kernels: one count launch for every task (ce and float targets, all kernel
+    paths), then the loss kernels writing final gradients and adding the weighted losses to the total."""
     torch.manual_seed(0)
     seg, seg_t = make_ce((3, 5, 4, 8), "contiguous", torch.float32, device="cpu")  # 4 pixels per thread
     odd, odd_t = make_ce((3, 13, 6, 7), "contiguous", torch.float16, device="cpu")  # one pixel per thread
@@ -935,18 +940,19 @@ def test_cuda_kernels_emulated_multitask_partials(emu, weighted):
         (empty, empty_t, make_mask(3, "empty", device="cpu"), "mse"),
         _large_mse_task(device="cpu"),  # float16, 2 (p - t) beyond its range
     ]
+    tasks[3] = (depth.half(), depth_t.half(), tasks[3][2], "l1")  # a float16 target in the grouped count
     weights = torch.rand(len(tasks)) + 0.5 if weighted else None
-    total, losses, grad_scale, grads = _emu_multitask_forward(emu, tasks, weights)
+    total, losses, grads = _emu_multitask_forward(emu, tasks, weights)
     want_total = 0.0
     for t, ((pred, target, mask, kind), loss, grad) in enumerate(zip(tasks, losses, grads)):
         ref_loss, ref_grad = reference(pred, target, mask, kind)
         want_total += (weights[t].item() if weighted else 1.0) * ref_loss.item()
         tol = TOLERANCES["loss"][pred.dtype]
-        if ref_loss.item() == 0.0:  # no valid element: loss 0 and a zero factor
-            assert loss.item() == 0.0 and grad_scale[t].item() == 0.0 and not grad.isnan().any()
+        if ref_loss.item() == 0.0:  # no valid element: loss 0 and a zero gradient
+            assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
             continue
         assert rel_err(loss, ref_loss) <= tol
-        assert rel_err(grad.double() * grad_scale[t].item(), ref_grad) <= tol
+        assert rel_err(grad, ref_grad) <= tol
     assert abs(total.item() - want_total) <= 1e-5 * abs(want_total)
 
 
@@ -968,9 +974,12 @@ def test_cuda_kernels_emulated_scale_grads(emu):
         assert rel_err(o, (g.double() * s.double()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
 
 
-@pytest.mark.parametrize("with_total,with_weights", [(True, True), (True, False), (False, False)])
-def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights):
-    """The backward of masked_multitask_loss_forward: scale_t = (g_total * w_t + g_task[t]) * factor[t] in the kernel."""
+@pytest.mark.parametrize(
+    "with_total,with_weights,with_factor", [(True, True, True), (True, False, True), (False, False, True), (True, True, False)]
+)
+def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, with_factor):
+    """The backward of masked_multitask_loss_forward: scale_t = (g_total * w_t + g_task[t]) * factor[t] in the kernel
+    (no factor: 1, what the CUDA forward's already-divided gradients need)."""
     import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(), torch.randn(10)]
@@ -985,11 +994,30 @@ def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights):
     task_ptrs = (ctypes.c_void_p * n)(*[g.data_ptr() if g is not None else None for g in g_tasks])
     total_ptr = _ptr(g_total if with_total else None)
     weights_ptr = _ptr(weights if with_weights else None)
-    assert emu.emu_scale_by(ins, out_ptrs, numels, dtypes, task_ptrs, n, total_ptr, weights_ptr, _ptr(factor)) == 0
+    factor_ptr = _ptr(factor if with_factor else None)
+    assert emu.emu_scale_by(ins, out_ptrs, numels, dtypes, task_ptrs, n, total_ptr, weights_ptr, factor_ptr) == 0
     for t, (g, o) in enumerate(zip(grads, outs)):
         scale = g_total.item() * (weights[t].item() if with_weights else 1.0) if with_total else 0.0
         scale += g_tasks[t].item() if g_tasks[t] is not None else 0.0
-        assert rel_err(o, (g.double() * scale * factor[t].item()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
+        scale *= factor[t].item() if with_factor else 1.0
+        assert rel_err(o, (g.double() * scale).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
+
+
+def test_cuda_kernels_emulated_scale_by_one_in_place_leaves_the_gradients(emu):
+    """A scale of exactly 1 in place (the usual training step) returns without touching memory; values unchanged."""
+    import ctypes
+
+    grads = [torch.randn(3, 700), torch.randn(4000).bfloat16()]
+    before = [g.clone() for g in grads]
+    n = len(grads)
+    ptrs = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
+    numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
+    dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
+    no_tasks = (ctypes.c_void_p * n)(None, None)
+    one = torch.ones(())
+    assert emu.emu_scale_by(ptrs, ptrs, numels, dtypes, no_tasks, n, _ptr(one), _ptr(None), _ptr(None)) == 0
+    for g, b in zip(grads, before):
+        assert torch.equal(g, b)
 
 
 def test_cuda_kernels_emulated_scale_grads_in_place(emu):

@@ -1,8 +1,9 @@
-// CUDA kernels of fastmtl::masked_loss (one task) and fastmtl::masked_loss_scale_grads (all tasks); see
-// masked_loss.h for the two-launch design. No torch headers: this file compiles in about a second.
+// CUDA kernels of fastmtl::masked_loss (one task), fastmtl::masked_multitask_loss_forward (all tasks) and the grouped
+// gradient scaling; see masked_loss.h for the launch design. No torch headers: this file compiles in seconds.
 //
 // Kernels:
 //   count_ce_kernel / count_float_kernel   partial valid counts (grid-stride, at most kMaxCountBlocks blocks)
+//   count_tasks_kernel                     the same for up to kMaxCountTasks tasks in one launch
 //   ce_pixel_kernel                        one thread per pixel, loop over C (NCHW: coalesced along the pixels);
 //                                          up to 16 logits cached in registers, else an online softmax and a re-read
 //   ce_pixel_vec_kernel                    NCHW with contiguous pixels and C <= 16: 4 pixels per thread, so each
@@ -12,9 +13,10 @@
 //   elementwise_kernel                     bce / l1 / mse, 16-byte vector loads and stores where aligned
 //   scale_grads_kernel                     grouped out[t] = in[t] * scale_t over a task table passed by value,
 //                                          16-byte vectors where aligned; scale_t given, or computed from the
-//                                          upstream gradients (ScaleFactors)
+//                                          upstream gradients (ScaleFactors); a block whose scale is exactly 1 in
+//                                          place returns at once (no memory traffic)
 // Every loss kernel starts by summing the partial counts (one per thread, blockDim == kMaxCountBlocks) and ends
-// with a block reduction and one atomicAdd of its loss partial times 1/count.
+// with a block reduction and one atomicAdd of its loss partial times 1/count (and one into the weighted total).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -87,42 +89,31 @@ __device__ __forceinline__ int64_t div_index(int64_t i, int64_t d) {
   return i / d;
 }
 
-__device__ __forceinline__ void block_add_loss(float row_loss, float inv_count, float* loss) {
-  const float sum = block_sum(row_loss);
-  if (threadIdx.x == 0 && sum != 0.0f) atomicAdd(loss, sum * inv_count);
-}
-
-// The factor of the gradient: 1 / (valid count) in normalised mode, 1 (the element gradient) in partials mode.
+// The gradient's factor: 1 / (the task's valid count), from the count pass's partial counts.
 __device__ __forceinline__ float reduction_inv(const LossReduction& red) {
-  return red.counts != nullptr ? block_inv_count(red.counts, red.num_counts) : 1.0f;
+  return block_inv_count(red.counts, red.num_counts);
 }
 
-// The block's end: add its loss partial / count to *loss (normalised mode), or write its loss sum and valid count
-// to its slot (partials mode). `valid`: this thread's number of valid elements.
-__device__ __forceinline__ void reduction_finish(const LossReduction& red, float row_loss, int valid, float inv) {
-  if (red.partial_sums == nullptr) {
-    block_add_loss(row_loss, inv, red.loss);
-    return;
-  }
+// The block's end: its loss partial / count is added to *loss and, weighted, to *total (no atomic for a zero sum).
+__device__ __forceinline__ void reduction_finish(const LossReduction& red, float row_loss, float inv) {
   const float sum = block_sum(row_loss);
-  const int count = block_sum(valid);
-  if (threadIdx.x == 0) {
-    red.partial_sums[blockIdx.x] = sum;
-    red.partial_counts[blockIdx.x] = count;
+  if (threadIdx.x == 0 && sum != 0.0f) {
+    atomicAdd(red.loss, sum * inv);
+    if (red.total != nullptr) atomicAdd(red.total, sum * inv * (red.weight != nullptr ? *red.weight : 1.0f));
   }
 }
 
 // ---- count kernels ---------------------------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads)
-    count_ce_kernel(const int64_t* __restrict__ target, const bool* __restrict__ mask, CeGeometry g,
-                    int64_t ignore_index, int32_t* __restrict__ counts, float* __restrict__ loss) {
+// Valid class targets (t != ignore_index, 0 <= t < C, and mask) seen by block `block` of `blocks` (grid-stride);
+// every thread returns the block's sum.
+__device__ int count_ce_block(const int64_t* __restrict__ target, const bool* __restrict__ mask, const CeGeometry& g,
+                              int64_t ignore_index, int64_t block, int64_t blocks) {
   const int64_t total = g.N * g.S;
   const bool flat_target = g.t_sn == g.S * g.t_ss;
   const bool flat_mask = g.m_sn == g.S * g.m_ss;
   int local = 0;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < total;
-       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+  for (int64_t r = block * kThreads + threadIdx.x; r < total; r += blocks * kThreads) {
     int64_t n = 0, s = r;
     if (!(flat_target && (mask == nullptr || flat_mask))) {
       n = div_index(r, g.S);
@@ -133,7 +124,27 @@ __global__ void __launch_bounds__(kThreads)
     if (ok && mask != nullptr) ok = flat_mask ? mask[r * g.m_ss] : mask[n * g.m_sn + s * g.m_ss];
     local += ok ? 1 : 0;
   }
-  const int sum = block_sum(local);
+  return block_sum(local);
+}
+
+// Non-NaN float targets (contiguous storage, sample n owns [n*M, (n+1)*M)) seen by block `block` of `blocks`.
+template <typename T>
+__device__ int count_float_block(const T* __restrict__ target, const bool* __restrict__ mask, int64_t total,
+                                 int64_t M, int64_t block, int64_t blocks) {
+  int local = 0;
+  for (int64_t i = block * kThreads + threadIdx.x; i < total; i += blocks * kThreads) {
+    const float t = to_float(target[i]);
+    bool ok = !isnan(t);
+    if (ok && mask != nullptr) ok = mask[div_index(i, M)];
+    local += ok ? 1 : 0;
+  }
+  return block_sum(local);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    count_ce_kernel(const int64_t* __restrict__ target, const bool* __restrict__ mask, CeGeometry g,
+                    int64_t ignore_index, int32_t* __restrict__ counts, float* __restrict__ loss) {
+  const int sum = count_ce_block(target, mask, g, ignore_index, blockIdx.x, gridDim.x);
   if (threadIdx.x == 0) {
     counts[blockIdx.x] = sum;
     if (blockIdx.x == 0) *loss = 0.0f;
@@ -144,18 +155,41 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     count_float_kernel(const T* __restrict__ target, const bool* __restrict__ mask, int64_t total, int64_t M,
                        int32_t* __restrict__ counts, float* __restrict__ loss) {
-  int local = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const float t = to_float(target[i]);
-    bool ok = !isnan(t);
-    if (ok && mask != nullptr) ok = mask[div_index(i, M)];
-    local += ok ? 1 : 0;
-  }
-  const int sum = block_sum(local);
+  const int sum = count_float_block(target, mask, total, M, blockIdx.x, gridDim.x);
   if (threadIdx.x == 0) {
     counts[blockIdx.x] = sum;
     if (blockIdx.x == 0) *loss = 0.0f;
+  }
+}
+
+struct CountTable {
+  CountTask task[kMaxCountTasks];
+  int blocks;  // count blocks per task (each task's slots: counts[t * kMaxCountBlocks + b], b < blocks)
+};
+
+// All tasks' count passes in one launch: block x counts for task x / blocks; the first block of each task zeroes its
+// loss, block 0 the total (when given).
+__global__ void __launch_bounds__(kThreads)
+    count_tasks_kernel(CountTable table, int32_t* __restrict__ counts, float* __restrict__ total) {
+  const int t = blockIdx.x / table.blocks;
+  const int b = blockIdx.x - t * table.blocks;
+  const CountTask& task = table.task[t];
+  int sum = 0;
+  if (task.is_ce) {
+    sum = count_ce_block(static_cast<const int64_t*>(task.target), task.mask, task.geom, task.ignore_index, b,
+                         table.blocks);
+  } else if (task.target_dtype == DType::kFloat16) {
+    sum = count_float_block(static_cast<const __half*>(task.target), task.mask, task.total, task.M, b, table.blocks);
+  } else if (task.target_dtype == DType::kBFloat16) {
+    sum = count_float_block(static_cast<const __nv_bfloat16*>(task.target), task.mask, task.total, task.M, b,
+                            table.blocks);
+  } else {
+    sum = count_float_block(static_cast<const float*>(task.target), task.mask, task.total, task.M, b, table.blocks);
+  }
+  if (threadIdx.x == 0) {
+    counts[t * kMaxCountBlocks + b] = sum;
+    if (b == 0) *task.loss = 0.0f;
+    if (blockIdx.x == 0 && total != nullptr) *total = 0.0f;
   }
 }
 
@@ -184,10 +218,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kThreads + threadIdx.x;
   float row_loss = 0.0f;
-  int valid = 0;
   if (s < g.S) {
     const CeRow row = load_ce_row(target, mask, g, n, s, ignore_index);
-    valid = row.ok ? 1 : 0;
     const P* x = pred + n * g.p_sn + s * g.p_ss;
     P* gx = grad != nullptr ? grad + n * g.g_sn + s * g.g_ss : nullptr;
     if (!row.ok) {
@@ -234,7 +266,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, row_loss, valid, inv);
+  reduction_finish(red, row_loss, inv);
 }
 
 template <typename X, int V>
@@ -255,7 +287,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s0 = ((blockIdx.x - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   float row_loss = 0.0f;
-  int valid = 0;
   if (s0 < g.S) {
     int64_t cls[PIX];
     bool ok[PIX];
@@ -266,7 +297,6 @@ __global__ void __launch_bounds__(kThreads)
       cls[j] = row.t;
       ok[j] = row.ok;
       any |= row.ok;
-      valid += row.ok ? 1 : 0;
     }
     const P* x = pred + n * g.p_sn + s0;
     P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
@@ -330,7 +360,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, row_loss, valid, inv);
+  reduction_finish(red, row_loss, inv);
 }
 
 // TPR threads per row of C contiguous logits (p_sc == 1); VPL > 0 caches VPL logits per lane (C <= TPR * VPL).
@@ -386,7 +416,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   float row_loss = 0.0f;
   if (row.ok && lane == 0) row_loss = m + logf(l) - to_float(x[row.t]);
-  const int valid = row.ok && lane == 0 ? 1 : 0;
   if (in_range && grad != nullptr) {
     P* gx = grad + n * g.g_sn + s * g.g_ss;
     if (!row.ok) {
@@ -404,7 +433,7 @@ __global__ void __launch_bounds__(kThreads)
         gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c]) - m) * scale - (c == row.t ? inv : 0.0f));
     }
   }
-  reduction_finish(red, row_loss, valid, inv);
+  reduction_finish(red, row_loss, inv);
 }
 
 // ---- bce / l1 / mse --------------------------------------------------------------------------------------------
@@ -431,12 +460,7 @@ __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
                        P* __restrict__ grad, int64_t total, int64_t M, LossReduction red) {
   const float inv = reduction_inv(red);
-  // Partials mode stores the mse gradient halved (p - t): 2 (p - t) could overflow float16 where the normalised
-  // value would not; the finalize's factor for the task carries the 2.
-  const float grad_factor =
-      KIND == static_cast<int>(ElementwiseKind::kMSE) && red.partial_sums != nullptr ? 0.5f * inv : inv;
   float acc = 0.0f;
-  int valid = 0;
   const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
 #pragma unroll
   for (int item = 0; item < kElementwiseItems; ++item) {
@@ -482,8 +506,7 @@ __global__ void __launch_bounds__(kThreads)
       float el = 0.0f, ge = 0.0f;
       element_loss<KIND>(p[e], t[e], el, ge);
       acc += ok_e ? el : 0.0f;
-      valid += ok_e ? 1 : 0;
-      gp.v[e] = from_float<P>(ok_e ? ge * grad_factor : 0.0f);
+      gp.v[e] = from_float<P>(ok_e ? ge * inv : 0.0f);
     }
     if (grad != nullptr) {
       if (VEC > 1 && full) {
@@ -495,7 +518,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, acc, valid, inv);
+  reduction_finish(red, acc, inv);
 }
 
 // ---- grouped scaling -------------------------------------------------------------------------------------------
@@ -545,7 +568,7 @@ __device__ __forceinline__ float task_scale(const ScaleTable& table, const float
   float s = 0.0f;
   if (f.g_total != nullptr) s = *f.g_total * (f.weights != nullptr ? f.weights[task] : 1.0f);
   if (table.g_task[task] != nullptr) s += *table.g_task[task];
-  return s * f.factor[task];
+  return f.factor != nullptr ? s * f.factor[task] : s;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -554,6 +577,9 @@ __global__ void __launch_bounds__(kThreads)
   while (task + 1 < table.num && static_cast<int64_t>(blockIdx.x) >= table.first_block[task + 1]) ++task;
   const int64_t base = (static_cast<int64_t>(blockIdx.x) - table.first_block[task]) * (kThreads * kScaleItems);
   const float scale = task_scale(table, scales, factors, task);
+  // In place by exactly 1 (upstream gradient 1, unit weight, gradient already divided by the count: the usual
+  // training step): nothing to do, so no memory traffic.
+  if (scale == 1.0f && table.in[task] == table.out[task]) return;
   switch (table.dtype[task]) {
     case static_cast<int>(DType::kFloat16):
       scale_chunk<__half>(table.in[task], table.out[task], table.numel[task], base, scale,
@@ -567,42 +593,6 @@ __global__ void __launch_bounds__(kThreads)
       scale_chunk<float>(table.in[task], table.out[task], table.numel[task], base, scale,
                               table.vec[task]);
   }
-}
-
-// ---- finalize (partials mode): every task's loss, gradient factor and the weighted total -------------------------
-
-struct FinalizeTable {
-  int64_t first[kMaxFinalizeTasks];  // task t's partials: [first[t], first[t] + num[t])
-  int64_t num[kMaxFinalizeTasks];
-  float* loss[kMaxFinalizeTasks];
-  float grad_multiplier[kMaxFinalizeTasks];
-  int count;
-};
-
-// One block: for each task, sums its block partials (double / int64), writes L_t = sum / count (0 without a valid
-// element) and grad_scale[t] = grad_multiplier[t] / count (0 likewise), and adds weights[t] * L_t to the total.
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(FinalizeTable table, const float* __restrict__ partial_sums,
-                    const int32_t* __restrict__ partial_counts, const float* __restrict__ weights,
-                    float* __restrict__ grad_scale, float* __restrict__ total, bool accumulate_total) {
-  float weighted = 0.0f;
-  for (int t = 0; t < table.count; ++t) {
-    double sum = 0.0;
-    long long count = 0;
-    for (int64_t i = threadIdx.x; i < table.num[t]; i += kThreads) {
-      sum += partial_sums[table.first[t] + i];
-      count += partial_counts[table.first[t] + i];
-    }
-    sum = block_sum(sum);
-    count = block_sum(count);
-    if (threadIdx.x == 0) {
-      const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
-      *table.loss[t] = loss;
-      grad_scale[t] = count > 0 ? table.grad_multiplier[t] / static_cast<float>(count) : 0.0f;
-      weighted += (weights != nullptr ? weights[t] : 1.0f) * loss;
-    }
-  }
-  if (threadIdx.x == 0) *total = accumulate_total ? *total + weighted : weighted;
 }
 
 // ---- launch helpers --------------------------------------------------------------------------------------------
@@ -644,7 +634,7 @@ CeKernel ce_kernel_for(const P* pred, const P* grad, const CeGeometry& g) {
   return pixel_vec_ok(pred, grad, g, kPixelVec) ? CeKernel::kPixelVec : CeKernel::kPixel;
 }
 
-// The grid of the cross-entropy kernel masked_loss_ce launches (one partial per block in partials mode).
+// The grid of the cross-entropy kernel masked_loss_ce launches.
 template <typename P>
 int64_t ce_blocks(const P* pred, const P* grad, const CeGeometry& g) {
   switch (ce_kernel_for(pred, grad, g)) {
@@ -815,20 +805,14 @@ cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DTyp
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-cudaError_t masked_loss_finalize(const FinalizeTask* tasks, int num_tasks, const float* partial_sums,
-                                 const int32_t* partial_counts, const float* weights, float* grad_scale, float* total,
-                                 bool accumulate_total, cudaStream_t stream) {
-  if (num_tasks <= 0 || num_tasks > kMaxFinalizeTasks) return cudaErrorInvalidValue;
-  FinalizeTable table{};
-  for (int i = 0; i < num_tasks; ++i) {
-    table.first[i] = tasks[i].first_partial;
-    table.num[i] = tasks[i].num_partials;
-    table.loss[i] = tasks[i].loss;
-    table.grad_multiplier[i] = tasks[i].grad_multiplier;
-  }
-  table.count = num_tasks;
-  finalize_kernel<<<1, kThreads, 0, stream>>>(table, partial_sums, partial_counts, weights, grad_scale, total,
-                                              accumulate_total);
+cudaError_t masked_loss_count_tasks(const CountTask* tasks, int num_tasks, int blocks, int32_t* counts, float* total,
+                                    cudaStream_t stream) {
+  if (num_tasks <= 0 || num_tasks > kMaxCountTasks || blocks < 1 || blocks > kMaxCountBlocks)
+    return cudaErrorInvalidValue;
+  CountTable table{};
+  for (int i = 0; i < num_tasks; ++i) table.task[i] = tasks[i];
+  table.blocks = blocks;
+  count_tasks_kernel<<<static_cast<unsigned>(num_tasks * blocks), kThreads, 0, stream>>>(table, counts, total);
   return cudaGetLastError();
 }
 
@@ -865,7 +849,6 @@ cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const
 
 cudaError_t masked_loss_scale_grads_by(const ScaleTask* tasks, int num_tasks, const ScaleFactors& factors,
                                        cudaStream_t stream) {
-  if (factors.factor == nullptr) return cudaErrorInvalidValue;
   return launch_scale_grads(tasks, num_tasks, nullptr, factors, stream);
 }
 

@@ -1,22 +1,22 @@
 // CUDA kernels of the masked loss of one task (fastmtl::masked_loss) and of the grouped gradient scaling
 // (fastmtl::masked_loss_scale_grads). Raw pointers only: csrc/cuda/masked_loss_aten.cpp prepares the tensors.
 //
-// Two ways to run the loss kernels (LossReduction), on the caller's stream, with no host synchronisation:
+// On the caller's stream, with no host synchronisation:
 //
-// Normalised (fastmtl::masked_loss, one task, two launches):
+// One task (fastmtl::masked_loss), two launches:
 //   1. masked_loss_count_*: at most kMaxCountBlocks blocks write their partial valid counts (no buffer needs zeroing);
 //      block 0 zeroes the float32 loss accumulator.
 //   2. masked_loss_ce / masked_loss_elementwise: every block sums the partial counts, computes the element losses and
 //      the gradient already scaled by 1/count in one sweep, and adds its loss partial times 1/count to the
 //      accumulator with one atomicAdd. No valid element: count 0, loss stays 0.0, the gradient is all zeros.
 //
-// Partials (fastmtl::masked_multitask_loss_forward, T tasks, T + 1 launches, each target read once):
-//   1. per task, masked_loss_ce / masked_loss_elementwise write the element gradient (not divided by the count; for
-//      mse halved, p - t, so that float16 cannot overflow) and
-//      one (loss sum, valid count) partial per block (masked_loss_*_blocks says how many);
-//   2. masked_loss_finalize (one launch for up to kMaxFinalizeTasks tasks) turns the partials into each task's loss,
-//      its gradient factor 1/count (0 without a valid element) and the weighted total. The backward multiplies the
-//      saved gradients by that factor together with the upstream gradient.
+// T tasks (fastmtl::masked_multitask_loss_forward), T + 1 launches (up to kMaxCountTasks tasks):
+//   1. masked_loss_count_tasks: every task's partial counts in one launch; it zeroes the losses and the total.
+//   2. per task, masked_loss_ce / masked_loss_elementwise as above, each block also adding weight * partial / count
+//      to the total (LossReduction::total). The gradients are final up to the upstream gradient, so the backward
+//      (masked_loss_scale_grads_by) is one launch whose blocks return at once when that scale is exactly 1 in place:
+//      the bytes moved are about those the op must move (preds, targets and gradients once, plus the targets
+//      again in the count pass).
 #pragma once
 
 #include <cstdint>
@@ -32,18 +32,17 @@ enum class ElementwiseKind : int { kBCE = 0, kL1 = 1, kMSE = 2 };
 constexpr int kMaxCountBlocks = 256;  // = the block size of the loss kernels, which reduce the partial counts
 constexpr int kCountElemsPerBlock = 256 * 8;
 constexpr int kMaxScaleTasks = 32;  // tasks per masked_loss_scale_grads launch (the table is a kernel argument)
-constexpr int kMaxFinalizeTasks = 32;  // tasks per masked_loss_finalize launch (likewise)
+constexpr int kMaxCountTasks = 16;  // tasks per masked_loss_count_tasks launch (the table is a kernel argument)
 
-// Where a loss kernel's result goes. Normalised mode (counts != nullptr): the gradient is divided by the valid count
-// (the sum of the num_counts partial counts of the count kernel) and each block adds loss partial / count to *loss.
-// Partials mode (partial_sums != nullptr): the gradient is the element gradient, and block b writes its loss sum and
-// valid count to partial_sums[b] and partial_counts[b].
+// Where a loss kernel's result goes: the gradient is divided by the valid count (the sum of the num_counts partial
+// counts of the count pass) and each block adds loss partial / count to *loss and, when total != nullptr,
+// weight * loss partial / count to *total (weight == nullptr: 1).
 struct LossReduction {
   const int32_t* counts = nullptr;
   int num_counts = 0;
   float* loss = nullptr;
-  float* partial_sums = nullptr;
-  int32_t* partial_counts = nullptr;
+  float* total = nullptr;
+  const float* weight = nullptr;
 };
 
 // Number of count blocks (= partial counts) for `total` targets.
@@ -80,23 +79,28 @@ cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DTyp
                                     DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
                                     const LossReduction& red, cudaStream_t stream);
 
-// The number of blocks (= partials) the two launchers above use for these arguments.
+// The number of blocks the two launchers above use for these arguments (their grid is a 32-bit count).
 int64_t masked_loss_ce_blocks(const void* pred, DType dtype, const void* grad, const CeGeometry& geom);
 int64_t masked_loss_elementwise_blocks(const void* pred, DType dtype, const void* target, DType target_dtype,
                                        const void* grad, int64_t total);
 
-struct FinalizeTask {
-  int64_t first_partial;  // the task's partials are [first_partial, first_partial + num_partials)
-  int64_t num_partials;
-  float* loss;  // 0-dim float32 output
-  float grad_multiplier = 1.0f;  // 2 for mse, whose partials-mode gradient is stored halved
+// One task's count pass, for masked_loss_count_tasks.
+struct CountTask {
+  bool is_ce;
+  const void* target;  // ce: int64 (geom's target strides); else target_dtype, contiguous storage order
+  DType target_dtype;
+  const bool* mask;    // or nullptr
+  CeGeometry geom;     // ce
+  int64_t ignore_index;  // ce
+  int64_t total, M;    // bce / l1 / mse: elements, elements per sample
+  float* loss;         // zeroed by the launch
 };
 
-// One launch for num_tasks <= kMaxFinalizeTasks tasks: *tasks[t].loss = L_t, grad_scale[t] = grad_multiplier / count_t
-// (0 when the count is 0), *total (+)= sum_t weights[t] * L_t (weights == nullptr: all 1; accumulate_total adds to *total).
-cudaError_t masked_loss_finalize(const FinalizeTask* tasks, int num_tasks, const float* partial_sums,
-                                 const int32_t* partial_counts, const float* weights, float* grad_scale, float* total,
-                                 bool accumulate_total, cudaStream_t stream);
+// The count passes of num_tasks <= kMaxCountTasks tasks in one launch of num_tasks * blocks blocks (blocks <=
+// kMaxCountBlocks): task t's partial counts go to counts[t * kMaxCountBlocks + b], b < blocks. Zeroes every
+// tasks[t].loss, and *total when total != nullptr.
+cudaError_t masked_loss_count_tasks(const CountTask* tasks, int num_tasks, int blocks, int32_t* counts, float* total,
+                                    cudaStream_t stream);
 
 struct ScaleTask {
   const void* in;
@@ -110,11 +114,12 @@ struct ScaleTask {
 cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream);
 
 // The backward of masked_multitask_loss_forward: scale_t = (g_total * weights[t] + tasks[t].g_task) * factor[t],
-// computed in the kernel (absent g_total / g_task count as 0, absent weights as 1); all float32 device pointers.
+// computed in the kernel (absent g_total / g_task count as 0, absent weights and factor as 1); all float32 device
+// pointers.
 struct ScaleFactors {
   const float* g_total = nullptr;  // 0-dim
   const float* weights = nullptr;  // [num_tasks]
-  const float* factor = nullptr;   // [num_tasks], required (grad_scale)
+  const float* factor = nullptr;   // [num_tasks] (grad_scale)
 };
 
 // out[t] = in[t] * scale_t for num_tasks <= kMaxScaleTasks dense tensors, in one launch.

@@ -87,7 +87,7 @@ struct TaskLaunch {
   const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
   void* grad_ptr() const { return work_grad.defined() ? work_grad.data_ptr() : nullptr; }
 
-  // Blocks of the loss kernel (= partials in partials mode); the grid is a 32-bit count.
+  // Blocks of the loss kernel; the grid is a 32-bit count.
   int64_t blocks() const {
     const int64_t b = is_ce ? cuda::masked_loss_ce_blocks(pred.data_ptr(), pred_dtype, grad_ptr(), geom)
                             : cuda::masked_loss_elementwise_blocks(pred.data_ptr(), pred_dtype, target.data_ptr(),
@@ -106,6 +106,21 @@ struct TaskLaunch {
   }
 
   int64_t count_items() const { return is_ce ? geom.N * geom.S : total; }
+
+  // This task's count pass inside masked_loss_count_tasks (which zeroes *loss).
+  cuda::CountTask count_task(float* loss) const {
+    cuda::CountTask task{};
+    task.is_ce = is_ce;
+    task.target = target.data_ptr();
+    task.target_dtype = target_dtype;
+    task.mask = mask_ptr();
+    task.geom = geom;
+    task.ignore_index = ignore_index;
+    task.total = total;
+    task.M = M > 0 ? M : 1;
+    task.loss = loss;
+    return task;
+  }
 
   void run(const cuda::LossReduction& red, cudaStream_t stream) const {
     blocks();  // checks that the grid fits its 32-bit launch dimension
@@ -236,9 +251,10 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
   return {loss, L.grad};
 }
 
-// All tasks, partials mode: one loss kernel per task (each target read once, element gradients), then one finalize
-// launch per kMaxFinalizeTasks tasks. Returns (total, losses, grad_scale, grads) with grads[t] * grad_scale[t] =
-// d L_t / d pred_t (csrc/masked_multitask_loss.cpp documents the op).
+// All tasks: one count launch per kMaxCountTasks tasks (which also zeroes the losses and the total), then one loss
+// kernel per task writing its gradient already divided by the valid count and adding its weighted loss to the
+// total. Returns (total, losses, grad_scale, grads) with grad_scale empty: every factor is 1
+// (csrc/masked_multitask_loss.cpp documents the op).
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> masked_multitask_loss_forward_cuda(
     at::TensorList preds, at::TensorList targets, const c10::List<c10::optional<at::Tensor>>& masks,
     const std::vector<std::string>& kinds, int64_t ignore_index, const c10::optional<at::Tensor>& weights,
@@ -257,41 +273,43 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
     weights_c = weights->contiguous();
   }
   std::vector<TaskLaunch> launches;
-  std::vector<int64_t> first(n + 1, 0);
   for (size_t t = 0; t < n; ++t) {
     TORCH_CHECK(preds[t].device() == preds[0].device(), "masked_multitask_loss_forward (CUDA): preds on one device");
     launches.push_back(prepare_task(preds[t], targets[t], masks.get(t), kinds[t], ignore_index, compute_grad.get(t)));
-    first[t + 1] = first[t] + launches.back().blocks();
-  }
-  at::Tensor partial_sums = at::empty({std::max<int64_t>(first[n], 1)}, options);
-  at::Tensor partial_counts = at::empty({std::max<int64_t>(first[n], 1)}, options.dtype(at::kInt));
-  for (size_t t = 0; t < n; ++t) {
-    cuda::LossReduction red;
-    red.partial_sums = partial_sums.data_ptr<float>() + first[t];
-    red.partial_counts = partial_counts.data_ptr<int32_t>() + first[t];
-    launches[t].run(red, stream);
-    launches[t].finish();
   }
   at::Tensor total = at::empty({}, options);
-  at::Tensor grad_scale = at::empty({static_cast<int64_t>(n)}, options);
   std::vector<at::Tensor> losses, grads;
-  std::vector<cuda::FinalizeTask> tasks;
   for (size_t t = 0; t < n; ++t) {
     losses.push_back(at::empty({}, options));
     grads.push_back(launches[t].grad);
-    const float multiplier = kinds[t] == "mse" ? 2.0f : 1.0f;  // mse gradients are stored halved (masked_loss.h)
-    tasks.push_back({first[t], first[t + 1] - first[t], losses.back().data_ptr<float>(), multiplier});
   }
-  for (size_t begin = 0; begin < n; begin += cuda::kMaxFinalizeTasks) {
-    const int count = static_cast<int>(std::min<size_t>(cuda::kMaxFinalizeTasks, n - begin));
-    check_cuda(cuda::masked_loss_finalize(tasks.data() + begin, count, partial_sums.data_ptr<float>(),
-                                          partial_counts.data_ptr<int32_t>(),
-                                          weights_c.defined() ? weights_c.data_ptr<float>() + begin : nullptr,
-                                          grad_scale.data_ptr<float>() + begin, total.data_ptr<float>(), begin > 0,
-                                          stream),
-               "finalize kernel");
+  at::Tensor counts = at::empty({static_cast<int64_t>(n) * cuda::kMaxCountBlocks}, options.dtype(at::kInt));
+  std::vector<int> count_blocks(n);
+  for (size_t begin = 0; begin < n; begin += cuda::kMaxCountTasks) {
+    const size_t end = std::min<size_t>(n, begin + cuda::kMaxCountTasks);
+    int blocks = 1;
+    std::vector<cuda::CountTask> tasks;
+    for (size_t t = begin; t < end; ++t) {
+      blocks = std::max(blocks, cuda::masked_loss_count_blocks(launches[t].count_items()));
+      tasks.push_back(launches[t].count_task(losses[t].data_ptr<float>()));
+    }
+    for (size_t t = begin; t < end; ++t) count_blocks[t] = blocks;
+    check_cuda(cuda::masked_loss_count_tasks(tasks.data(), static_cast<int>(tasks.size()), blocks,
+                                             counts.data_ptr<int32_t>() + begin * cuda::kMaxCountBlocks,
+                                             begin == 0 ? total.data_ptr<float>() : nullptr, stream),
+               "count kernel");
   }
-  return {total, losses, grad_scale, grads};
+  for (size_t t = 0; t < n; ++t) {
+    cuda::LossReduction red;
+    red.counts = counts.data_ptr<int32_t>() + t * cuda::kMaxCountBlocks;
+    red.num_counts = count_blocks[t];
+    red.loss = losses[t].data_ptr<float>();
+    red.total = total.data_ptr<float>();
+    red.weight = weights_c.defined() ? weights_c.data_ptr<float>() + t : nullptr;
+    launches[t].run(red, stream);
+    launches[t].finish();
+  }
+  return {total, losses, at::empty({0}, options), grads};
 }
 
 // In-place scaling of tensors that share memory would race (and scale shared elements twice).
@@ -375,9 +393,10 @@ std::vector<at::Tensor> multitask_backward(at::TensorList grads, const at::Tenso
                                            const c10::List<c10::optional<at::Tensor>>& grad_losses, bool inplace) {
   const char* op = inplace ? "masked_multitask_loss_backward_" : "masked_multitask_loss_backward";
   const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.dim() == 1 && grad_scale.size(0) == n &&
+  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.dim() == 1 && (grad_scale.size(0) == n || grad_scale.size(0) == 0) &&
                   static_cast<int64_t>(grad_losses.size()) == n,
-              op, " (CUDA): grad_scale must be a CUDA [", n, "] tensor and grad_losses have ", n, " entries");
+              op, " (CUDA): grad_scale must be a CUDA [", n, "] (or empty) tensor and grad_losses have ", n,
+              " entries");
   const c10::cuda::CUDAGuard guard(grad_scale.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad_scale.device().index()).stream();
   const auto on_device = [&](const at::Tensor& t, const char* name) {
@@ -389,7 +408,8 @@ std::vector<at::Tensor> multitask_backward(at::TensorList grads, const at::Tenso
     if (g.numel() > 0) dtype_of(g, "grads");  // every check before anything is written
   }
   if (inplace) check_no_overlap(grads);
-  const at::Tensor factor = on_device(grad_scale, "grad_scale");
+  // An empty grad_scale means every factor is 1 (what masked_multitask_loss_forward_cuda returns).
+  const at::Tensor factor = grad_scale.numel() > 0 ? on_device(grad_scale, "grad_scale") : at::Tensor();
   const bool has_total = grad_total.has_value() && grad_total->defined();
   const bool has_weights = weights.has_value() && weights->defined();
   const at::Tensor g_total = has_total ? on_device(*grad_total, "grad_total") : at::Tensor();
@@ -410,17 +430,19 @@ std::vector<at::Tensor> multitask_backward(at::TensorList grads, const at::Tenso
       continue;
     }
     // Rare: a strided gradient, scaled by ATen in float32 (numel 0 keeps it out of the kernel).
-    at::Tensor scale = at::zeros({}, factor.options());
-    if (has_total) scale = g_total.reshape({}) * (has_weights ? w[t] : at::ones({}, factor.options()));
+    const auto float_options = grad_scale.options().dtype(at::kFloat);
+    at::Tensor scale = at::zeros({}, float_options);
+    if (has_total) scale = g_total.reshape({}) * (has_weights ? w[t] : at::ones({}, float_options));
     if (g_tasks[t].defined()) scale = scale + g_tasks[t].reshape({});
-    outs[t].copy_(g.to(at::kFloat) * (scale * factor[t]));
+    if (factor.defined()) scale = scale * factor[t];
+    outs[t].copy_(g.to(at::kFloat) * scale);
   }
   for (int64_t begin = 0; begin < n; begin += cuda::kMaxScaleTasks) {
     const int count = static_cast<int>(std::min<int64_t>(cuda::kMaxScaleTasks, n - begin));
     cuda::ScaleFactors f;
     f.g_total = has_total ? g_total.data_ptr<float>() : nullptr;
     f.weights = has_weights ? w.data_ptr<float>() + begin : nullptr;
-    f.factor = factor.data_ptr<float>() + begin;
+    f.factor = factor.defined() ? factor.data_ptr<float>() + begin : nullptr;
     check_cuda(cuda::masked_loss_scale_grads_by(tasks.data() + begin, count, f, stream), "scale kernel");
   }
   return outs;

@@ -2,14 +2,16 @@
 
 Every backend implements the same two steps (``RUNNERS``), with no host synchronisation anywhere:
 
-* forward (``masked_multitask_loss_forward``): each task's loss and its gradient in one pass over its data, the
-  gradient saved up to a per-task factor ``grad_scale[t]`` (CUDA and Triton: the element gradient and
-  ``1 / valid count``, from one kernel per task and one finalize launch, each target read once; CPU and torch:
-  the per-task op's gradient, already divided, and 1), plus the weighted total;
+* forward (``masked_multitask_loss_forward``): each task's loss and its gradient, the gradient saved up to a
+  per-task factor ``grad_scale[t]`` (empty: every factor 1), plus the weighted total. CUDA: one count launch for
+  all tasks, then one kernel per task writing the gradient already divided by the valid count (``T + 1``
+  launches); Triton: one kernel per task writing the element gradient and per-program partials (each target read
+  once), then one finalize launch that sets the factors ``1 / count``; CPU and torch: the per-task op.
 * backward (``masked_multitask_loss_backward``): one grouped scaling of the saved gradients by
   ``(g_total * w_t + g_per_task[t]) * grad_scale[t]``, computed on the device (CUDA and Triton: inside the one
-  scaling kernel). When autograd frees the graph after the backward (no ``retain_graph``), the in-place form
-  scales the saved gradients themselves, so the backward allocates nothing of their size.
+  scaling kernel; on CUDA a scale of exactly 1 in place moves no memory). When autograd frees the graph after the
+  backward (no ``retain_graph``), the in-place form scales the saved gradients themselves, so the backward
+  allocates nothing of their size.
 
 Registered ops (namespace ``fastmtl``, schemas in ``csrc/ops.cpp``): ``masked_loss`` (one task),
 ``masked_loss_scale_grads(_)``, ``masked_multitask_loss_forward`` and ``masked_multitask_loss_backward(_)``, with
@@ -205,7 +207,7 @@ def _fake_masked_multitask_loss(preds, targets, masks, kinds, names, ignore_inde
 
 def _fake_masked_multitask_loss_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
     total, losses = _fake_total_and_losses(preds, weights)
-    grad_scale = preds[0].new_empty((len(preds),), dtype=torch.float32)
+    grad_scale = preds[0].new_empty((0,), dtype=torch.float32)  # gradients already divided: every factor is 1
     grads = [torch.empty_like(p) if c else p.new_empty(0) for p, c in zip(preds, compute_grad)]
     return total, losses, grad_scale, grads
 
@@ -260,15 +262,19 @@ def triton_available() -> bool:
 
 def backward_scales(grad_scale, grad_total, weights, grad_losses):
     """The [T] float32 scales of the backward: ``(grad_total * weights[t] + grad_losses[t]) * grad_scale[t]`` (absent
-    terms count as 0, absent weights as 1), as torch ops (the native CPU op computes the same in C++)."""
-    scales = torch.zeros_like(grad_scale)
+    terms count as 0, absent weights and an empty grad_scale as 1), as torch ops (the native CPU op computes the same
+    in C++)."""
+    n = len(grad_losses)
+    scales = grad_scale.new_zeros(n, dtype=torch.float32)
     if grad_total is not None:
-        scales = grad_total * weights if weights is not None else grad_total.expand(grad_scale.shape[0])
+        scales = grad_total * weights if weights is not None else grad_total.expand(n)
     present = [g for g in grad_losses if g is not None]
     if present:
         zero = torch.zeros_like(present[0])
         scales = scales + torch.stack([g if g is not None else zero for g in grad_losses])
-    return (scales * grad_scale).to(torch.float32).contiguous()
+    if grad_scale.numel():
+        scales = scales * grad_scale
+    return scales.to(torch.float32).contiguous()
 
 
 def _torch_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
@@ -281,7 +287,7 @@ def _torch_forward(preds, targets, masks, kinds, ignore_index, weights, compute_
         grads.append(grad)
     stacked = torch.stack(losses)
     total = (stacked * weights).sum() if weights is not None else stacked.sum()
-    return total, losses, torch.ones(len(preds), dtype=torch.float32, device=preds[0].device), grads
+    return total, losses, preds[0].new_empty(0, dtype=torch.float32), grads  # empty: every factor is 1
 
 
 def _torch_backward(grads, grad_scale, grad_total, weights, grad_losses):
