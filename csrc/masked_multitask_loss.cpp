@@ -3,13 +3,14 @@
 // instead of a Python autograd.Function around one op call per task (the Python layer cost about 60 us per
 // forward+backward on this project's CPU machine, more than the kernels at small sizes).
 //
-// Forward: fastmtl::masked_multitask_loss_forward returns the total, the per-task losses and each task's gradient,
-// already divided by its valid count (CUDA: one count launch for all tasks, then one loss kernel per task; CPU: the
-// per-task op), with an empty grad_scale (every factor 1). Backward: fastmtl::masked_multitask_loss_backward multiplies each saved
-// gradient by scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (CUDA: inside the one
-// scaling kernel; no host synchronisation); when autograd frees the graph afterwards, the in-place form
-// masked_multitask_loss_backward_ scales the saved gradients themselves. Under
-// torch.compile the Python path (fastmtl/ops/masked_loss.py) is traced instead.
+// Forward: fastmtl::masked_multitask_loss_forward returns the total, the per-task losses and each task's gradient
+// up to a factor grad_scale[t] (CUDA: one count launch for all tasks, then one loss kernel per task writing the
+// gradient already divided by the valid count, except float16 ones; CPU: the per-task op; an empty grad_scale means
+// every factor is 1). Backward: fastmtl::masked_multitask_loss_backward multiplies each saved gradient by
+// scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (CUDA: inside the one scaling
+// kernel; no host synchronisation); when autograd frees the graph afterwards, the in-place form
+// masked_multitask_loss_backward_ scales the saved gradients themselves. Under torch.compile the Python path
+// (fastmtl/ops/masked_loss.py) is traced instead.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -623,6 +623,8 @@ def multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, laun
     Absent ``grad_total`` / ``grad_losses[t]`` count as 0, absent ``weights`` as 1. With ``inplace`` the result is
     written into ``grads``. ``launch=None`` only allocates.
     """
+    if grad_scale.numel() != len(grads):
+        raise ValueError(f"grad_scale must have one factor per task ({len(grads)}), got {grad_scale.numel()}")
     factors = {"g_total": grad_total, "weights": weights, "factor": grad_scale, "g_tasks": grad_losses}
     return _scale(grads, None, factors, launch, inplace)
 

@@ -622,13 +622,14 @@ int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, i
   return masked_loss_count_ce(target, mask, g, ignore_index, counts, num_blocks, loss, nullptr);
 }
 static LossReduction reduction(const int32_t* counts, int num_counts, float* loss, float* total,
-                               const float* weight) {
+                               const float* weight, float* grad_scale) {
   LossReduction red;
   red.counts = counts;
   red.num_counts = num_counts;
   red.loss = loss;
   red.total = total;
   red.weight = weight;
+  red.grad_scale = grad_scale;
   return red;
 }
 static CeGeometry geometry(const int64_t* geom) {
@@ -637,14 +638,14 @@ static CeGeometry geometry(const int64_t* geom) {
 }
 int emu_ce(const void* pred, int dtype, const int64_t* target, const bool* mask, void* grad, const int64_t* geom,
            int64_t ignore_index, const int32_t* counts, int num_counts, float* loss, float* total,
-           const float* weight) {
+           const float* weight, float* grad_scale) {
   return masked_loss_ce(pred, DType(dtype), target, mask, grad, geometry(geom), ignore_index,
-                        reduction(counts, num_counts, loss, total, weight), nullptr);
+                        reduction(counts, num_counts, loss, total, weight, grad_scale), nullptr);
 }
 // One count task: ce (geom given) or float (total, M); *loss is zeroed by the launch.
 int emu_count_tasks(const void** targets, const int* is_ce, const int* tdtypes, const bool** masks,
                     const int64_t* geoms, int64_t ignore_index, const int64_t* totals, const int64_t* Ms,
-                    float** losses, int n, int blocks, int32_t* counts, float* total) {
+                    float** losses, float** grad_scales, int n, int blocks, int32_t* counts, float* total) {
   CountTask tasks[kMaxCountTasks];
   for (int i = 0; i < n; ++i) {
     tasks[i] = CountTask{};
@@ -657,6 +658,7 @@ int emu_count_tasks(const void** targets, const int* is_ce, const int* tdtypes, 
     tasks[i].total = totals[i];
     tasks[i].M = Ms[i];
     tasks[i].loss = losses[i];
+    tasks[i].grad_scale = grad_scales[i];
   }
   return masked_loss_count_tasks(tasks, n, blocks, counts, total, nullptr);
 }
@@ -666,9 +668,9 @@ int emu_count_float(const void* target, int tdtype, const bool* mask, int64_t to
 }
 int emu_elementwise(int kind, const void* pred, int dtype, const void* target, int tdtype, const bool* mask, void* grad,
                     int64_t total, int64_t M, const int32_t* counts, int num_counts, float* loss, float* total_loss,
-                    const float* weight) {
+                    const float* weight, float* grad_scale) {
   return masked_loss_elementwise(ElementwiseKind(kind), pred, DType(dtype), target, DType(tdtype), mask, grad, total, M,
-                                 reduction(counts, num_counts, loss, total_loss, weight), nullptr);
+                                 reduction(counts, num_counts, loss, total_loss, weight, grad_scale), nullptr);
 }
 int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales) {
   ScaleTask tasks[kMaxScaleTasks];
@@ -786,7 +788,7 @@ def _emu_ce(lib, pred, target, mask, ignore_index=-100):
     assert lib.emu_count_ce(_ptr(target), _ptr(mask), geom, ii, _ptr(counts), blocks, _ptr(loss)) == 0
     dt = _EMU_DTYPE[pred.dtype]
     assert lib.emu_ce(_ptr(pred), dt, _ptr(target), _ptr(mask), _ptr(grad), geom, ii, _ptr(counts), blocks,
-                      _ptr(loss), _ptr(None), _ptr(None)) == 0  # fmt: skip (no total)
+                      _ptr(loss), _ptr(None), _ptr(None), _ptr(None)) == 0  # fmt: skip (no total, divided gradient)
     return loss, grad
 
 
@@ -803,14 +805,15 @@ def _emu_elementwise(lib, pred, target, mask, kind):
     assert lib.emu_count_float(_ptr(target), tdt, _ptr(mask), total, M, _ptr(counts), blocks, _ptr(loss)) == 0
     code = {"bce": 0, "l1": 1, "mse": 2}[kind]
     assert lib.emu_elementwise(code, _ptr(pred), pdt, _ptr(target), tdt, _ptr(mask), _ptr(grad), total, M,
-                               _ptr(counts), blocks, _ptr(loss), _ptr(None), _ptr(None)) == 0  # fmt: skip
+                               _ptr(counts), blocks, _ptr(loss), _ptr(None), _ptr(None), _ptr(None)) == 0  # fmt: skip
     return loss, grad
 
 
 def _emu_multitask_forward(lib, tasks, weights):
     """What masked_multitask_loss_forward_cuda does, on poisoned outputs: one count launch for all tasks (which zeroes
-    the losses and the total), then per task the loss kernel adding its weighted loss to the total. tasks: (pred,
-    target, mask, kind). Returns (total, losses, grads)."""
+    the losses and the total and sets the factors to 1), then per task the loss kernel adding its weighted loss to
+    the total; float16 tasks store undivided gradients and their factor. tasks: (pred, target, mask, kind). Returns
+    (total, losses, grad_scale, grads)."""
     import ctypes
 
     n = len(tasks)
@@ -821,36 +824,47 @@ def _emu_multitask_forward(lib, tasks, weights):
     for (pred, target, mask, kind), grad in zip(tasks, grads):
         geoms.extend(_emu_geometry(pred, target, mask, grad) if kind == "ce" else [0] * 13)
     items = [geoms[13 * t] * geoms[13 * t + 2] if k == "ce" else p.numel() for t, (p, _, _, k) in enumerate(tasks)]
-    blocks = max(lib.emu_count_blocks(ctypes.c_int64(i)) for i in items)
     counts = torch.full((n * 256,), -1, dtype=torch.int32)  # kMaxCountBlocks slots per task
+    grad_scale = torch.full((n,), float("nan"))
+    undivided = [pred.dtype == torch.float16 for pred, *_ in tasks]
 
     def arr(ctype, values):
         return (ctype * len(values))(*values)
 
-    assert lib.emu_count_tasks(
-        arr(ctypes.c_void_p, [t.data_ptr() for _, t, _, _ in tasks]),
-        arr(ctypes.c_int, [int(k == "ce") for *_, k in tasks]),
-        arr(ctypes.c_int, [_EMU_DTYPE.get(t.dtype, 0) for _, t, _, _ in tasks]),
-        arr(ctypes.c_void_p, [m.data_ptr() if m is not None else None for _, _, m, _ in tasks]),
-        arr(ctypes.c_int64, geoms), ctypes.c_int64(-100),
-        arr(ctypes.c_int64, [p.numel() for p, *_ in tasks]),
-        arr(ctypes.c_int64, [max(p.numel() // p.shape[0], 1) for p, *_ in tasks]),
-        arr(ctypes.c_void_p, [loss.data_ptr() for loss in losses]), n, blocks, _ptr(counts), _ptr(total),
-    ) == 0  # fmt: skip
+    task_blocks = []
+    for begin in range(0, n, 16):  # kMaxCountTasks tasks per count launch, as the glue does
+        chunk = range(begin, min(n, begin + 16))
+        blocks = max(lib.emu_count_blocks(ctypes.c_int64(items[t])) for t in chunk)
+        task_blocks += [blocks] * len(chunk)
+        sel = [tasks[t] for t in chunk]
+        assert lib.emu_count_tasks(
+            arr(ctypes.c_void_p, [t.data_ptr() for _, t, _, _ in sel]),
+            arr(ctypes.c_int, [int(k == "ce") for *_, k in sel]),
+            arr(ctypes.c_int, [_EMU_DTYPE.get(t.dtype, 0) for _, t, _, _ in sel]),
+            arr(ctypes.c_void_p, [m.data_ptr() if m is not None else None for _, _, m, _ in sel]),
+            arr(ctypes.c_int64, geoms[13 * begin : 13 * chunk[-1] + 13]), ctypes.c_int64(-100),
+            arr(ctypes.c_int64, [p.numel() for p, *_ in sel]),
+            arr(ctypes.c_int64, [max(p.numel() // p.shape[0], 1) for p, *_ in sel]),
+            arr(ctypes.c_void_p, [losses[t].data_ptr() for t in chunk]),
+            arr(ctypes.c_void_p, [grad_scale[t:].data_ptr() for t in chunk]), len(sel), blocks,
+            _ptr(counts[begin * 256 :]), _ptr(total if begin == 0 else None),
+        ) == 0  # fmt: skip
     for t, ((pred, target, mask, kind), grad, loss) in enumerate(zip(tasks, grads, losses)):
         slots, weight = counts[t * 256 :], weights[t:] if weights is not None else None
+        factor = grad_scale[t:] if undivided[t] else None
         pdt = _EMU_DTYPE[pred.dtype]
         if kind == "ce":
             geom = arr(ctypes.c_int64, geoms[13 * t : 13 * t + 13])
             assert lib.emu_ce(_ptr(pred), pdt, _ptr(target), _ptr(mask), _ptr(grad), geom, ctypes.c_int64(-100),
-                              _ptr(slots), blocks, _ptr(loss), _ptr(total), _ptr(weight)) == 0  # fmt: skip
+                              _ptr(slots), task_blocks[t], _ptr(loss), _ptr(total), _ptr(weight),
+                              _ptr(factor)) == 0  # fmt: skip
         else:
             code = {"bce": 0, "l1": 1, "mse": 2}[kind]
             assert lib.emu_elementwise(code, _ptr(pred), pdt, _ptr(target), _EMU_DTYPE[target.dtype], _ptr(mask),
                                        _ptr(grad), ctypes.c_int64(pred.numel()),
-                                       ctypes.c_int64(pred.numel() // pred.shape[0]), _ptr(slots), blocks,
-                                       _ptr(loss), _ptr(total), _ptr(weight)) == 0  # fmt: skip
-    return total, losses, grads
+                                       ctypes.c_int64(pred.numel() // pred.shape[0]), _ptr(slots), task_blocks[t],
+                                       _ptr(loss), _ptr(total), _ptr(weight), _ptr(factor)) == 0  # fmt: skip
+    return total, losses, grad_scale, grads
 
 
 @pytest.mark.parametrize(
@@ -942,7 +956,7 @@ def test_cuda_kernels_emulated_multitask_forward(emu, weighted):
     ]
     tasks[3] = (depth.half(), depth_t.half(), tasks[3][2], "l1")  # a float16 target in the grouped count
     weights = torch.rand(len(tasks)) + 0.5 if weighted else None
-    total, losses, grads = _emu_multitask_forward(emu, tasks, weights)
+    total, losses, grad_scale, grads = _emu_multitask_forward(emu, tasks, weights)
     want_total = 0.0
     for t, ((pred, target, mask, kind), loss, grad) in enumerate(zip(tasks, losses, grads)):
         ref_loss, ref_grad = reference(pred, target, mask, kind)
@@ -952,8 +966,52 @@ def test_cuda_kernels_emulated_multitask_forward(emu, weighted):
             assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
             continue
         assert rel_err(loss, ref_loss) <= tol
-        assert rel_err(grad, ref_grad) <= tol
+        if pred.dtype == torch.float16:  # stored undivided, with its factor
+            assert rel_err(grad.double() * grad_scale[t].item(), ref_grad) <= tol
+        else:
+            assert grad_scale[t].item() == 1.0 and rel_err(grad, ref_grad) <= tol
     assert abs(total.item() - want_total) <= 1e-5 * abs(want_total)
+
+
+def test_cuda_kernels_emulated_multitask_forward_over_16_tasks(emu):
+    """18 tasks: two count launches (the second with its own count slots and without zeroing the total)."""
+    torch.manual_seed(0)
+    tasks = []
+    for i in range(18):
+        if i % 2:
+            pred, target = make_ce((3, 4, 2, 4), "contiguous", torch.float32, device="cpu")
+            tasks.append((pred, target, make_mask(3, "random", device="cpu"), "ce"))
+        else:
+            pred, target = make_dense("l1", (3, 50 * (i + 1)), "contiguous", torch.float32, device="cpu")
+            tasks.append((pred, target, None, "l1"))
+    weights = torch.rand(len(tasks)) + 0.5
+    total, losses, _, grads = _emu_multitask_forward(emu, tasks, weights)
+    want_total = 0.0
+    for t, (pred, target, mask, kind) in enumerate(tasks):
+        ref_loss, ref_grad = reference(pred, target, mask, kind)
+        want_total += weights[t].item() * ref_loss.item()
+        assert rel_err(losses[t], ref_loss) <= 1e-5 and rel_err(grads[t], ref_grad) <= 1e-5
+    assert abs(total.item() - want_total) <= 1e-5 * abs(want_total)
+
+
+def test_cuda_kernels_emulated_float16_gradients_keep_their_precision(emu):
+    """float16 logits with a large valid count: gradient / count would be float16 subnormals (about 1e-5), so the
+    gradient is stored undivided with its factor; scaled by a loss scaler's 65536 it matches the reference."""
+    torch.manual_seed(0)
+    pred, target = make_ce((2, 13, 96, 96), "contiguous", torch.float16, device="cpu")
+    tasks = [(pred, target, None, "ce")]
+    _, _, grad_scale, grads = _emu_multitask_forward(emu, tasks, None)
+    _, ref_grad = reference(pred, target, None, "ce")
+    want = ref_grad * 65536.0
+    scaled = (grads[0].float() * (grad_scale[0] * 65536.0)).half().double()  # what the backward's scaling computes
+    divided = (ref_grad.half().float() * 65536.0).double()  # had float16 stored gradient / count
+    nonzero = want.abs() > 1e-3
+
+    def flushed(x):  # entries the reference has that came out as zero
+        return ((x == 0) & nonzero).sum().item() / nonzero.sum().item()
+
+    assert rel_err(scaled, want) <= 2e-3 and flushed(scaled) <= 0.01
+    assert flushed(divided) > 0.03, "the case must be one where dividing in float16 loses the small entries"
 
 
 def test_cuda_kernels_emulated_scale_grads(emu):

@@ -94,6 +94,16 @@ __device__ __forceinline__ float reduction_inv(const LossReduction& red) {
   return block_inv_count(red.counts, red.num_counts);
 }
 
+// The gradient's factor: 1 / count, so the gradient is final; or, when red.grad_scale is set (float16 predictions,
+// whose range cannot hold g / count for large counts: it would round to subnormals and zeros), `stored` (1, or 0.5
+// for mse whose 2(p - t) could overflow), block 0 writing the rest of the factor, inv / stored, to *red.grad_scale
+// for the backward.
+__device__ __forceinline__ float reduction_grad_factor(const LossReduction& red, float inv, float stored) {
+  if (red.grad_scale == nullptr) return inv;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *red.grad_scale = inv / stored;
+  return stored;
+}
+
 // The block's end: its loss partial / count is added to *loss and, weighted, to *total (no atomic for a zero sum).
 __device__ __forceinline__ void reduction_finish(const LossReduction& red, float row_loss, float inv) {
   const float sum = block_sum(row_loss);
@@ -166,6 +176,7 @@ struct CountTable {
   CountTask task[kMaxCountTasks];
   int blocks;  // count blocks per task (each task's slots: counts[t * kMaxCountBlocks + b], b < blocks)
 };
+static_assert(sizeof(CountTable) + 2 * sizeof(void*) <= 4096, "kernel arguments are limited to 4 KB");
 
 // All tasks' count passes in one launch: block x counts for task x / blocks; the first block of each task zeroes its
 // loss, block 0 the total (when given).
@@ -188,7 +199,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (threadIdx.x == 0) {
     counts[t * kMaxCountBlocks + b] = sum;
-    if (b == 0) *task.loss = 0.0f;
+    if (b == 0) {
+      *task.loss = 0.0f;
+      if (task.grad_scale != nullptr) *task.grad_scale = 1.0f;  // a loss kernel storing undivided gradients resets it
+    }
     if (blockIdx.x == 0 && total != nullptr) *total = 0.0f;
   }
 }
@@ -215,6 +229,7 @@ __global__ void __launch_bounds__(kThreads)
                     P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
                     LossReduction red) {
   const float inv = reduction_inv(red);
+  const float gi = reduction_grad_factor(red, inv, 1.0f);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kThreads + threadIdx.x;
   float row_loss = 0.0f;
@@ -242,10 +257,10 @@ __global__ void __launch_bounds__(kThreads)
       }
       row_loss = m + logf(l) - xt;
       if (gx != nullptr) {
-        const float scale = inv / l;
+        const float scale = gi / l;
 #pragma unroll
         for (int c = 0; c < CREG; ++c)
-          if (c < g.C) gx[c * g.g_sc] = from_float<P>(v[c] * scale - (c == row.t ? inv : 0.0f));
+          if (c < g.C) gx[c * g.g_sc] = from_float<P>(v[c] * scale - (c == row.t ? gi : 0.0f));
       }
     } else {  // online softmax, then a second read (from cache) for the gradient
       float m = -INFINITY, l = 0.0f;
@@ -260,9 +275,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       row_loss = m + logf(l) - to_float(x[row.t * g.p_sc]);
       if (gx != nullptr) {
-        const float scale = inv / l;
+        const float scale = gi / l;
         for (int64_t c = 0; c < g.C; ++c)
-          gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c * g.p_sc]) - m) * scale - (c == row.t ? inv : 0.0f));
+          gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c * g.p_sc]) - m) * scale - (c == row.t ? gi : 0.0f));
       }
     }
   }
@@ -284,6 +299,7 @@ __global__ void __launch_bounds__(kThreads)
                         LossReduction red) {
   using Vec = Pack<P, PIX>;
   const float inv = reduction_inv(red);
+  const float gi = reduction_grad_factor(red, inv, 1.0f);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s0 = ((blockIdx.x - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   float row_loss = 0.0f;
@@ -346,14 +362,14 @@ __global__ void __launch_bounds__(kThreads)
       if (gx != nullptr) {
         float scale[PIX];
 #pragma unroll
-        for (int j = 0; j < PIX; ++j) scale[j] = inv / l[j];
+        for (int j = 0; j < PIX; ++j) scale[j] = gi / l[j];
 #pragma unroll
         for (int c = 0; c < CREG; ++c) {
           if (c < g.C) {
             Vec out;
 #pragma unroll
             for (int j = 0; j < PIX; ++j)
-              out.v[j] = from_float<P>(ok[j] ? v[c][j] * scale[j] - (c == cls[j] ? inv : 0.0f) : 0.0f);
+              out.v[j] = from_float<P>(ok[j] ? v[c][j] * scale[j] - (c == cls[j] ? gi : 0.0f) : 0.0f);
             *reinterpret_cast<Vec*>(gx + c * g.g_sc) = out;
           }
         }
@@ -371,6 +387,7 @@ __global__ void __launch_bounds__(kThreads)
                    LossReduction red) {
   constexpr int kRows = kThreads / TPR;
   const float inv = reduction_inv(red);
+  const float gi = reduction_grad_factor(red, inv, 1.0f);
   const int lane = threadIdx.x % TPR;
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kRows + threadIdx.x / TPR;
@@ -421,16 +438,16 @@ __global__ void __launch_bounds__(kThreads)
     if (!row.ok) {
       for (int64_t c = lane; c < g.C; c += TPR) gx[c * g.g_sc] = from_float<P>(0.0f);
     } else if (VPL > 0) {
-      const float scale = inv / l;
+      const float scale = gi / l;
 #pragma unroll
       for (int k = 0; k < VPL; ++k) {
         const int64_t c = lane + k * TPR;
-        if (c < g.C) gx[c * g.g_sc] = from_float<P>(expf(v[k] - m) * scale - (c == row.t ? inv : 0.0f));
+        if (c < g.C) gx[c * g.g_sc] = from_float<P>(expf(v[k] - m) * scale - (c == row.t ? gi : 0.0f));
       }
     } else {
-      const float scale = inv / l;
+      const float scale = gi / l;
       for (int64_t c = lane; c < g.C; c += TPR)
-        gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c]) - m) * scale - (c == row.t ? inv : 0.0f));
+        gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c]) - m) * scale - (c == row.t ? gi : 0.0f));
     }
   }
   reduction_finish(red, row_loss, inv);
@@ -460,6 +477,7 @@ __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
                        P* __restrict__ grad, int64_t total, int64_t M, LossReduction red) {
   const float inv = reduction_inv(red);
+  const float gi = reduction_grad_factor(red, inv, KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f);
   float acc = 0.0f;
   const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
 #pragma unroll
@@ -506,7 +524,7 @@ __global__ void __launch_bounds__(kThreads)
       float el = 0.0f, ge = 0.0f;
       element_loss<KIND>(p[e], t[e], el, ge);
       acc += ok_e ? el : 0.0f;
-      gp.v[e] = from_float<P>(ok_e ? ge * inv : 0.0f);
+      gp.v[e] = from_float<P>(ok_e ? ge * gi : 0.0f);
     }
     if (grad != nullptr) {
       if (VEC > 1 && full) {

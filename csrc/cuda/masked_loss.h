@@ -1,5 +1,5 @@
-// CUDA kernels of the masked loss of one task (fastmtl::masked_loss) and of the grouped gradient scaling
-// (fastmtl::masked_loss_scale_grads). Raw pointers only: csrc/cuda/masked_loss_aten.cpp prepares the tensors.
+// CUDA kernels of the masked loss: one task (fastmtl::masked_loss), all tasks (fastmtl::masked_multitask_loss_forward)
+// and the grouped gradient scaling (fastmtl::masked_loss_scale_grads, masked_multitask_loss_backward). Raw pointers only: csrc/cuda/masked_loss_aten.cpp prepares the tensors.
 //
 // On the caller's stream, with no host synchronisation:
 //
@@ -10,13 +10,13 @@
 //      the gradient already scaled by 1/count in one sweep, and adds its loss partial times 1/count to the
 //      accumulator with one atomicAdd. No valid element: count 0, loss stays 0.0, the gradient is all zeros.
 //
-// T tasks (fastmtl::masked_multitask_loss_forward), T + 1 launches (up to kMaxCountTasks tasks):
+// T tasks (fastmtl::masked_multitask_loss_forward), T + ceil(T / kMaxCountTasks) launches:
 //   1. masked_loss_count_tasks: every task's partial counts in one launch; it zeroes the losses and the total.
 //   2. per task, masked_loss_ce / masked_loss_elementwise as above, each block also adding weight * partial / count
 //      to the total (LossReduction::total). The gradients are final up to the upstream gradient, so the backward
 //      (masked_loss_scale_grads_by) is one launch whose blocks return at once when that scale is exactly 1 in place:
 //      the bytes moved are about those the op must move (preds, targets and gradients once, plus the targets
-//      again in the count pass).
+//      again in the count pass). Float16 predictions keep undivided gradients and a factor (LossReduction).
 #pragma once
 
 #include <cstdint>
@@ -36,13 +36,16 @@ constexpr int kMaxCountTasks = 16;  // tasks per masked_loss_count_tasks launch 
 
 // Where a loss kernel's result goes: the gradient is divided by the valid count (the sum of the num_counts partial
 // counts of the count pass) and each block adds loss partial / count to *loss and, when total != nullptr,
-// weight * loss partial / count to *total (weight == nullptr: 1).
+// weight * loss partial / count to *total (weight == nullptr: 1). With grad_scale != nullptr (float16 predictions,
+// whose range cannot hold gradient / count for large counts) the gradient is stored undivided (mse: halved) and
+// block 0 writes the remaining factor (1 / count, mse 2 / count) to *grad_scale.
 struct LossReduction {
   const int32_t* counts = nullptr;
   int num_counts = 0;
   float* loss = nullptr;
   float* total = nullptr;
   const float* weight = nullptr;
+  float* grad_scale = nullptr;
 };
 
 // Number of count blocks (= partial counts) for `total` targets.
@@ -87,13 +90,14 @@ int64_t masked_loss_elementwise_blocks(const void* pred, DType dtype, const void
 // One task's count pass, for masked_loss_count_tasks.
 struct CountTask {
   bool is_ce;
-  const void* target;  // ce: int64 (geom's target strides); else target_dtype, contiguous storage order
+  const void* target;  // ce: int64 (geom's target strides); else target_dtype, in the prediction's dense layout
   DType target_dtype;
   const bool* mask;    // or nullptr
   CeGeometry geom;     // ce
   int64_t ignore_index;  // ce
   int64_t total, M;    // bce / l1 / mse: elements, elements per sample
   float* loss;         // zeroed by the launch
+  float* grad_scale;   // or nullptr; set to 1 by the launch (a loss kernel may then overwrite it, LossReduction)
 };
 
 // The count passes of num_tasks <= kMaxCountTasks tasks in one launch of num_tasks * blocks blocks (blocks <=

@@ -107,8 +107,8 @@ struct TaskLaunch {
 
   int64_t count_items() const { return is_ce ? geom.N * geom.S : total; }
 
-  // This task's count pass inside masked_loss_count_tasks (which zeroes *loss).
-  cuda::CountTask count_task(float* loss) const {
+  // This task's count pass inside masked_loss_count_tasks (which zeroes *loss and sets *grad_scale to 1).
+  cuda::CountTask count_task(float* loss, float* grad_scale) const {
     cuda::CountTask task{};
     task.is_ce = is_ce;
     task.target = target.data_ptr();
@@ -119,6 +119,7 @@ struct TaskLaunch {
     task.total = total;
     task.M = M > 0 ? M : 1;
     task.loss = loss;
+    task.grad_scale = grad_scale;
     return task;
   }
 
@@ -253,8 +254,9 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
 
 // All tasks: one count launch per kMaxCountTasks tasks (which also zeroes the losses and the total), then one loss
 // kernel per task writing its gradient already divided by the valid count and adding its weighted loss to the
-// total. Returns (total, losses, grad_scale, grads) with grad_scale empty: every factor is 1
-// (csrc/masked_multitask_loss.cpp documents the op).
+// total. Returns (total, losses, grad_scale, grads) with grad_scale empty (every factor 1), unless a float16
+// prediction needs a gradient: float16 gradients are stored undivided (g / count underflows float16 for large
+// counts), so grad_scale is [T], 1 for the other tasks (csrc/masked_multitask_loss.cpp documents the op).
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> masked_multitask_loss_forward_cuda(
     at::TensorList preds, at::TensorList targets, const c10::List<c10::optional<at::Tensor>>& masks,
     const std::vector<std::string>& kinds, int64_t ignore_index, const c10::optional<at::Tensor>& weights,
@@ -284,6 +286,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
     grads.push_back(launches[t].grad);
   }
   at::Tensor counts = at::empty({static_cast<int64_t>(n) * cuda::kMaxCountBlocks}, options.dtype(at::kInt));
+  std::vector<bool> undivided(n, false);
+  bool any_undivided = false;
+  for (size_t t = 0; t < n; ++t) {
+    undivided[t] = compute_grad.get(t) && launches[t].pred_dtype == DType::kFloat16;
+    any_undivided |= undivided[t];
+  }
+  at::Tensor grad_scale = at::empty({any_undivided ? static_cast<int64_t>(n) : 0}, options);  // set by the kernels
+  float* scale_ptr = any_undivided ? grad_scale.data_ptr<float>() : nullptr;
   std::vector<int> count_blocks(n);
   for (size_t begin = 0; begin < n; begin += cuda::kMaxCountTasks) {
     const size_t end = std::min<size_t>(n, begin + cuda::kMaxCountTasks);
@@ -291,7 +301,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
     std::vector<cuda::CountTask> tasks;
     for (size_t t = begin; t < end; ++t) {
       blocks = std::max(blocks, cuda::masked_loss_count_blocks(launches[t].count_items()));
-      tasks.push_back(launches[t].count_task(losses[t].data_ptr<float>()));
+      tasks.push_back(launches[t].count_task(losses[t].data_ptr<float>(), scale_ptr ? scale_ptr + t : nullptr));
     }
     for (size_t t = begin; t < end; ++t) count_blocks[t] = blocks;
     check_cuda(cuda::masked_loss_count_tasks(tasks.data(), static_cast<int>(tasks.size()), blocks,
@@ -306,10 +316,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
     red.loss = losses[t].data_ptr<float>();
     red.total = total.data_ptr<float>();
     red.weight = weights_c.defined() ? weights_c.data_ptr<float>() + t : nullptr;
+    red.grad_scale = undivided[t] ? scale_ptr + t : nullptr;
     launches[t].run(red, stream);
     launches[t].finish();
   }
-  return {total, losses, at::empty({0}, options), grads};
+  return {total, losses, grad_scale, grads};
 }
 
 // In-place scaling of tensors that share memory would race (and scale shared elements twice).

@@ -4,8 +4,9 @@ Every backend implements the same two steps (``RUNNERS``), with no host synchron
 
 * forward (``masked_multitask_loss_forward``): each task's loss and its gradient, the gradient saved up to a
   per-task factor ``grad_scale[t]`` (empty: every factor 1), plus the weighted total. CUDA: one count launch for
-  all tasks, then one kernel per task writing the gradient already divided by the valid count (``T + 1``
-  launches); Triton: one kernel per task writing the element gradient and per-program partials (each target read
+  all tasks (up to 16), then one kernel per task writing the gradient already divided by the valid count
+  (``T + 1`` launches; float16 gradients stay undivided with their factor, as gradient / count would fall into
+  float16's subnormals); Triton: one kernel per task writing the element gradient and per-program partials (each target read
   once), then one finalize launch that sets the factors ``1 / count``; CPU and torch: the per-task op.
 * backward (``masked_multitask_loss_backward``): one grouped scaling of the saved gradients by
   ``(g_total * w_t + g_per_task[t]) * grad_scale[t]``, computed on the device (CUDA and Triton: inside the one
@@ -207,7 +208,10 @@ def _fake_masked_multitask_loss(preds, targets, masks, kinds, names, ignore_inde
 
 def _fake_masked_multitask_loss_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
     total, losses = _fake_total_and_losses(preds, weights)
-    grad_scale = preds[0].new_empty((0,), dtype=torch.float32)  # gradients already divided: every factor is 1
+    # Gradients already divided (every factor 1, an empty grad_scale), except float16 ones on CUDA (undivided: see
+    # csrc/cuda/masked_loss_aten.cpp).
+    undivided = preds[0].device.type == "cuda" and any(c and p.dtype == torch.float16 for p, c in zip(preds, compute_grad))
+    grad_scale = preds[0].new_empty((len(preds) if undivided else 0,), dtype=torch.float32)
     grads = [torch.empty_like(p) if c else p.new_empty(0) for p, c in zip(preds, compute_grad)]
     return total, losses, grad_scale, grads
 
