@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "masked_loss_calls.h"
+
 namespace fastmtl {
 namespace {
 
@@ -102,24 +104,6 @@ at::Tensor conv_bias_relu_autograd(const at::Tensor& x, const at::Tensor& weight
 }
 
 // ---- masked_loss ---------------------------------------------------------------------------------------------
-
-std::tuple<at::Tensor, at::Tensor> call_masked_loss(const at::Tensor& pred, const at::Tensor& target,
-                                                    const std::optional<at::Tensor>& mask, c10::string_view kind,
-                                                    int64_t ignore_index, bool compute_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmtl::masked_loss", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const std::optional<at::Tensor>&,
-                                                                       c10::string_view, int64_t, bool)>();
-  return op.call(pred, target, mask, kind, ignore_index, compute_grad);
-}
-
-std::vector<at::Tensor> call_scale_grads(at::TensorList grads, const at::Tensor& scales) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmtl::masked_loss_scale_grads", "")
-                             .typed<std::vector<at::Tensor>(at::TensorList, const at::Tensor&)>();
-  return op.call(grads, scales);
-}
 
 // The gradient d loss / d pred is computed in the forward and saved; the backward scales it by the upstream
 // gradient (one launch, on the device: no host synchronisation). The returned gradient output is a constant.

@@ -26,37 +26,14 @@
 #include <tuple>
 #include <vector>
 
+#include "masked_loss_calls.h"
+
 namespace fastmtl {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using MaskList = c10::List<std::optional<at::Tensor>>;
-
-std::tuple<at::Tensor, at::Tensor> call_masked_loss(const at::Tensor& pred, const at::Tensor& target,
-                                                    const std::optional<at::Tensor>& mask, c10::string_view kind,
-                                                    int64_t ignore_index, bool compute_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmtl::masked_loss", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const std::optional<at::Tensor>&,
-                                                                       c10::string_view, int64_t, bool)>();
-  return op.call(pred, target, mask, kind, ignore_index, compute_grad);
-}
-
-std::vector<at::Tensor> call_scale_grads(at::TensorList grads, const at::Tensor& scales) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmtl::masked_loss_scale_grads", "")
-                             .typed<std::vector<at::Tensor>(at::TensorList, const at::Tensor&)>();
-  return op.call(grads, scales);
-}
-
-void call_scale_grads_inplace(at::TensorList grads, const at::Tensor& scales) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastmtl::masked_loss_scale_grads_", "")
-                             .typed<void(at::TensorList, const at::Tensor&)>();
-  op.call(grads, scales);
-}
 
 // The arguments that carry no gradient, passed to the autograd function by pointer (so that autograd does not
 // count them as inputs). They are read during the forward only.
