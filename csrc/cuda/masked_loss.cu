@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <limits>
 
 #include "masked_loss.h"
 
@@ -652,7 +653,7 @@ CeKernel ce_kernel_for(const P* pred, const P* grad, const CeGeometry& g) {
   return pixel_vec_ok(pred, grad, g, kPixelVec) ? CeKernel::kPixelVec : CeKernel::kPixel;
 }
 
-// The grid of the cross-entropy kernel masked_loss_ce launches.
+// The grid of the cross-entropy kernel masked_loss_ce launches (the rows launcher computes the same).
 template <typename P>
 int64_t ce_blocks(const P* pred, const P* grad, const CeGeometry& g) {
   switch (ce_kernel_for(pred, grad, g)) {
@@ -738,32 +739,6 @@ cudaError_t masked_loss_count_float(const void* target, DType target_dtype, cons
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-int64_t masked_loss_ce_blocks(const void* pred, DType dtype, const void* grad, const CeGeometry& g) {
-  if (g.N * g.S == 0) return 0;
-  int64_t blocks = 0;
-  dispatch_dtype(dtype, [&](auto zero) {
-    using P = decltype(zero);
-    blocks = ce_blocks(static_cast<const P*>(pred), static_cast<const P*>(grad), g);
-    return cudaSuccess;
-  });
-  return blocks;
-}
-
-int64_t masked_loss_elementwise_blocks(const void* pred, DType dtype, const void* target, DType target_dtype,
-                                       const void* grad, int64_t total) {
-  if (total == 0) return 0;
-  int64_t blocks = 0;
-  dispatch_dtype(dtype, [&](auto zero) {
-    using P = decltype(zero);
-    const P* x = static_cast<const P*>(pred);
-    const P* gx = static_cast<const P*>(grad);
-    blocks = target_dtype == DType::kFloat32 ? elementwise_blocks(x, static_cast<const float*>(target), gx, total)
-                                             : elementwise_blocks(x, static_cast<const P*>(target), gx, total);
-    return cudaSuccess;
-  });
-  return blocks;
-}
-
 cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
                            const CeGeometry& g, int64_t ignore_index, const LossReduction& red,
                            cudaStream_t stream) {
@@ -773,6 +748,8 @@ cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target,
     const P* x = static_cast<const P*>(pred);
     P* gx = static_cast<P*>(grad);
     const CeKernel kernel = ce_kernel_for(x, gx, g);
+    const int64_t blocks = ce_blocks(x, gx, g);
+    if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;  // a 32-bit grid
     if (kernel == CeKernel::kRows) {
       if (g.C <= 16)
         launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, red, stream);
@@ -788,17 +765,16 @@ cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target,
         launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, red, stream);
     } else if (kernel == CeKernel::kPixelVec) {
       const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
-      ce_pixel_vec_kernel<P, 16, kPixelVec><<<static_cast<unsigned>(g.N * s_blocks), kThreads, 0, stream>>>(
+      ce_pixel_vec_kernel<P, 16, kPixelVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           x, target, mask, gx, g, ignore_index, s_blocks, red);
     } else {
       const int64_t s_blocks = ceil_div(g.S, kThreads);
-      const unsigned blocks = static_cast<unsigned>(g.N * s_blocks);
       if (g.C <= 16)
-        ce_pixel_kernel<P, 16><<<blocks, kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index, s_blocks,
-                                                                red);
+        ce_pixel_kernel<P, 16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, target, mask, gx, g,
+                                                                                       ignore_index, s_blocks, red);
       else
-        ce_pixel_kernel<P, 0><<<blocks, kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index, s_blocks,
-                                                               red);
+        ce_pixel_kernel<P, 0><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, target, mask, gx, g,
+                                                                                      ignore_index, s_blocks, red);
     }
     return cudaSuccess;
   });
@@ -814,6 +790,10 @@ cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DTyp
     using P = decltype(zero);
     const P* x = static_cast<const P*>(pred);
     P* gx = static_cast<P*>(grad);
+    const int64_t blocks = target_dtype == DType::kFloat32
+                               ? elementwise_blocks(x, static_cast<const float*>(target), gx, total)
+                               : elementwise_blocks(x, static_cast<const P*>(target), gx, total);
+    if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;  // a 32-bit grid
     if (target_dtype == DType::kFloat32)
       launch_elementwise_kind(kind, x, static_cast<const float*>(target), mask, gx, total, M, red, stream);
     else

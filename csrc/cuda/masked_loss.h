@@ -73,6 +73,7 @@ cudaError_t masked_loss_count_float(const void* target, DType target_dtype, cons
                                     int64_t M, int32_t* counts, int num_blocks, float* loss, cudaStream_t stream);
 
 // Cross entropy: the loss as `red` says, the gradient (pred's dtype, geom's grad strides) when grad != nullptr.
+// Both launchers return cudaErrorInvalidConfiguration when their grid would not fit 32 bits.
 cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
                            const CeGeometry& geom, int64_t ignore_index, const LossReduction& red,
                            cudaStream_t stream);
@@ -81,11 +82,6 @@ cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target,
 cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
                                     DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
                                     const LossReduction& red, cudaStream_t stream);
-
-// The number of blocks the two launchers above use for these arguments (their grid is a 32-bit count).
-int64_t masked_loss_ce_blocks(const void* pred, DType dtype, const void* grad, const CeGeometry& geom);
-int64_t masked_loss_elementwise_blocks(const void* pred, DType dtype, const void* target, DType target_dtype,
-                                       const void* grad, int64_t total);
 
 // One task's count pass, for masked_loss_count_tasks.
 struct CountTask {

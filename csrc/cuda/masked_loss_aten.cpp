@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -87,15 +86,6 @@ struct TaskLaunch {
   const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
   void* grad_ptr() const { return work_grad.defined() ? work_grad.data_ptr() : nullptr; }
 
-  // Blocks of the loss kernel; the grid is a 32-bit count.
-  int64_t blocks() const {
-    const int64_t b = is_ce ? cuda::masked_loss_ce_blocks(pred.data_ptr(), pred_dtype, grad_ptr(), geom)
-                            : cuda::masked_loss_elementwise_blocks(pred.data_ptr(), pred_dtype, target.data_ptr(),
-                                                                   target_dtype, grad_ptr(), total);
-    TORCH_CHECK(b <= std::numeric_limits<int32_t>::max(), "masked_loss (CUDA): tensor too large (", b, " blocks)");
-    return b;
-  }
-
   // The count kernel of the normalised mode.
   void count(int32_t* counts, int num_counts, float* loss, cudaStream_t stream) const {
     check_cuda(is_ce ? cuda::masked_loss_count_ce(target.data_ptr<int64_t>(), mask_ptr(), geom, ignore_index, counts,
@@ -124,7 +114,6 @@ struct TaskLaunch {
   }
 
   void run(const cuda::LossReduction& red, cudaStream_t stream) const {
-    blocks();  // checks that the grid fits its 32-bit launch dimension
     check_cuda(is_ce ? cuda::masked_loss_ce(pred.data_ptr(), pred_dtype, target.data_ptr<int64_t>(), mask_ptr(),
                                             grad_ptr(), geom, ignore_index, red, stream)
                      : cuda::masked_loss_elementwise(kind, pred.data_ptr(), pred_dtype, target.data_ptr(),
