@@ -30,109 +30,62 @@ BACKWARD_OP = "fastmtl::masked_multitask_loss_backward_triton"
 BACKWARD_INPLACE_OP = "fastmtl::masked_multitask_loss_backward_triton_"
 
 
-def _register() -> None:
-    # Under the interpreter wrap_triton cannot trace the kernels (they would vanish from a traced graph), so the
-    # ops are opaque custom ops there.
-    if hasattr(torch.library, "triton_op") and not backends.triton_interpret():
-        wrap = torch.library.wrap_triton
+def _implementations(launch):
+    """Each op as ``(name, mutated arguments, function)``, its kernels launched through ``launch``
+    (``torch.library.wrap_triton``, a direct launch, or ``None`` for the fake implementations, which only
+    allocate the outputs)."""
 
-        @torch.library.triton_op(LOSS_OP, mutates_args=())
-        def _loss(
-            pred: Tensor, target: Tensor, mask: Optional[Tensor], kind: str, ignore_index: int, compute_grad: bool
-        ) -> Tuple[Tensor, Tensor]:
-            return kernels.masked_loss(pred, target, mask, kind, ignore_index, compute_grad, launch=wrap)
-
-        @torch.library.triton_op(SCALE_OP, mutates_args=())
-        def _scale(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
-            return kernels.scale_grads(grads, scales, launch=wrap)
-
-        @torch.library.triton_op(SCALE_INPLACE_OP, mutates_args=("grads",))
-        def _scale_inplace(grads: List[Tensor], scales: Tensor) -> None:
-            kernels.scale_grads(grads, scales, launch=wrap, inplace=True)
-
-        @torch.library.triton_op(FORWARD_OP, mutates_args=())
-        def _forward(
-            preds: List[Tensor], targets: List[Tensor], masks: List[Optional[Tensor]], kinds: str,
-            ignore_index: int, weights: Optional[Tensor], compute_grad: List[bool],
-        ) -> Tuple[Tensor, List[Tensor], Tensor, List[Tensor]]:  # fmt: skip
-            return kernels.multitask_forward(preds, targets, masks, kinds.split(","), ignore_index, weights,
-                                             compute_grad, wrap)  # fmt: skip
-
-        @torch.library.triton_op(BACKWARD_OP, mutates_args=())
-        def _backward(
-            grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
-            grad_losses: List[Optional[Tensor]],
-        ) -> List[Tensor]:  # fmt: skip
-            return kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, wrap)
-
-        @torch.library.triton_op(BACKWARD_INPLACE_OP, mutates_args=("grads",))
-        def _backward_inplace(
-            grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
-            grad_losses: List[Optional[Tensor]],
-        ) -> None:  # fmt: skip
-            kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, wrap, inplace=True)
-
-        return
-
-    @torch.library.custom_op(LOSS_OP, mutates_args=())
-    def _loss_old(
+    def loss(
         pred: Tensor, target: Tensor, mask: Optional[Tensor], kind: str, ignore_index: int, compute_grad: bool
     ) -> Tuple[Tensor, Tensor]:
-        return kernels.masked_loss(pred, target, mask, kind, ignore_index, compute_grad)
+        return kernels.masked_loss(pred, target, mask, kind, ignore_index, compute_grad, launch=launch)
 
-    @_loss_old.register_fake
-    def _(pred, target, mask, kind, ignore_index, compute_grad):
-        return kernels.masked_loss(pred, target, mask, kind, ignore_index, compute_grad, launch=None)
+    def scale(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
+        return kernels.scale_grads(grads, scales, launch=launch)
 
-    @torch.library.custom_op(SCALE_OP, mutates_args=())
-    def _scale_old(grads: List[Tensor], scales: Tensor) -> List[Tensor]:
-        return kernels.scale_grads(grads, scales)
+    def scale_inplace(grads: List[Tensor], scales: Tensor) -> None:
+        kernels.scale_grads(grads, scales, launch=launch, inplace=True)
 
-    @_scale_old.register_fake
-    def _(grads, scales):
-        return kernels.scale_grads(grads, scales, launch=None)
-
-    @torch.library.custom_op(SCALE_INPLACE_OP, mutates_args=("grads",))
-    def _scale_inplace_old(grads: List[Tensor], scales: Tensor) -> None:
-        kernels.scale_grads(grads, scales, inplace=True)
-
-    @_scale_inplace_old.register_fake
-    def _(grads, scales):
-        return None
-
-    @torch.library.custom_op(FORWARD_OP, mutates_args=())
-    def _forward_old(
+    def forward(
         preds: List[Tensor], targets: List[Tensor], masks: List[Optional[Tensor]], kinds: str,
         ignore_index: int, weights: Optional[Tensor], compute_grad: List[bool],
     ) -> Tuple[Tensor, List[Tensor], Tensor, List[Tensor]]:  # fmt: skip
-        return kernels.multitask_forward(preds, targets, masks, kinds.split(","), ignore_index, weights, compute_grad)
+        # kinds joined by commas: custom ops have no list-of-str arguments
+        return kernels.multitask_forward(preds, targets, masks, kinds.split(","), ignore_index, weights,
+                                         compute_grad, launch)  # fmt: skip
 
-    @_forward_old.register_fake
-    def _(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
-        return kernels.multitask_forward(preds, targets, masks, kinds.split(","), ignore_index, weights, compute_grad,
-                                         None)  # fmt: skip
-
-    @torch.library.custom_op(BACKWARD_OP, mutates_args=())
-    def _backward_old(
+    def backward(
         grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
         grad_losses: List[Optional[Tensor]],
     ) -> List[Tensor]:  # fmt: skip
-        return kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses)
+        return kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, launch)
 
-    @_backward_old.register_fake
-    def _(grads, grad_scale, grad_total, weights, grad_losses):
-        return kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, None)
-
-    @torch.library.custom_op(BACKWARD_INPLACE_OP, mutates_args=("grads",))
-    def _backward_inplace_old(
+    def backward_inplace(
         grads: List[Tensor], grad_scale: Tensor, grad_total: Optional[Tensor], weights: Optional[Tensor],
         grad_losses: List[Optional[Tensor]],
     ) -> None:  # fmt: skip
-        kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, inplace=True)
+        kernels.multitask_backward(grads, grad_scale, grad_total, weights, grad_losses, launch, inplace=True)
 
-    @_backward_inplace_old.register_fake
-    def _(grads, grad_scale, grad_total, weights, grad_losses):
-        return None
+    return [
+        (LOSS_OP, (), loss),
+        (SCALE_OP, (), scale),
+        (SCALE_INPLACE_OP, ("grads",), scale_inplace),
+        (FORWARD_OP, (), forward),
+        (BACKWARD_OP, (), backward),
+        (BACKWARD_INPLACE_OP, ("grads",), backward_inplace),
+    ]
+
+
+def _register() -> None:
+    # Under the interpreter wrap_triton cannot trace the kernels (they would vanish from a traced graph), so the
+    # ops are opaque custom ops there, with the same functions launching nothing as their fakes.
+    if hasattr(torch.library, "triton_op") and not backends.triton_interpret():
+        for name, mutates, fn in _implementations(torch.library.wrap_triton):
+            torch.library.triton_op(name, mutates_args=mutates)(fn)
+        return
+    fakes = {name: fn for name, _, fn in _implementations(None)}
+    for name, mutates, fn in _implementations(kernels._direct):
+        torch.library.custom_op(name, mutates_args=mutates)(fn).register_fake(fakes[name])
 
 
 _register()
