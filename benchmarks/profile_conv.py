@@ -12,6 +12,7 @@ the ratios of ``bench_conv_bias_relu.py``; it is not a benchmark itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from profiling import print_profile, profile_step  # noqa: E402  (benchmarks/profiling.py, beside this file)
+from profiling import profile_variant  # noqa: E402  (benchmarks/profiling.py, beside this file)
 
 
 def _step(variant, x, w, b, grad):
@@ -53,12 +54,8 @@ def main(argv=None) -> int:
         memory_format=torch.channels_last
     )
     for variant in ("eager", "cuda:library", "cuda:implicit_gemm"):
-        try:
-            host_us, rows = profile_step(lambda: _step(variant, x, w, b, grad), args.steps)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
-            print(f"{variant}: failed: {str(exc).splitlines()[0][:200]}")
-            continue
-        print_profile(f"{variant} fwd+bwd ({args.shape}, bf16 channels_last)", host_us, rows)
+        make_step = functools.partial(functools.partial, _step, variant, x, w, b, grad)
+        profile_variant(variant, f"fwd+bwd ({args.shape}, bf16 channels_last)", make_step, args.steps)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_masked_loss as bench  # noqa: E402  (beside this file: the batch and the eager form)
-from profiling import print_profile, profile_step  # noqa: E402
+from profiling import profile_variant  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,12 +38,8 @@ def main(argv=None) -> int:
         if not ok:
             print(f"\n{variant}: not available ({why})")
             continue
-        try:
-            host_us, rows = profile_step(bench.make_step(variant, preds, targets, masks), args.steps)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
-            print(f"\n{variant}: failed: {str(exc).splitlines()[0][:200]}")
-            continue
-        print_profile(f"{variant} fwd+bwd (nyu4 {args.size}, {args.dtype})", host_us, rows)
+        profile_variant(variant, f"fwd+bwd (nyu4 {args.size}, {args.dtype})",
+                        lambda: bench.make_step(variant, preds, targets, masks), args.steps)  # fmt: skip
     return 0
 
 

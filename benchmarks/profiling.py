@@ -34,6 +34,17 @@ def profile_step(step, steps: int, warmup: int = 3):
     return host_us, rows
 
 
+def profile_variant(variant: str, title: str, make_step, steps: int) -> None:
+    """Profile the step ``make_step()`` returns and print it as ``"<variant> <title>"``; a failure is printed instead,
+    so the caller goes on with its other variants."""
+    try:
+        host_us, rows = profile_step(make_step(), steps)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        print(f"\n{variant}: failed: {str(exc).splitlines()[0][:200]}")
+        return
+    print_profile(f"{variant} {title}", host_us, rows)
+
+
 def print_profile(title: str, host_us: float, rows, top: int = 12) -> None:
     """Print the step's totals (device time, launches, host time), then its slowest kernels."""
     total = sum(r[0] for r in rows)
