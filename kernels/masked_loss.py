@@ -4,14 +4,16 @@ Installed as ``fastmtl.kernels.masked_loss``. The host launchers below take alre
 ``fastmtl.ops.masked_loss``, checks them) and never synchronise with the host, so they can be captured in a CUDA
 graph.
 
-All tasks (``multitask_forward`` / ``multitask_backward``, what ``masked_multitask_loss`` runs): ``T + 1`` launches
-forward and one backward for up to 8 tasks.
+All tasks (``multitask_forward`` / ``multitask_backward``, what ``masked_multitask_loss`` runs): for 2 to 8 tasks,
+``T`` launches forward and one backward, ``T + 1`` in all.
 
 1. Per task, ``_ce_kernel`` / ``_elementwise_kernel`` in partials mode: the element gradient (not yet divided by the
    valid count) and, per program, its loss sum and valid count in its own slot (no buffer needs zeroing, each target
    is read once).
-2. ``_finalize_kernel`` (one program, 8 tasks): each task's loss (sum / count, 0 without a valid element), its
-   gradient factor ``1 / count`` and the weighted total.
+2. The finalize (``_finalize_tasks``): each task's loss (sum / count, 0 without a valid element), its gradient
+   factor ``1 / count`` and the weighted total. The last loss launch runs it in its last program (``_ticket``: a
+   counter that the first launch zeroed, so a single task, or more than 8, get ``_finalize_kernel`` as a launch of
+   its own).
 3. Backward, ``_scale_grads_kernel``: ``grad_t * (g_total * w_t + g_task) * factor_t``, the scale computed in the
    kernel from the upstream gradients.
 
@@ -140,8 +142,12 @@ def _ce_kernel(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
     S, C, num_s_blocks, num_counts, ignore_index,
     p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
+    ticket_ptr, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
+    n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
     HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
     COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr,
+    FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Cross entropy of a tile of BLOCK_S pixels of one sample: online softmax over C, loss and gradient (scaled by
     1/count, or with PARTIALS the element gradient and this program's (loss sum, valid count) partial)."""
@@ -199,14 +205,20 @@ def _ce_kernel(
     row_loss = tl.where(ok, m + tl.log(lsum) - x_t, 0.0)
     _finish(loss_ptr, psum_ptr, pcount_ptr, pid, tl.sum(row_loss, axis=0), tl.sum(ok.to(tl.int32), axis=0), inv_count,
             PARTIALS)  # fmt: skip
+    _ticket(ticket_ptr, pid, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
+            l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK)  # fmt: skip
 
 
 @triton.jit
 def _elementwise_kernel(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
     total, M, num_counts,
+    ticket_ptr, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
+    n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr,
     PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr,
+    TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr,
+    FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """bce / l1 / mse over flat storage (sample n owns [n*M, (n+1)*M)): loss and gradient in one sweep (scaled as in
     ``_ce_kernel``)."""
@@ -239,26 +251,33 @@ def _elementwise_kernel(
             tl.sum(ok.to(tl.int32), axis=0), inv_count, PARTIALS)  # fmt: skip
     if COMPUTE_GRAD:
         tl.store(grad_ptr + offs, tl.where(ok, g * inv_count, 0.0).to(grad_ptr.dtype.element_ty), mask=inb)
+    _ticket(ticket_ptr, pid, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
+            l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK)  # fmt: skip
 
 
 @triton.jit
-def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, multiplier, index, grad_scale_ptr, weights_ptr,
-                   HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, index, grad_scale_ptr, weights_ptr,
+                   MSE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One task: sum its partials [first, first + num) (float64 / int64), write L_t and grad_scale[index] =
-    multiplier / count (both 0 without a valid element); return weights[index] * L_t."""
+    multiplier / count (mse 2, else 1; both 0 without a valid element); return weights[index] * L_t. The partials
+    are loaded from L2 (.cg): in the last-program finalize they were written by other programs of this launch."""
     acc_s = tl.zeros([BLOCK], tl.float64)
     acc_c = tl.zeros([BLOCK], tl.int64)
     for i in range(0, num, BLOCK):
         idx = i + tl.arange(0, BLOCK)
         inb = idx < num
-        acc_s += tl.load(psum_ptr + first + idx, mask=inb, other=0.0).to(tl.float64)
-        acc_c += tl.load(pcount_ptr + first + idx, mask=inb, other=0).to(tl.int64)
+        acc_s += tl.load(psum_ptr + first + idx, mask=inb, other=0.0, cache_modifier=".cg").to(tl.float64)
+        acc_c += tl.load(pcount_ptr + first + idx, mask=inb, other=0, cache_modifier=".cg").to(tl.int64)
     total = tl.sum(acc_s, axis=0)
     count = tl.sum(acc_c, axis=0)
     denom = tl.maximum(count, 1).to(tl.float64)
     loss = tl.where(count > 0, total / denom, 0.0).to(tl.float32)
     tl.store(loss_ptr, loss)
-    tl.store(grad_scale_ptr + index, tl.where(count > 0, (multiplier / denom).to(tl.float32), 0.0))
+    if MSE:  # the partials mode stored p - t, not 2 (p - t)
+        factor = 2.0 / denom
+    else:
+        factor = 1.0 / denom
+    tl.store(grad_scale_ptr + index, tl.where(count > 0, factor.to(tl.float32), 0.0))
     weighted = loss
     if HAS_WEIGHTS:
         weighted = loss * tl.load(weights_ptr + index).to(tl.float32)
@@ -266,33 +285,81 @@ def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, multiplier, index
 
 
 @triton.jit
-def _finalize_kernel(
+def _finalize_tasks(
     psum_ptr, pcount_ptr, gs_ptr, w_ptr, total_ptr,
-    f0, n0, l0, k0, f1, n1, l1, k1, f2, n2, l2, k2, f3, n3, l3, k3,
-    f4, n4, l4, k4, f5, n5, l5, k5, f6, n6, l6, k6, f7, n7, l7, k7,
-    NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+    n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
+    NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program for up to 8 tasks (slots f: first partial, n: partials, l: loss, k: gradient multiplier): losses,
-    gradient factors (into gs_ptr) and the total weighted by w_ptr (added to *total_ptr with ACCUMULATE, for the
-    launches after the first)."""
-    total = _finalize_slot(psum_ptr, pcount_ptr, f0, n0, l0, k0, 0, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+    """Up to 8 tasks whose partials lie one after another from psum_ptr / pcount_ptr (slot t: n{t} partials, loss
+    l{t}; bit t of MSE_MASK: an mse task): losses, gradient factors (gs_ptr) and the total weighted by w_ptr
+    (added to *total_ptr with ACCUMULATE)."""
+    total = _finalize_slot(psum_ptr, pcount_ptr, 0, n0, l0, 0, gs_ptr, w_ptr, (MSE_MASK & 1) != 0, HAS_WEIGHTS, BLOCK)
+    first = n0
     if NUM > 1:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f1, n1, l1, k1, 1, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, first, n1, l1, 1, gs_ptr, w_ptr, (MSE_MASK & 2) != 0,
+                                HAS_WEIGHTS, BLOCK)  # fmt: skip
+        first += n1
     if NUM > 2:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f2, n2, l2, k2, 2, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, first, n2, l2, 2, gs_ptr, w_ptr, (MSE_MASK & 4) != 0,
+                                HAS_WEIGHTS, BLOCK)  # fmt: skip
+        first += n2
     if NUM > 3:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f3, n3, l3, k3, 3, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, first, n3, l3, 3, gs_ptr, w_ptr, (MSE_MASK & 8) != 0,
+                                HAS_WEIGHTS, BLOCK)  # fmt: skip
+        first += n3
     if NUM > 4:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f4, n4, l4, k4, 4, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, first, n4, l4, 4, gs_ptr, w_ptr, (MSE_MASK & 16) != 0,
+                                HAS_WEIGHTS, BLOCK)  # fmt: skip
+        first += n4
     if NUM > 5:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f5, n5, l5, k5, 5, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, first, n5, l5, 5, gs_ptr, w_ptr, (MSE_MASK & 32) != 0,
+                                HAS_WEIGHTS, BLOCK)  # fmt: skip
+        first += n5
     if NUM > 6:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f6, n6, l6, k6, 6, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, first, n6, l6, 6, gs_ptr, w_ptr, (MSE_MASK & 64) != 0,
+                                HAS_WEIGHTS, BLOCK)  # fmt: skip
+        first += n6
     if NUM > 7:
-        total += _finalize_slot(psum_ptr, pcount_ptr, f7, n7, l7, k7, 7, gs_ptr, w_ptr, HAS_WEIGHTS, BLOCK)
+        total += _finalize_slot(psum_ptr, pcount_ptr, first, n7, l7, 7, gs_ptr, w_ptr, (MSE_MASK & 128) != 0,
+                                HAS_WEIGHTS, BLOCK)  # fmt: skip
     if ACCUMULATE:
         total += tl.load(total_ptr)
     tl.store(total_ptr, total)
+
+
+@triton.jit
+def _finalize_kernel(
+    psum_ptr, pcount_ptr, gs_ptr, w_ptr, total_ptr,
+    n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
+    NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program: ``_finalize_tasks`` as a launch of its own (one task, or more than 8)."""
+    _finalize_tasks(psum_ptr, pcount_ptr, gs_ptr, w_ptr, total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5,
+                    n6, l6, n7, l7, NUM, HAS_WEIGHTS, MSE_MASK, ACCUMULATE, BLOCK)  # fmt: skip
+
+
+@triton.jit
+def _ticket(
+    ticket_ptr, pid,
+    psum_ptr, pcount_ptr, gs_ptr, w_ptr, total_ptr,
+    n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
+    TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A loss kernel's end in the multi-task forward (after its partial is stored): TICKET 1, the first launch,
+    program 0 zeroes the ticket counter; TICKET 2, the last launch, each program takes a ticket and the program that
+    takes the last one runs ``_finalize_tasks`` over every task's partials. The earlier launches are complete (same
+    stream), and this launch's partials are visible to the last program through the ticket's acquire-release."""
+    if TICKET == 1:
+        if pid == 0:
+            tl.store(ticket_ptr, 0)
+    if TICKET == 2:
+        tl.debug_barrier()  # every thread's partial store precedes the ticket's release
+        taken = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if taken == tl.num_programs(0) - 1:
+            _finalize_tasks(psum_ptr, pcount_ptr, gs_ptr, w_ptr, total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4,
+                            n5, l5, n6, l6, n7, l7, NUM, HAS_WEIGHTS, MSE_MASK, False, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -421,6 +488,12 @@ def _alloc_outputs(pred, compute_grad):
     return loss, grad
 
 
+def _alloc_ticket(device):
+    """The multi-task forward's ticket counter, uninitialised: its first loss launch zeroes it (tests poison it
+    here)."""
+    return torch.empty(1, dtype=torch.int32, device=device)
+
+
 class _TaskPlan:
     """One task's kernels, prepared: the tensors in the layouts the kernels take and their arguments.
 
@@ -440,17 +513,25 @@ class _TaskPlan:
         """Normalised mode, first launch: partial valid counts into ``counts``; returns how many."""
         return _launch_count(launch, counts=counts, loss=loss, **self._count_args)
 
-    def run(self, launch, counts=None, loss=None, num_counts=0, psum=None, pcount=None) -> None:
-        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode. The
-        pointers a mode does not use are given pred (never read: the kernel branches on PARTIALS at compile time)."""
+    def run(self, launch, counts=None, loss=None, num_counts=0, psum=None, pcount=None, tail=None) -> None:
+        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode, where
+        ``tail`` = ``(ticket, mode, (finalize args, finalize constexprs))`` makes it the multi-task forward's first
+        (mode 1) or last, finalizing (mode 2), launch (see ``_ticket``). The pointers a mode does not use are given
+        pred (never read: the kernel branches on PARTIALS and TICKET at compile time)."""
         if self.blocks == 0:
             return
         partials = psum is not None
         unused = self._tensors[0]
         reduction = (counts, loss, unused, unused) if not partials else (unused, unused, psum, pcount)
+        if tail is None:
+            tail_args = (unused,) * 6 + (0, unused) * SCALE_SLOTS
+            tail_consts = dict(TICKET=0, NUM=1, HAS_WEIGHTS=False, MSE_MASK=0)
+        else:
+            ticket, mode, (fin_args, fin_consts) = tail
+            tail_args, tail_consts = (ticket, *fin_args), dict(TICKET=mode, **fin_consts)
         launch(self._kernel)[(self.blocks,)](
-            *self._tensors, *reduction, *self._sizes, num_counts, *self._strides, PARTIALS=partials,
-            **self._constexprs,
+            *self._tensors, *reduction, *self._sizes, num_counts, *self._strides, *tail_args, PARTIALS=partials,
+            FIN_BLOCK=FINALIZE_BLOCK, **tail_consts, **self._constexprs,
         )  # fmt: skip
 
     def finish(self) -> None:
@@ -569,11 +650,26 @@ def _elementwise_plan(pred, target, mask, kind, compute_grad, grad) -> _TaskPlan
     return _TaskPlan(grad, work_grad, blocks, count_args, _elementwise_kernel, tensors, (total, M), (), consts)
 
 
+def _finalize_args(group, first, psum, pcount, grad_scale, weights, total, losses, kinds):
+    """``_finalize_tasks``'s arguments and constexprs for the tasks of ``group`` (consecutive, at most 8), whose
+    partials start at ``first[group[0]]``."""
+    slots = []
+    for i in range(SCALE_SLOTS):
+        t = group[i] if i < len(group) else group[0]
+        slots += [first[t + 1] - first[t] if i < len(group) else 0, losses[t]]
+    begin = group[0]
+    args = (psum[first[begin]:], pcount[first[begin]:], grad_scale[begin:],
+            weights[begin:] if weights is not None else grad_scale, total, *slots)  # fmt: skip
+    mse_mask = sum(1 << i for i, t in enumerate(group) if kinds[t] == "mse")
+    return args, dict(NUM=len(group), HAS_WEIGHTS=weights is not None, MSE_MASK=mse_mask)
+
+
 def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad, launch=_direct):
     """Every task's loss and gradient up to a factor (see ``fastmtl::masked_multitask_loss_forward``).
 
     Per task one loss kernel in partials mode (element gradients, one (loss sum, valid count) partial per program,
-    each target read once), then one finalize launch per 8 tasks: ``T + ceil(T / 8)`` launches.
+    each target read once). For 2 to 8 tasks the last launch also finalizes (losses, factors, total: its last
+    program, see ``_ticket``), so the forward is ``T`` launches; otherwise one finalize launch per 8 tasks follows.
 
     Returns:
         ``(total, losses, grad_scale, grads)``: float32 0-dim total and losses, float32 ``[T]`` factors (1 / valid
@@ -598,21 +694,23 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
         first.append(first[-1] + plan.blocks)
     psum = torch.empty(max(first[-1], 1), dtype=torch.float32, device=device)
     pcount = torch.empty(max(first[-1], 1), dtype=torch.int32, device=device)
-    for plan, start in zip(plans, first):
-        plan.run(launch, psum=psum[start:], pcount=pcount[start:])
-        plan.finish()
     if weights is not None:
         weights = weights.to(torch.float32).contiguous()
-    for begin in range(0, n, SCALE_SLOTS):
-        group = list(range(begin, min(begin + SCALE_SLOTS, n)))
-        slots = []
-        for i in range(SCALE_SLOTS):
-            t = group[i] if i < len(group) else group[0]
-            slots += [first[t], first[t + 1] - first[t], losses[t], 2.0 if kinds[t] == "mse" else 1.0]
-        launch(_finalize_kernel)[(1,)](
-            psum, pcount, grad_scale[begin:], weights[begin:] if weights is not None else grad_scale, total, *slots,
-            NUM=len(group), HAS_WEIGHTS=weights is not None, ACCUMULATE=begin > 0, BLOCK=FINALIZE_BLOCK, num_warps=4,
-        )  # fmt: skip
+    groups = [list(range(b, min(b + SCALE_SLOTS, n))) for b in range(0, n, SCALE_SLOTS)]
+    finalize = [_finalize_args(g, first, psum, pcount, grad_scale, weights, total, losses, kinds) for g in groups]
+    launched = [t for t, plan in enumerate(plans) if plan.blocks]
+    # The last launch can finalize when an earlier one of this forward zeroed its ticket counter.
+    fused = len(groups) == 1 and len(launched) >= 2
+    ticket = _alloc_ticket(device) if fused else None
+    for t, plan in enumerate(plans):
+        tail = None
+        if fused and t in (launched[0], launched[-1]):
+            tail = (ticket, 1 if t == launched[0] else 2, finalize[0])
+        plan.run(launch, psum=psum[first[t]:], pcount=pcount[first[t]:], tail=tail)
+        plan.finish()
+    if not fused:
+        for g, (args, consts) in enumerate(finalize):
+            launch(_finalize_kernel)[(1,)](*args, ACCUMULATE=g > 0, BLOCK=FINALIZE_BLOCK, num_warps=4, **consts)
     return total, losses, grad_scale, grads
 
 

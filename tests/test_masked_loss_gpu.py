@@ -138,6 +138,8 @@ def poisoned(kernels, monkeypatch):
         return loss.fill_(float("nan")), grad.fill_(float("nan"))
 
     monkeypatch.setattr(kernels, "_alloc_outputs", poisoned_alloc)
+    # a ticket counter that is not zeroed by its first launch never lets the last program finalize
+    monkeypatch.setattr(kernels, "_alloc_ticket", lambda device: torch.full((1,), 12345, dtype=torch.int32))
 
 
 # ---- Triton (interpreter on CPU, or CUDA) -----------------------------------------------------------------------
@@ -400,23 +402,74 @@ def test_triton_in_place_scaling_refuses_tensors_that_share_memory(kernels):
         kernels.scale_grads([g, g[2:]], torch.rand(2, device=DEVICE), inplace=True)
 
 
-def test_triton_multitask_launch_count(kernels):
-    """T tasks forward: T loss kernels + one finalize per 8 tasks (no count pass); backward: one launch per 8."""
+def _task_set(name):
+    """Task lists for the finalize's three paths: in the last loss launch (2 to 8 launched tasks) or a launch of its
+    own (one task, one launched task, more than 8 tasks)."""
+    tasks = _multitask_tasks()
+    zero, zero_t = make_dense("l1", (0, 3), "contiguous")  # no samples: its loss kernel is not launched
+    if name == "one task":
+        return tasks[:1]
+    if name == "ten tasks":
+        return tasks + tasks[:4]
+    if name == "last task not launched":
+        return tasks[:3] + [(zero, zero_t, None, "l1")]
+    if name == "one launched task":
+        return [(zero, zero_t, None, "l1"), tasks[2]]
+    return tasks
+
+
+TASK_SETS = {  # name: (forward loss launches, finalize launches)
+    "six tasks": (6, 0),
+    "one task": (1, 1),
+    "ten tasks": (10, 2),
+    "last task not launched": (3, 0),
+    "one launched task": (1, 1),
+}
+
+
+@pytest.mark.parametrize("name", TASK_SETS)
+def test_triton_multitask_finalize_paths(kernels, poisoned, name):
+    """Every finalize path against the float64 reference, on poisoned outputs and a poisoned ticket counter."""
+    tasks = _task_set(name)
+    preds, targets, masks, kinds = (list(x) for x in zip(*tasks))
+    weights = torch.rand(len(tasks), device=DEVICE) + 0.5
+    total, losses, grad_scale, grads = kernels.multitask_forward(
+        preds, targets, masks, kinds, -100, weights, [True] * len(tasks)
+    )
+    want_total = 0.0
+    for t, (pred, target, mask, kind) in enumerate(tasks):
+        ref_loss, ref_grad = reference(pred, target, mask, kind)
+        want_total += weights[t].item() * ref_loss.item()
+        tol = TOLERANCES["loss"][pred.dtype]
+        if ref_loss.item() == 0.0:
+            assert losses[t].item() == 0.0 and grad_scale[t].item() == 0.0
+        else:
+            assert rel_err(losses[t], ref_loss) <= tol
+            assert rel_err(grads[t].double().cpu() * grad_scale[t].item(), ref_grad) <= tol
+    assert abs(total.item() - want_total) <= 1e-5 * abs(want_total)
+
+
+@pytest.mark.parametrize("name", TASK_SETS)
+def test_triton_multitask_launch_count(kernels, name):
+    """Forward: one loss kernel per task with samples, the last of them finalizing when an earlier one zeroed its
+    ticket (2 to 8 tasks: T launches), else one finalize launch per 8 tasks; backward: one launch per 8 tasks."""
     launched = []
 
     def counting(kernel):
         launched.append(kernel)
         return kernel
 
-    tasks = _multitask_tasks()
+    tasks = _task_set(name)
     preds, targets, masks, kinds = (list(x) for x in zip(*tasks))
     n = len(tasks)
     _, _, grad_scale, grads = kernels.multitask_forward(preds, targets, masks, kinds, -100, None, [True] * n, counting)
-    assert launched.count(kernels._finalize_kernel) == 1 and len(launched) == n + 1
+    loss_launches, finalize_launches = TASK_SETS[name]
+    assert launched.count(kernels._finalize_kernel) == finalize_launches
+    assert len(launched) == loss_launches + finalize_launches
     assert kernels._count_kernel not in launched
     launched.clear()
     kernels.multitask_backward(grads, grad_scale, torch.ones((), device=DEVICE), None, [None] * n, counting)
-    assert launched == [kernels._scale_grads_kernel]
+    assert launched == [kernels._scale_grads_kernel] * -(-n // 8)
 
 
 def test_triton_multitask_opcheck(tri):
@@ -452,21 +505,28 @@ compile_one(K._count_kernel, count, {"IS_CE": True, "HAS_MASK": True, "BIG_S": T
 compile_one(K._count_kernel, dict(count, target_ptr="*bf16"), {"IS_CE": False, "HAS_MASK": True, "BIG_S": False,
                                                                "BLOCK": 2048})
 partials = {"psum_ptr": "*fp32", "pcount_ptr": "*i32"}
-for dt, single, bs, bc, part in (("fp32", True, 256, 16, False), ("bf16", False, 4, 1024, True)):
+slots = {}
+for i in range(8):
+    slots.update({f"n{i}": "i64", f"l{i}": "*fp32"})
+tail = {"ticket_ptr": "*i32", "fin_psum_ptr": "*fp32", "fin_pcount_ptr": "*i32", "fin_gs_ptr": "*fp32",
+        "fin_w_ptr": "*fp32", "fin_total_ptr": "*fp32", **slots}
+tails = [{"TICKET": ticket, "NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 5, "FIN_BLOCK": 1024} for ticket in (2, 0, 1)]
+for (dt, single, bs, bc, part), tail_consts in zip((("bf16", False, 4, 1024, True), ("fp32", True, 256, 16, False)),
+                                                   tails):  # fmt: skip
     ce = {"pred_ptr": "*" + dt, "target_ptr": "*i64", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
           "loss_ptr": "*fp32", **partials, "S": "i32", "C": "i32", "num_s_blocks": "i32", "num_counts": "i32",
-          "ignore_index": "i32", **i64("p_sn", "p_sc", "p_ss", "g_sn", "g_sc", "g_ss", "t_sn", "t_ss", "m_sn", "m_ss")}
+          "ignore_index": "i32", **i64("p_sn", "p_sc", "p_ss", "g_sn", "g_sc", "g_ss", "t_sn", "t_ss", "m_sn", "m_ss"),
+          **tail}
     compile_one(K._ce_kernel, ce, {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE_C": single, "PARTIALS": part,
-                                   "COUNTS_P2": 256, "BLOCK_S": bs, "BLOCK_C": bc})
-for dt, kind in (("fp16", 0), ("bf16", 1), ("fp32", 2)):
+                                   "COUNTS_P2": 256, "BLOCK_S": bs, "BLOCK_C": bc, **tail_consts})
+for (dt, kind), tail_consts in zip((("fp16", 0), ("bf16", 1), ("fp32", 2)), tails):
     el = {"pred_ptr": "*" + dt, "target_ptr": "*fp32", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
-          "loss_ptr": "*fp32", **partials, "total": "i64", "M": "i64", "num_counts": "i32"}
+          "loss_ptr": "*fp32", **partials, "total": "i64", "M": "i64", "num_counts": "i32", **tail}
     compile_one(K._elementwise_kernel, el, {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1,
-                                            "PARTIALS": kind != 2, "COUNTS_P2": 256, "BLOCK": 4096})
-fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "gs_ptr": "*fp32", "w_ptr": "*fp32", "total_ptr": "*fp32"}
-for i in range(8):
-    fin.update({f"f{i}": "i64", f"n{i}": "i64", f"l{i}": "*fp32", f"k{i}": "fp32"})
-compile_one(K._finalize_kernel, fin, {"NUM": 8, "HAS_WEIGHTS": True, "ACCUMULATE": True, "BLOCK": 1024})
+                                            "PARTIALS": kind != 2, "COUNTS_P2": 256, "BLOCK": 4096, **tail_consts})
+fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "gs_ptr": "*fp32", "w_ptr": "*fp32", "total_ptr": "*fp32", **slots}
+compile_one(K._finalize_kernel, fin, {"NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 130, "ACCUMULATE": True,
+                                      "BLOCK": 1024})
 scale = {"scales_ptr": "*fp32", "total_ptr": "*fp32", "w_ptr": "*fp32", "factor_ptr": "*fp32"}
 for i in range(8):
     scale.update({f"g{i}": "*bf16", f"o{i}": "*bf16", f"n{i}": "i64", f"f{i}": "i32", f"t{i}": "*fp32"})

@@ -125,8 +125,8 @@ def scale_grads_(grads: List[Tensor], scales: Tensor) -> None:
 
 def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
     """All tasks' losses and gradients up to a factor on the Triton backend (arguments already validated): returns
-    ``(total, losses, grad_scale, grads)`` as ``fastmtl::masked_multitask_loss_forward``, in ``T + 1`` launches
-    (up to 8 tasks)."""
+    ``(total, losses, grad_scale, grads)`` as ``fastmtl::masked_multitask_loss_forward``, in ``T`` launches
+    (2 to 8 tasks; else ``T + ceil(T / 8)``)."""
     flags = [bool(c) for c in compute_grad]
     if torch.compiler.is_compiling():  # the op takes the kinds joined by commas (custom ops have no str lists)
         return torch.ops.fastmtl.masked_multitask_loss_forward_triton(
