@@ -46,8 +46,8 @@ TORCH_LIBRARY(fastmtl, m) {
       "int ignore_index, Tensor? weights) -> Tensor[]");
   // Its forward, as the C++ autograd calls it: (total, losses, grad_scale, grads) where grads[t] * grad_scale[t]
   // = d loss_t / d pred_t (grads[t] empty where compute_grad[t] is false; an empty grad_scale means every factor
-  // is 1, which both implementations return: CUDA runs one count launch for all tasks, then one loss kernel per
-  // task; CPU the per-task masked_loss). weights: float32 [T] or None.
+  // is 1, what the CPU's per-task masked_loss returns; CUDA returns [T] factors from its chain of one loss kernel
+  // per task, csrc/cuda/masked_loss.h). weights: float32 [T] or None.
   m.def(
       "masked_multitask_loss_forward(Tensor[] preds, Tensor[] targets, Tensor?[] masks, str[] kinds, "
       "int ignore_index, Tensor? weights, bool[] compute_grad) -> (Tensor, Tensor[], Tensor, Tensor[])");

@@ -15,14 +15,18 @@
 //                                          16-byte vectors where aligned; scale_t given, or computed from the
 //                                          upstream gradients (ScaleFactors); a block whose scale is exactly 1 in
 //                                          place returns at once (no memory traffic)
-// Every loss kernel starts by summing the partial counts (one per thread, blockDim == kMaxCountBlocks) and ends
-// with a block reduction and one atomicAdd of its loss partial times 1/count (and one into the weighted total).
+// Every loss kernel starts with its chain links (ChainLinks: count blocks for the next task of the multi-task
+// forward, the lead task's finalize), then sums the partial counts (one per thread, blockDim == kMaxCountBlocks), and
+// ends with a block reduction and one atomicAdd of its loss partial times 1/count (and one into the weighted total),
+// or in partials mode its loss sum and valid count in its own slot.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "masked_loss.h"
 
@@ -35,6 +39,48 @@ static_assert(kThreads == kMaxCountBlocks, "each loss-kernel thread reads one pa
 constexpr int kElementwiseItems = 2;  // vectors per thread in elementwise_kernel
 constexpr int kScaleItems = 8;        // elements per thread in scale_grads_kernel
 constexpr int kPixelVec = 4;          // neighbouring pixels per thread in ce_pixel_vec_kernel
+constexpr int kMaxCountTasks = 16;    // tasks per count_tasks_kernel launch (the table is a kernel argument)
+
+// One task's count pass: in count_tasks_kernel, or in the count blocks of a loss launch (ChainLinks::next).
+struct CountTask {
+  bool is_ce;
+  const void* target;  // ce: int64 (geom's target strides); else target_dtype, in the prediction's dense layout
+  DType target_dtype;
+  const bool* mask;    // or nullptr
+  CeGeometry geom;     // ce
+  int64_t ignore_index;  // ce
+  int64_t total, M;    // bce / l1 / mse: elements, elements per sample
+  float* loss;         // zeroed by the count pass
+  float* grad_scale;   // or nullptr; set to 1 by the count pass (a loss kernel may then overwrite it, LossReduction)
+};
+
+// The lead task's slots, turned into its loss and factor by block 0 of the next launch (ChainLinks::lead).
+struct LeadSlots {
+  const float* psum = nullptr;  // nullptr: nothing to finalize
+  const int32_t* pcount = nullptr;
+  int64_t num = 0;
+  float* loss = nullptr;
+  float* grad_scale = nullptr;  // 1 / (stored * count), 0 without a valid element
+  float stored = 1.0f;          // the factor the partials-mode gradient was stored with (mse 0.5)
+  const float* weight = nullptr;
+};
+
+// What a loss launch of the multi-task forward does besides its own task (all off for masked_loss).
+struct ChainLinks {
+  // Partials mode: the gradient stored undivided (mse: halved) and each loss block writing its loss sum and valid
+  // count to psum[b] / pcount[b] instead of adding to the loss and the total.
+  float* psum = nullptr;
+  int32_t* pcount = nullptr;
+  // Count blocks: blocks [loss_blocks, loss_blocks + next_blocks) count `next` into next_counts[b]; the first of
+  // them zeroes next.loss, sets *next.grad_scale to 1 and zeroes *zero_total when given.
+  int64_t loss_blocks = 0;
+  int next_blocks = 0;
+  CountTask next{};
+  int32_t* next_counts = nullptr;
+  float* zero_total = nullptr;
+  // Block 0 finalizes the lead task (its weighted loss added to LossReduction::total).
+  LeadSlots lead{};
+};
 
 // ---- conversions and reductions --------------------------------------------------------------------------------
 
@@ -90,24 +136,38 @@ __device__ __forceinline__ int64_t div_index(int64_t i, int64_t d) {
   return i / d;
 }
 
-// The gradient's factor: 1 / (the task's valid count), from the count pass's partial counts.
-__device__ __forceinline__ float reduction_inv(const LossReduction& red) {
+// The gradient's factor: 1 / (the task's valid count), from the count pass's partial counts; 1 in partials mode
+// (the count is not known yet).
+__device__ __forceinline__ float reduction_inv(const LossReduction& red, const ChainLinks& links) {
+  if (links.psum != nullptr) return 1.0f;
   return block_inv_count(red.counts, red.num_counts);
 }
 
-// The gradient's factor: 1 / count, so the gradient is final; or, when red.grad_scale is set (float16 predictions,
-// whose range cannot hold g / count for large counts: it would round to subnormals and zeros), `stored` (1, or 0.5
-// for mse whose 2(p - t) could overflow), block 0 writing the rest of the factor, inv / stored, to *red.grad_scale
-// for the backward.
-__device__ __forceinline__ float reduction_grad_factor(const LossReduction& red, float inv, float stored) {
+// The gradient's factor: 1 / count, so the gradient is final; or `stored` (1, or 0.5 for mse whose 2(p - t) could
+// overflow) in partials mode, and when red.grad_scale is set (float16 predictions, whose range cannot hold g / count
+// for large counts: it would round to subnormals and zeros), block 0 then writing the rest of the factor,
+// inv / stored, to *red.grad_scale for the backward.
+__device__ __forceinline__ float reduction_grad_factor(const LossReduction& red, const ChainLinks& links, float inv,
+                                                       float stored) {
+  if (links.psum != nullptr) return stored;
   if (red.grad_scale == nullptr) return inv;
   if (blockIdx.x == 0 && threadIdx.x == 0) *red.grad_scale = inv / stored;
   return stored;
 }
 
-// The block's end: its loss partial / count is added to *loss and, weighted, to *total (no atomic for a zero sum).
-__device__ __forceinline__ void reduction_finish(const LossReduction& red, float row_loss, float inv) {
+// The block's end: its loss partial / count is added to *loss and, weighted, to *total (no atomic for a zero sum);
+// in partials mode its loss sum and valid count go to its own slot.
+__device__ __forceinline__ void reduction_finish(const LossReduction& red, const ChainLinks& links, float row_loss,
+                                                 int valid, float inv) {
   const float sum = block_sum(row_loss);
+  if (links.psum != nullptr) {
+    const int count = block_sum(valid);
+    if (threadIdx.x == 0) {
+      links.psum[blockIdx.x] = sum;
+      links.pcount[blockIdx.x] = count;
+    }
+    return;
+  }
   if (threadIdx.x == 0 && sum != 0.0f) {
     atomicAdd(red.loss, sum * inv);
     if (red.total != nullptr) atomicAdd(red.total, sum * inv * (red.weight != nullptr ? *red.weight : 1.0f));
@@ -179,33 +239,70 @@ struct CountTable {
 };
 static_assert(sizeof(CountTable) + 2 * sizeof(void*) <= 4096, "kernel arguments are limited to 4 KB");
 
+// Block b of `blocks` of one task's count pass: every thread returns the block's valid count.
+__device__ int count_task_block(const CountTask& task, int64_t b, int64_t blocks) {
+  if (task.is_ce)
+    return count_ce_block(static_cast<const int64_t*>(task.target), task.mask, task.geom, task.ignore_index, b,
+                          blocks);
+  if (task.target_dtype == DType::kFloat16)
+    return count_float_block(static_cast<const __half*>(task.target), task.mask, task.total, task.M, b, blocks);
+  if (task.target_dtype == DType::kBFloat16)
+    return count_float_block(static_cast<const __nv_bfloat16*>(task.target), task.mask, task.total, task.M, b, blocks);
+  return count_float_block(static_cast<const float*>(task.target), task.mask, task.total, task.M, b, blocks);
+}
+
+// Thread 0 stores block b's count; block 0 zeroes the task's loss, sets its factor to 1 (a loss kernel storing
+// undivided gradients overwrites it) and zeroes *total when given.
+__device__ __forceinline__ void count_task_store(const CountTask& task, int32_t* counts, int64_t b, int sum,
+                                                 float* total) {
+  if (threadIdx.x != 0) return;
+  counts[b] = sum;
+  if (b == 0) {
+    *task.loss = 0.0f;
+    if (task.grad_scale != nullptr) *task.grad_scale = 1.0f;
+    if (total != nullptr) *total = 0.0f;
+  }
+}
+
 // All tasks' count passes in one launch: block x counts for task x / blocks; the first block of each task zeroes its
 // loss, block 0 the total (when given).
 __global__ void __launch_bounds__(kThreads)
     count_tasks_kernel(CountTable table, int32_t* __restrict__ counts, float* __restrict__ total) {
   const int t = blockIdx.x / table.blocks;
   const int b = blockIdx.x - t * table.blocks;
-  const CountTask& task = table.task[t];
-  int sum = 0;
-  if (task.is_ce) {
-    sum = count_ce_block(static_cast<const int64_t*>(task.target), task.mask, task.geom, task.ignore_index, b,
-                         table.blocks);
-  } else if (task.target_dtype == DType::kFloat16) {
-    sum = count_float_block(static_cast<const __half*>(task.target), task.mask, task.total, task.M, b, table.blocks);
-  } else if (task.target_dtype == DType::kBFloat16) {
-    sum = count_float_block(static_cast<const __nv_bfloat16*>(task.target), task.mask, task.total, task.M, b,
-                            table.blocks);
-  } else {
-    sum = count_float_block(static_cast<const float*>(task.target), task.mask, task.total, task.M, b, table.blocks);
+  const int sum = count_task_block(table.task[t], b, table.blocks);
+  count_task_store(table.task[t], counts + t * kMaxCountBlocks, b, sum, blockIdx.x == 0 ? total : nullptr);
+}
+
+// The lead task's loss (sum / count, 0 without a valid element), gradient factor and weighted share of *total, from
+// the slots its partials-mode launch wrote (every thread of the block takes part).
+__device__ void finalize_lead(const LeadSlots& lead, float* total) {
+  double sum = 0.0;
+  long long count = 0;
+  for (int64_t i = threadIdx.x; i < lead.num; i += kThreads) {
+    sum += lead.psum[i];
+    count += lead.pcount[i];
   }
-  if (threadIdx.x == 0) {
-    counts[t * kMaxCountBlocks + b] = sum;
-    if (b == 0) {
-      *task.loss = 0.0f;
-      if (task.grad_scale != nullptr) *task.grad_scale = 1.0f;  // a loss kernel storing undivided gradients resets it
-    }
-    if (blockIdx.x == 0 && total != nullptr) *total = 0.0f;
+  sum = block_sum(sum);
+  count = block_sum(count);
+  if (threadIdx.x != 0) return;
+  const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
+  *lead.loss = loss;
+  *lead.grad_scale = count > 0 ? static_cast<float>(1.0 / (static_cast<double>(lead.stored) * count)) : 0.0f;
+  if (total != nullptr && loss != 0.0f) atomicAdd(total, loss * (lead.weight != nullptr ? *lead.weight : 1.0f));
+}
+
+// A loss kernel's start: a count block of the next task does its count and the kernel returns true; block 0 of the
+// launch after the lead's finalizes it.
+__device__ __forceinline__ bool chain_prologue(const ChainLinks& links, const LossReduction& red) {
+  if (links.next_blocks > 0 && blockIdx.x >= links.loss_blocks) {
+    const int64_t b = blockIdx.x - links.loss_blocks;
+    const int sum = count_task_block(links.next, b, links.next_blocks);
+    count_task_store(links.next, links.next_counts, b, sum, links.zero_total);
+    return true;
   }
+  if (links.lead.psum != nullptr && blockIdx.x == 0) finalize_lead(links.lead, red.total);
+  return false;
 }
 
 // ---- cross entropy ---------------------------------------------------------------------------------------------
@@ -228,14 +325,17 @@ template <typename P, int CREG>
 __global__ void __launch_bounds__(kThreads)
     ce_pixel_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                     P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                    LossReduction red) {
-  const float inv = reduction_inv(red);
-  const float gi = reduction_grad_factor(red, inv, 1.0f);
+                    LossReduction red, ChainLinks links) {
+  if (chain_prologue(links, red)) return;
+  const float inv = reduction_inv(red, links);
+  const float gi = reduction_grad_factor(red, links, inv, 1.0f);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kThreads + threadIdx.x;
   float row_loss = 0.0f;
+  int valid = 0;
   if (s < g.S) {
     const CeRow row = load_ce_row(target, mask, g, n, s, ignore_index);
+    valid = row.ok ? 1 : 0;
     const P* x = pred + n * g.p_sn + s * g.p_ss;
     P* gx = grad != nullptr ? grad + n * g.g_sn + s * g.g_ss : nullptr;
     if (!row.ok) {
@@ -282,7 +382,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, row_loss, inv);
+  reduction_finish(red, links, row_loss, valid, inv);
 }
 
 template <typename X, int V>
@@ -297,13 +397,15 @@ template <typename P, int CREG, int PIX>
 __global__ void __launch_bounds__(kThreads)
     ce_pixel_vec_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                         P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                        LossReduction red) {
+                        LossReduction red, ChainLinks links) {
   using Vec = Pack<P, PIX>;
-  const float inv = reduction_inv(red);
-  const float gi = reduction_grad_factor(red, inv, 1.0f);
+  if (chain_prologue(links, red)) return;
+  const float inv = reduction_inv(red, links);
+  const float gi = reduction_grad_factor(red, links, inv, 1.0f);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s0 = ((blockIdx.x - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   float row_loss = 0.0f;
+  int valid = 0;
   if (s0 < g.S) {
     int64_t cls[PIX];
     bool ok[PIX];
@@ -314,6 +416,7 @@ __global__ void __launch_bounds__(kThreads)
       cls[j] = row.t;
       ok[j] = row.ok;
       any |= row.ok;
+      valid += row.ok ? 1 : 0;
     }
     const P* x = pred + n * g.p_sn + s0;
     P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
@@ -377,7 +480,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, row_loss, inv);
+  reduction_finish(red, links, row_loss, valid, inv);
 }
 
 // TPR threads per row of C contiguous logits (p_sc == 1); VPL > 0 caches VPL logits per lane (C <= TPR * VPL).
@@ -385,10 +488,11 @@ template <typename P, int TPR, int VPL>
 __global__ void __launch_bounds__(kThreads)
     ce_rows_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                    P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                   LossReduction red) {
+                   LossReduction red, ChainLinks links) {
   constexpr int kRows = kThreads / TPR;
-  const float inv = reduction_inv(red);
-  const float gi = reduction_grad_factor(red, inv, 1.0f);
+  if (chain_prologue(links, red)) return;
+  const float inv = reduction_inv(red, links);
+  const float gi = reduction_grad_factor(red, links, inv, 1.0f);
   const int lane = threadIdx.x % TPR;
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kRows + threadIdx.x / TPR;
@@ -434,6 +538,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   float row_loss = 0.0f;
   if (row.ok && lane == 0) row_loss = m + logf(l) - to_float(x[row.t]);
+  const int valid = row.ok && lane == 0 ? 1 : 0;
   if (in_range && grad != nullptr) {
     P* gx = grad + n * g.g_sn + s * g.g_ss;
     if (!row.ok) {
@@ -451,7 +556,7 @@ __global__ void __launch_bounds__(kThreads)
         gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c]) - m) * scale - (c == row.t ? gi : 0.0f));
     }
   }
-  reduction_finish(red, row_loss, inv);
+  reduction_finish(red, links, row_loss, valid, inv);
 }
 
 // ---- bce / l1 / mse --------------------------------------------------------------------------------------------
@@ -476,10 +581,13 @@ __device__ __forceinline__ void element_loss(float p, float t, float& loss, floa
 template <int KIND, typename P, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
-                       P* __restrict__ grad, int64_t total, int64_t M, LossReduction red) {
-  const float inv = reduction_inv(red);
-  const float gi = reduction_grad_factor(red, inv, KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f);
+                       P* __restrict__ grad, int64_t total, int64_t M, LossReduction red, ChainLinks links) {
+  if (chain_prologue(links, red)) return;
+  const float inv = reduction_inv(red, links);
+  const float gi =
+      reduction_grad_factor(red, links, inv, KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f);
   float acc = 0.0f;
+  int valid = 0;
   const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
 #pragma unroll
   for (int item = 0; item < kElementwiseItems; ++item) {
@@ -525,6 +633,7 @@ __global__ void __launch_bounds__(kThreads)
       float el = 0.0f, ge = 0.0f;
       element_loss<KIND>(p[e], t[e], el, ge);
       acc += ok_e ? el : 0.0f;
+      valid += ok_e ? 1 : 0;
       gp.v[e] = from_float<P>(ok_e ? ge * gi : 0.0f);
     }
     if (grad != nullptr) {
@@ -537,7 +646,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, acc, inv);
+  reduction_finish(red, links, acc, valid, inv);
 }
 
 // ---- grouped scaling -------------------------------------------------------------------------------------------
@@ -679,42 +788,228 @@ int64_t elementwise_blocks(const P* pred, const T* target, const P* grad, int64_
   return ceil_div(total, elementwise_vec_ok(pred, target, grad) ? per_block * (16 / sizeof(P)) : per_block);
 }
 
+// The launch's grid: the loss blocks, then the count blocks of the next task (ChainLinks).
+unsigned grid_of(const ChainLinks& links) { return static_cast<unsigned>(links.loss_blocks + links.next_blocks); }
+
 template <typename P, int TPR, int VPL>
 void launch_rows(const P* pred, const int64_t* target, const bool* mask, P* grad, const CeGeometry& g,
-                 int64_t ignore_index, const LossReduction& red, cudaStream_t stream) {
+                 int64_t ignore_index, const LossReduction& red, const ChainLinks& links, cudaStream_t stream) {
   const int64_t s_blocks = ceil_div(g.S, kThreads / TPR);
-  ce_rows_kernel<P, TPR, VPL><<<static_cast<unsigned>(g.N * s_blocks), kThreads, 0, stream>>>(
-      pred, target, mask, grad, g, ignore_index, s_blocks, red);
+  ce_rows_kernel<P, TPR, VPL><<<grid_of(links), kThreads, 0, stream>>>(pred, target, mask, grad, g, ignore_index,
+                                                                        s_blocks, red, links);
 }
 
 template <int KIND, typename P, typename T>
 void launch_elementwise(const P* pred, const T* target, const bool* mask, P* grad, int64_t total, int64_t M,
-                        const LossReduction& red, cudaStream_t stream) {
+                        const LossReduction& red, const ChainLinks& links, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(P);
-  const int64_t blocks = elementwise_blocks(pred, target, grad, total);
   if (elementwise_vec_ok(pred, target, grad)) {
-    elementwise_kernel<KIND, P, T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        pred, target, mask, grad, total, M, red);
+    elementwise_kernel<KIND, P, T, kVec><<<grid_of(links), kThreads, 0, stream>>>(pred, target, mask, grad, total, M,
+                                                                                   red, links);
   } else {
-    elementwise_kernel<KIND, P, T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        pred, target, mask, grad, total, M, red);
+    elementwise_kernel<KIND, P, T, 1><<<grid_of(links), kThreads, 0, stream>>>(pred, target, mask, grad, total, M, red,
+                                                                                links);
   }
 }
 
 template <typename P, typename T>
 void launch_elementwise_kind(ElementwiseKind kind, const P* pred, const T* target, const bool* mask, P* grad,
-                             int64_t total, int64_t M, const LossReduction& red, cudaStream_t stream) {
+                             int64_t total, int64_t M, const LossReduction& red, const ChainLinks& links,
+                             cudaStream_t stream) {
   switch (kind) {
     case ElementwiseKind::kBCE:
-      launch_elementwise<0>(pred, target, mask, grad, total, M, red, stream);
+      launch_elementwise<0>(pred, target, mask, grad, total, M, red, links, stream);
       break;
     case ElementwiseKind::kL1:
-      launch_elementwise<1>(pred, target, mask, grad, total, M, red, stream);
+      launch_elementwise<1>(pred, target, mask, grad, total, M, red, links, stream);
       break;
     case ElementwiseKind::kMSE:
-      launch_elementwise<2>(pred, target, mask, grad, total, M, red, stream);
+      launch_elementwise<2>(pred, target, mask, grad, total, M, red, links, stream);
       break;
   }
+}
+
+// The loss blocks of a cross-entropy launch (the blocks launch_ce's kernel needs for its own task).
+int64_t ce_loss_blocks(const void* pred, DType dtype, const void* grad, const CeGeometry& g) {
+  if (g.N * g.S == 0) return 0;
+  int64_t blocks = 0;
+  dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    blocks = ce_blocks(static_cast<const P*>(pred), static_cast<const P*>(grad), g);
+    return cudaSuccess;
+  });
+  return blocks;
+}
+
+// The loss blocks of a bce / l1 / mse launch.
+int64_t elementwise_loss_blocks(const void* pred, DType dtype, const void* target, DType target_dtype,
+                                const void* grad, int64_t total) {
+  if (total == 0) return 0;
+  int64_t blocks = 0;
+  dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    const P* x = static_cast<const P*>(pred);
+    const P* gx = static_cast<const P*>(grad);
+    blocks = target_dtype == DType::kFloat32 ? elementwise_blocks(x, static_cast<const float*>(target), gx, total)
+                                             : elementwise_blocks(x, static_cast<const P*>(target), gx, total);
+    return cudaSuccess;
+  });
+  return blocks;
+}
+
+// The cross-entropy kernel for g's layout, with `links` (loss_blocks set here); nothing to do without pixels.
+cudaError_t launch_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
+                      const CeGeometry& g, int64_t ignore_index, const LossReduction& red, ChainLinks links,
+                      cudaStream_t stream) {
+  links.loss_blocks = ce_loss_blocks(pred, dtype, grad, g);
+  if (links.loss_blocks == 0) return cudaSuccess;
+  if (links.loss_blocks + links.next_blocks > std::numeric_limits<int32_t>::max())
+    return cudaErrorInvalidConfiguration;  // a 32-bit grid
+  const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    const P* x = static_cast<const P*>(pred);
+    P* gx = static_cast<P*>(grad);
+    const CeKernel kernel = ce_kernel_for(x, gx, g);
+    if (kernel == CeKernel::kRows) {
+      if (g.C <= 16)
+        launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+      else if (g.C <= 32)
+        launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+      else if (g.C <= 64)
+        launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+      else if (g.C <= 128)
+        launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+      else if (g.C <= 256)
+        launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, red, links, stream);
+      else
+        launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, red, links, stream);
+    } else if (kernel == CeKernel::kPixelVec) {
+      const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
+      ce_pixel_vec_kernel<P, 16, kPixelVec><<<grid_of(links), kThreads, 0, stream>>>(x, target, mask, gx, g,
+                                                                                      ignore_index, s_blocks, red,
+                                                                                      links);
+    } else {
+      const int64_t s_blocks = ceil_div(g.S, kThreads);
+      if (g.C <= 16)
+        ce_pixel_kernel<P, 16><<<grid_of(links), kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index,
+                                                                         s_blocks, red, links);
+      else
+        ce_pixel_kernel<P, 0><<<grid_of(links), kThreads, 0, stream>>>(x, target, mask, gx, g, ignore_index,
+                                                                        s_blocks, red, links);
+    }
+    return cudaSuccess;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// The bce / l1 / mse kernel, with `links` (loss_blocks set here); nothing to do without elements.
+cudaError_t launch_elementwise_task(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
+                                    DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
+                                    const LossReduction& red, ChainLinks links, cudaStream_t stream) {
+  if (target_dtype != dtype && target_dtype != DType::kFloat32) return cudaErrorInvalidValue;
+  links.loss_blocks = elementwise_loss_blocks(pred, dtype, target, target_dtype, grad, total);
+  if (links.loss_blocks == 0) return cudaSuccess;
+  if (links.loss_blocks + links.next_blocks > std::numeric_limits<int32_t>::max())
+    return cudaErrorInvalidConfiguration;  // a 32-bit grid
+  const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    const P* x = static_cast<const P*>(pred);
+    P* gx = static_cast<P*>(grad);
+    if (target_dtype == DType::kFloat32)
+      launch_elementwise_kind(kind, x, static_cast<const float*>(target), mask, gx, total, M, red, links, stream);
+    else
+      launch_elementwise_kind(kind, x, static_cast<const P*>(target), mask, gx, total, M, red, links, stream);
+    return cudaSuccess;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// ---- the multi-task forward ------------------------------------------------------------------------------------
+
+int64_t count_items(const LossTask& task) { return task.is_ce ? task.geom.N * task.geom.S : task.total; }
+
+int64_t loss_blocks(const LossTask& task) {
+  return task.is_ce ? ce_loss_blocks(task.pred, task.dtype, task.grad, task.geom)
+                    : elementwise_loss_blocks(task.pred, task.dtype, task.target, task.target_dtype, task.grad,
+                                              task.total);
+}
+
+CountTask count_task(const LossTask& task, float* grad_scale) {
+  CountTask c{};
+  c.is_ce = task.is_ce;
+  c.target = task.target;
+  c.target_dtype = task.target_dtype;
+  c.mask = task.mask;
+  c.geom = task.geom;
+  c.ignore_index = task.ignore_index;
+  c.total = task.total;
+  c.M = task.M > 0 ? task.M : 1;
+  c.loss = task.loss;
+  c.grad_scale = grad_scale;
+  return c;
+}
+
+cudaError_t launch_task(const LossTask& task, const LossReduction& red, const ChainLinks& links,
+                        cudaStream_t stream) {
+  return task.is_ce ? launch_ce(task.pred, task.dtype, static_cast<const int64_t*>(task.target), task.mask, task.grad,
+                                task.geom, task.ignore_index, red, links, stream)
+                    : launch_elementwise_task(task.kind, task.pred, task.dtype, task.target, task.target_dtype,
+                                              task.mask, task.grad, task.total, task.M, red, links, stream);
+}
+
+// The chain's order: the lead first (the task with the fewest gradient elements, none counting as 0: only the lead's
+// gradient is moved again by the backward), then the other tasks that have loss blocks, in their order. Empty when
+// fewer than two tasks have loss blocks (no chain).
+std::vector<int> chain_order(const LossTask* tasks, int n) {
+  std::vector<int> order;
+  int lead = -1;
+  int64_t lead_size = 0;
+  for (int t = 0; t < n; ++t) {
+    if (loss_blocks(tasks[t]) == 0) continue;
+    order.push_back(t);
+    const LossTask& task = tasks[t];
+    const int64_t size = task.grad == nullptr ? 0 : task.is_ce ? count_items(task) * task.geom.C : task.total;
+    if (lead < 0 || size < lead_size) {
+      lead = t;
+      lead_size = size;
+    }
+  }
+  if (order.size() < 2) return {};
+  order.erase(std::find(order.begin(), order.end(), lead));
+  order.insert(order.begin(), lead);
+  return order;
+}
+
+// Fewer than two tasks with elements: the count passes of every task (kMaxCountTasks per launch; they zero the losses
+// and the total and set the factors to 1), then the loss kernels (only a task with elements launches one).
+cudaError_t forward_unchained(const LossTask* tasks, int n, const MultitaskBuffers& buf, cudaStream_t stream) {
+  std::vector<int> blocks_of(n);
+  for (int begin = 0; begin < n; begin += kMaxCountTasks) {
+    const int end = std::min(n, begin + kMaxCountTasks);
+    CountTable table{};
+    table.blocks = 1;
+    for (int t = begin; t < end; ++t) {
+      table.task[t - begin] = count_task(tasks[t], buf.grad_scale + t);
+      table.blocks = std::max(table.blocks, masked_loss_count_blocks(count_items(tasks[t])));
+    }
+    for (int t = begin; t < end; ++t) blocks_of[t] = table.blocks;
+    count_tasks_kernel<<<static_cast<unsigned>((end - begin) * table.blocks), kThreads, 0, stream>>>(
+        table, buf.counts + begin * kMaxCountBlocks, begin == 0 ? buf.total : nullptr);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  for (int t = 0; t < n; ++t) {
+    LossReduction red;
+    red.counts = buf.counts + t * kMaxCountBlocks;
+    red.num_counts = blocks_of[t];
+    red.loss = tasks[t].loss;
+    red.total = buf.total;
+    red.weight = buf.weights != nullptr ? buf.weights + t : nullptr;
+    red.grad_scale = tasks[t].grad != nullptr && tasks[t].dtype == DType::kFloat16 ? buf.grad_scale + t : nullptr;
+    const cudaError_t err = launch_task(tasks[t], red, ChainLinks{}, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -742,76 +1037,71 @@ cudaError_t masked_loss_count_float(const void* target, DType target_dtype, cons
 cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
                            const CeGeometry& g, int64_t ignore_index, const LossReduction& red,
                            cudaStream_t stream) {
-  if (g.N * g.S == 0) return cudaSuccess;
-  const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
-    using P = decltype(zero);
-    const P* x = static_cast<const P*>(pred);
-    P* gx = static_cast<P*>(grad);
-    const CeKernel kernel = ce_kernel_for(x, gx, g);
-    const int64_t blocks = ce_blocks(x, gx, g);
-    if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;  // a 32-bit grid
-    if (kernel == CeKernel::kRows) {
-      if (g.C <= 16)
-        launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, red, stream);
-      else if (g.C <= 32)
-        launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, red, stream);
-      else if (g.C <= 64)
-        launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, red, stream);
-      else if (g.C <= 128)
-        launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, red, stream);
-      else if (g.C <= 256)
-        launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, red, stream);
-      else
-        launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, red, stream);
-    } else if (kernel == CeKernel::kPixelVec) {
-      const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
-      ce_pixel_vec_kernel<P, 16, kPixelVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          x, target, mask, gx, g, ignore_index, s_blocks, red);
-    } else {
-      const int64_t s_blocks = ceil_div(g.S, kThreads);
-      if (g.C <= 16)
-        ce_pixel_kernel<P, 16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, target, mask, gx, g,
-                                                                                       ignore_index, s_blocks, red);
-      else
-        ce_pixel_kernel<P, 0><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, target, mask, gx, g,
-                                                                                      ignore_index, s_blocks, red);
-    }
-    return cudaSuccess;
-  });
-  return err != cudaSuccess ? err : cudaGetLastError();
+  return launch_ce(pred, dtype, target, mask, grad, g, ignore_index, red, ChainLinks{}, stream);
 }
 
 cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
                                     DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
                                     const LossReduction& red, cudaStream_t stream) {
-  if (total == 0) return cudaSuccess;
-  if (target_dtype != dtype && target_dtype != DType::kFloat32) return cudaErrorInvalidValue;
-  const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
-    using P = decltype(zero);
-    const P* x = static_cast<const P*>(pred);
-    P* gx = static_cast<P*>(grad);
-    const int64_t blocks = target_dtype == DType::kFloat32
-                               ? elementwise_blocks(x, static_cast<const float*>(target), gx, total)
-                               : elementwise_blocks(x, static_cast<const P*>(target), gx, total);
-    if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;  // a 32-bit grid
-    if (target_dtype == DType::kFloat32)
-      launch_elementwise_kind(kind, x, static_cast<const float*>(target), mask, gx, total, M, red, stream);
-    else
-      launch_elementwise_kind(kind, x, static_cast<const P*>(target), mask, gx, total, M, red, stream);
-    return cudaSuccess;
-  });
-  return err != cudaSuccess ? err : cudaGetLastError();
+  return launch_elementwise_task(kind, pred, dtype, target, target_dtype, mask, grad, total, M, red, ChainLinks{},
+                                 stream);
 }
 
-cudaError_t masked_loss_count_tasks(const CountTask* tasks, int num_tasks, int blocks, int32_t* counts, float* total,
-                                    cudaStream_t stream) {
-  if (num_tasks <= 0 || num_tasks > kMaxCountTasks || blocks < 1 || blocks > kMaxCountBlocks)
-    return cudaErrorInvalidValue;
-  CountTable table{};
-  for (int i = 0; i < num_tasks; ++i) table.task[i] = tasks[i];
-  table.blocks = blocks;
-  count_tasks_kernel<<<static_cast<unsigned>(num_tasks * blocks), kThreads, 0, stream>>>(table, counts, total);
-  return cudaGetLastError();
+int64_t masked_loss_multitask_partials(const LossTask* tasks, int num_tasks) {
+  const std::vector<int> order = chain_order(tasks, num_tasks);
+  return order.empty() ? 0 : loss_blocks(tasks[order[0]]);
+}
+
+cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, const MultitaskBuffers& buf,
+                                          cudaStream_t stream) {
+  if (num_tasks <= 0) return cudaErrorInvalidValue;
+  const std::vector<int> order = chain_order(tasks, num_tasks);
+  if (order.empty()) return forward_unchained(tasks, num_tasks, buf, stream);
+  for (int t = 0; t < num_tasks; ++t) {  // tasks without elements: loss 0, factor 0 (all-zero bytes)
+    if (std::find(order.begin(), order.end(), t) != order.end()) continue;
+    cudaError_t err = cudaMemsetAsync(tasks[t].loss, 0, sizeof(float), stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(buf.grad_scale + t, 0, sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
+  const int lead = order[0];
+  const auto weight_of = [&](int t) { return buf.weights != nullptr ? buf.weights + t : nullptr; };
+  std::vector<int> count_blocks(num_tasks, 0);
+  for (size_t i = 0; i < order.size(); ++i) {
+    const int t = order[i];
+    LossReduction red;
+    red.loss = tasks[t].loss;
+    red.total = buf.total;
+    red.weight = weight_of(t);
+    ChainLinks links;
+    if (i == 0) {  // the lead, in partials mode; its count blocks zero the total
+      links.psum = buf.psum;
+      links.pcount = buf.pcount;
+      links.zero_total = buf.total;
+    } else {  // normalised by the counts the previous launch wrote
+      red.counts = buf.counts + t * kMaxCountBlocks;
+      red.num_counts = count_blocks[t];
+      red.grad_scale = tasks[t].grad != nullptr && tasks[t].dtype == DType::kFloat16 ? buf.grad_scale + t : nullptr;
+    }
+    if (i == 1) {  // the lead's launch is complete: its slots become its loss, factor and share of the total
+      links.lead.psum = buf.psum;
+      links.lead.pcount = buf.pcount;
+      links.lead.num = loss_blocks(tasks[lead]);
+      links.lead.loss = tasks[lead].loss;
+      links.lead.grad_scale = buf.grad_scale + lead;
+      links.lead.stored = !tasks[lead].is_ce && tasks[lead].kind == ElementwiseKind::kMSE ? 0.5f : 1.0f;
+      links.lead.weight = weight_of(lead);
+    }
+    if (i + 1 < order.size()) {  // count the next task
+      const int next = order[i + 1];
+      count_blocks[next] = masked_loss_count_blocks(count_items(tasks[next]));
+      links.next = count_task(tasks[next], buf.grad_scale + next);
+      links.next_blocks = count_blocks[next];
+      links.next_counts = buf.counts + next * kMaxCountBlocks;
+    }
+    const cudaError_t err = launch_task(tasks[t], red, links, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 namespace {

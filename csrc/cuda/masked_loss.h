@@ -10,13 +10,19 @@
 //      the gradient already scaled by 1/count in one sweep, and adds its loss partial times 1/count to the
 //      accumulator with one atomicAdd. No valid element: count 0, loss stays 0.0, the gradient is all zeros.
 //
-// T tasks (fastmtl::masked_multitask_loss_forward), T + ceil(T / kMaxCountTasks) launches:
-//   1. masked_loss_count_tasks: every task's partial counts in one launch; it zeroes the losses and the total.
-//   2. per task, masked_loss_ce / masked_loss_elementwise as above, each block also adding weight * partial / count
-//      to the total (LossReduction::total). The gradients are final up to the upstream gradient, so the backward
-//      (masked_loss_scale_grads_by) is one launch whose blocks return at once when that scale is exactly 1 in place:
-//      the bytes moved are about those the op must move (preds, targets and gradients once, plus the targets
-//      again in the count pass). Float16 predictions keep undivided gradients and a factor (LossReduction).
+// T tasks (fastmtl::masked_multitask_loss_forward, masked_loss_multitask_forward below), T launches when at least two
+// tasks have elements (a chain; T >= 2):
+//   1. the lead task (the one with the fewest gradient elements) in partials mode: its gradient undivided, each block
+//      writing its loss sum and valid count to its own slot; extra blocks count the next task's valid elements and
+//      zero its loss and the total.
+//   2. each other task in turn, normalised as above (its gradient already divided by the count the previous launch
+//      wrote), its extra blocks counting the task after it; the second launch's block 0 also turns the lead's slots
+//      into its loss, gradient factor (grad_scale) and weighted share of the total.
+// The gradients are final up to the upstream gradient except the lead's (a factor), so the backward
+// (masked_loss_scale_grads_by) is one launch whose blocks return at once when the scale is exactly 1 in place, and
+// moves only the lead's (smallest) gradient otherwise: the bytes moved are about those the op must move (preds,
+// targets and gradients once, plus the targets again in the count blocks). Float16 predictions keep undivided
+// gradients and a factor (LossReduction). Fewer than two tasks with elements: one count launch, then the loss kernel.
 #pragma once
 
 #include <cstdint>
@@ -32,7 +38,6 @@ enum class ElementwiseKind : int { kBCE = 0, kL1 = 1, kMSE = 2 };
 constexpr int kMaxCountBlocks = 256;  // = the block size of the loss kernels, which reduce the partial counts
 constexpr int kCountElemsPerBlock = 256 * 8;
 constexpr int kMaxScaleTasks = 32;  // tasks per masked_loss_scale_grads launch (the table is a kernel argument)
-constexpr int kMaxCountTasks = 16;  // tasks per masked_loss_count_tasks launch (the table is a kernel argument)
 
 // Where a loss kernel's result goes: the gradient is divided by the valid count (the sum of the num_counts partial
 // counts of the count pass) and each block adds loss partial / count to *loss and, when total != nullptr,
@@ -83,24 +88,40 @@ cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DTyp
                                     DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
                                     const LossReduction& red, cudaStream_t stream);
 
-// One task's count pass, for masked_loss_count_tasks.
-struct CountTask {
-  bool is_ce;
-  const void* target;  // ce: int64 (geom's target strides); else target_dtype, in the prediction's dense layout
-  DType target_dtype;
-  const bool* mask;    // or nullptr
-  CeGeometry geom;     // ce
-  int64_t ignore_index;  // ce
-  int64_t total, M;    // bce / l1 / mse: elements, elements per sample
-  float* loss;         // zeroed by the launch
-  float* grad_scale;   // or nullptr; set to 1 by the launch (a loss kernel may then overwrite it, LossReduction)
+// One task of masked_loss_multitask_forward.
+struct LossTask {
+  bool is_ce = false;
+  ElementwiseKind kind = ElementwiseKind::kL1;  // bce / l1 / mse
+  const void* pred = nullptr;
+  DType dtype = DType::kFloat32;
+  const void* target = nullptr;  // ce: int64 (geom's target strides); else target_dtype, in pred's dense layout
+  DType target_dtype = DType::kFloat32;
+  const bool* mask = nullptr;  // or nullptr
+  void* grad = nullptr;        // nullptr: no gradient
+  CeGeometry geom{};           // ce
+  int64_t ignore_index = -100;  // ce
+  int64_t total = 0, M = 0;    // bce / l1 / mse: elements, elements per sample
+  float* loss = nullptr;       // output
 };
 
-// The count passes of num_tasks <= kMaxCountTasks tasks in one launch of num_tasks * blocks blocks (blocks <=
-// kMaxCountBlocks): task t's partial counts go to counts[t * kMaxCountBlocks + b], b < blocks. Zeroes every
-// tasks[t].loss, and *total when total != nullptr.
-cudaError_t masked_loss_count_tasks(const CountTask* tasks, int num_tasks, int blocks, int32_t* counts, float* total,
-                                    cudaStream_t stream);
+// Device buffers of masked_loss_multitask_forward (float32 / int32, on the tasks' device).
+struct MultitaskBuffers {
+  float* total = nullptr;          // 0-dim output: sum_t weights[t] * L_t
+  const float* weights = nullptr;  // [T], or nullptr (every weight 1)
+  float* grad_scale = nullptr;     // [T] output: grads[t] * grad_scale[t] = d L_t / d pred_t
+  int32_t* counts = nullptr;       // [T * kMaxCountBlocks] workspace
+  float* psum = nullptr;           // [masked_loss_multitask_partials(...)] workspace (or nullptr when that is 0)
+  int32_t* pcount = nullptr;       // same length
+};
+
+// The number of partial slots (psum / pcount) masked_loss_multitask_forward needs for these tasks.
+int64_t masked_loss_multitask_partials(const LossTask* tasks, int num_tasks);
+
+// Every task's loss, gradient (up to grad_scale) and the weighted total, on `stream` without host synchronisation:
+// T launches when at least two tasks have elements (see the top of this file), else count launches (16 tasks
+// each) and the loss kernel. A task without elements gets loss 0 (and factor 0 in a chain).
+cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, const MultitaskBuffers& buffers,
+                                          cudaStream_t stream);
 
 struct ScaleTask {
   const void* in;

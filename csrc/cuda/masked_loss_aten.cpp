@@ -97,19 +97,22 @@ struct TaskLaunch {
 
   int64_t count_items() const { return is_ce ? geom.N * geom.S : total; }
 
-  // This task's count pass inside masked_loss_count_tasks (which zeroes *loss and sets *grad_scale to 1).
-  cuda::CountTask count_task(float* loss, float* grad_scale) const {
-    cuda::CountTask task{};
+  // This task for masked_loss_multitask_forward, its loss written to *loss.
+  cuda::LossTask loss_task(float* loss) const {
+    cuda::LossTask task;
     task.is_ce = is_ce;
+    task.kind = kind;
+    task.pred = pred.data_ptr();
+    task.dtype = pred_dtype;
     task.target = target.data_ptr();
     task.target_dtype = target_dtype;
     task.mask = mask_ptr();
+    task.grad = grad_ptr();
     task.geom = geom;
     task.ignore_index = ignore_index;
     task.total = total;
-    task.M = M > 0 ? M : 1;
+    task.M = M;
     task.loss = loss;
-    task.grad_scale = grad_scale;
     return task;
   }
 
@@ -241,11 +244,11 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
   return {loss, L.grad};
 }
 
-// All tasks: one count launch per kMaxCountTasks tasks (which also zeroes the losses and the total), then one loss
-// kernel per task writing its gradient already divided by the valid count and adding its weighted loss to the
-// total. Returns (total, losses, grad_scale, grads) with grad_scale empty (every factor 1), unless a float16
-// prediction needs a gradient: float16 gradients are stored undivided (g / count underflows float16 for large
-// counts), so grad_scale is [T], 1 for the other tasks (csrc/masked_multitask_loss.cpp documents the op).
+// All tasks, by masked_loss_multitask_forward (masked_loss.h): T launches when two or more tasks have elements.
+// Returns (total, losses, grad_scale, grads): grads[t] * grad_scale[t] = d L_t / d pred_t, where grad_scale[t] is 1
+// for gradients already divided by the valid count and the remaining factor for the chain's lead task and for
+// float16 gradients, stored undivided (g / count underflows float16 for large counts); csrc/masked_multitask_loss.cpp
+// documents the op.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> masked_multitask_loss_forward_cuda(
     at::TensorList preds, at::TensorList targets, const c10::List<c10::optional<at::Tensor>>& masks,
     const std::vector<std::string>& kinds, int64_t ignore_index, const c10::optional<at::Tensor>& weights,
@@ -274,41 +277,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
     losses.push_back(at::empty({}, options));
     grads.push_back(launches[t].grad);
   }
+  std::vector<cuda::LossTask> tasks;
+  for (size_t t = 0; t < n; ++t) tasks.push_back(launches[t].loss_task(losses[t].data_ptr<float>()));
+  const int num_tasks = static_cast<int>(n);
+  const int64_t partials = cuda::masked_loss_multitask_partials(tasks.data(), num_tasks);
   at::Tensor counts = at::empty({static_cast<int64_t>(n) * cuda::kMaxCountBlocks}, options.dtype(at::kInt));
-  std::vector<bool> undivided(n, false);
-  bool any_undivided = false;
-  for (size_t t = 0; t < n; ++t) {
-    undivided[t] = compute_grad.get(t) && launches[t].pred_dtype == DType::kFloat16;
-    any_undivided |= undivided[t];
-  }
-  at::Tensor grad_scale = at::empty({any_undivided ? static_cast<int64_t>(n) : 0}, options);  // set by the kernels
-  float* scale_ptr = any_undivided ? grad_scale.data_ptr<float>() : nullptr;
-  std::vector<int> count_blocks(n);
-  for (size_t begin = 0; begin < n; begin += cuda::kMaxCountTasks) {
-    const size_t end = std::min<size_t>(n, begin + cuda::kMaxCountTasks);
-    int blocks = 1;
-    std::vector<cuda::CountTask> tasks;
-    for (size_t t = begin; t < end; ++t) {
-      blocks = std::max(blocks, cuda::masked_loss_count_blocks(launches[t].count_items()));
-      tasks.push_back(launches[t].count_task(losses[t].data_ptr<float>(), scale_ptr ? scale_ptr + t : nullptr));
-    }
-    for (size_t t = begin; t < end; ++t) count_blocks[t] = blocks;
-    check_cuda(cuda::masked_loss_count_tasks(tasks.data(), static_cast<int>(tasks.size()), blocks,
-                                             counts.data_ptr<int32_t>() + begin * cuda::kMaxCountBlocks,
-                                             begin == 0 ? total.data_ptr<float>() : nullptr, stream),
-               "count kernel");
-  }
-  for (size_t t = 0; t < n; ++t) {
-    cuda::LossReduction red;
-    red.counts = counts.data_ptr<int32_t>() + t * cuda::kMaxCountBlocks;
-    red.num_counts = count_blocks[t];
-    red.loss = losses[t].data_ptr<float>();
-    red.total = total.data_ptr<float>();
-    red.weight = weights_c.defined() ? weights_c.data_ptr<float>() + t : nullptr;
-    red.grad_scale = undivided[t] ? scale_ptr + t : nullptr;
-    launches[t].run(red, stream);
-    launches[t].finish();
-  }
+  at::Tensor psum = at::empty({partials}, options);
+  at::Tensor pcount = at::empty({partials}, options.dtype(at::kInt));
+  at::Tensor grad_scale = at::empty({static_cast<int64_t>(n)}, options);  // set by the kernels
+  cuda::MultitaskBuffers buffers;
+  buffers.total = total.data_ptr<float>();
+  buffers.weights = weights_c.defined() ? weights_c.data_ptr<float>() : nullptr;
+  buffers.grad_scale = grad_scale.data_ptr<float>();
+  buffers.counts = counts.data_ptr<int32_t>();
+  buffers.psum = partials > 0 ? psum.data_ptr<float>() : nullptr;
+  buffers.pcount = partials > 0 ? pcount.data_ptr<int32_t>() : nullptr;
+  check_cuda(cuda::masked_loss_multitask_forward(tasks.data(), num_tasks, buffers, stream), "multi-task forward");
+  for (const TaskLaunch& launch : launches) launch.finish();
   return {total, losses, grad_scale, grads};
 }
 

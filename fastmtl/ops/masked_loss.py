@@ -3,10 +3,11 @@
 Every backend implements the same two steps (``RUNNERS``), with no host synchronisation anywhere:
 
 * forward (``masked_multitask_loss_forward``): each task's loss and its gradient, the gradient saved up to a
-  per-task factor ``grad_scale[t]`` (empty: every factor 1), plus the weighted total. CUDA: one count launch for
-  all tasks (up to 16), then one kernel per task writing the gradient already divided by the valid count
-  (``T + 1`` launches; float16 gradients stay undivided with their factor, as gradient / count would fall into
-  float16's subnormals); Triton: one kernel per task writing the element gradient and per-program partials (each
+  per-task factor ``grad_scale[t]`` (empty: every factor 1), plus the weighted total. CUDA: a chain of one
+  kernel per task (``T`` launches): the first, for the task with the smallest gradient, stores it undivided with
+  per-block partials, and every launch counts the valid elements of the next task, so each later one writes its
+  gradient already divided by the valid count (float16 gradients stay undivided with their factor, as
+  gradient / count would fall into float16's subnormals); Triton: one kernel per task writing the element gradient and per-program partials (each
   target read once), the last of them (for 2 to 8 tasks; else one more launch) finalizing the losses, the total and
   the factors ``1 / count`` in its last program (``T`` launches); CPU and torch: the per-task op.
 * backward (``masked_multitask_loss_backward``): one grouped scaling of the saved gradients by
@@ -209,10 +210,9 @@ def _fake_masked_multitask_loss(preds, targets, masks, kinds, names, ignore_inde
 
 def _fake_masked_multitask_loss_forward(preds, targets, masks, kinds, ignore_index, weights, compute_grad):
     total, losses = _fake_total_and_losses(preds, weights)
-    # Gradients already divided (every factor 1, an empty grad_scale), except float16 ones on CUDA (undivided: see
-    # csrc/cuda/masked_loss_aten.cpp).
-    undivided = preds[0].device.type == "cuda" and any(c and p.dtype == torch.float16 for p, c in zip(preds, compute_grad))
-    grad_scale = preds[0].new_empty((len(preds) if undivided else 0,), dtype=torch.float32)
+    # CPU: gradients already divided (every factor 1, an empty grad_scale); CUDA: a factor per task (1 for gradients
+    # already divided; the chain's lead task and float16 ones are stored undivided: csrc/cuda/masked_loss.h).
+    grad_scale = preds[0].new_empty((len(preds) if preds[0].device.type == "cuda" else 0,), dtype=torch.float32)
     grads = [torch.empty_like(p) if c else p.new_empty(0) for p, c in zip(preds, compute_grad)]
     return total, losses, grad_scale, grads
 
