@@ -11,9 +11,9 @@ All tasks (``multitask_forward`` / ``multitask_backward``, what ``masked_multita
    valid count) and, per program, its loss sum and valid count in its own slot (no buffer needs zeroing, each target
    is read once).
 2. The finalize (``_finalize_tasks``): each task's loss (sum / count, 0 without a valid element), its gradient
-   factor ``1 / count`` and the weighted total. The last loss launch runs it in its last program (``_ticket``: a
-   counter that the first launch zeroed, so a single task, or more than 8, get ``_finalize_kernel`` as a launch of
-   its own).
+   factor ``1 / count`` and the weighted total. The last loss launch runs it in the program that finishes last
+   (``_ticket``: a counter that the first launch zeroed, so a single task, or more than 8, get ``_finalize_kernel``
+   as a launch of its own).
 3. Backward, ``_scale_grads_kernel``: ``grad_t * (g_total * w_t + g_task) * factor_t``, the scale computed in the
    kernel from the upstream gradients.
 
@@ -55,6 +55,10 @@ ELEMENTWISE_BLOCK = 4096
 SCALE_BLOCK = 4096
 SCALE_SLOTS = 8  # tasks per scale_grads launch (pointers are kernel arguments, so the launch is graph-capturable)
 FINALIZE_BLOCK = 1024  # partials summed per step of the finalize loop (8 tasks per launch, like SCALE_SLOTS)
+# Integer arguments that change with the batch's sizes (partial counts per task, a task's first partial slot): not
+# specialised (== 1, % 16), so they do not recompile the kernels.
+_SLOT_COUNTS = [f"n{i}" for i in range(SCALE_SLOTS)]
+_VARYING = ["first_slot", *_SLOT_COUNTS]
 
 
 # ---- device helpers ---------------------------------------------------------------------------------------------
@@ -89,11 +93,12 @@ def _inv_count(counts_ptr, num_counts, PARTIALS: tl.constexpr, COUNTS_P2: tl.con
 
 
 @triton.jit
-def _finish(loss_ptr, psum_ptr, pcount_ptr, pid, loss_sum, valid, inv_count, PARTIALS: tl.constexpr):
-    """A program's end: its (loss sum, valid count) partial in slot pid, or loss_sum / count added to the loss."""
+def _finish(loss_ptr, psum_ptr, pcount_ptr, slot, loss_sum, valid, inv_count, PARTIALS: tl.constexpr):
+    """A program's end: its (loss sum, valid count) partial in slot ``slot``, or loss_sum / count added to the
+    loss."""
     if PARTIALS:
-        tl.store(psum_ptr + pid, loss_sum)
-        tl.store(pcount_ptr + pid, valid)
+        tl.store(psum_ptr + slot, loss_sum)
+        tl.store(pcount_ptr + slot, valid)
     else:
         tl.atomic_add(loss_ptr, loss_sum * inv_count)
 
@@ -138,11 +143,11 @@ def _count_kernel(
 
 
 @triton.jit
-def _ce_kernel(
+def _ce_body(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
-    S, C, num_s_blocks, num_counts, ignore_index,
+    S, C, num_s_blocks, num_counts, first_slot, ignore_index,
     p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
-    ticket_ptr, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
+    ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
     n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
     HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
     COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -203,17 +208,52 @@ def _ce_kernel(
                 tl.store(row_g[:, None] + cc[None, :] * g_sc, g.to(grad_ptr.dtype.element_ty),
                          mask=s_ok[:, None] & c_ok[None, :])  # fmt: skip
     row_loss = tl.where(ok, m + tl.log(lsum) - x_t, 0.0)
-    _finish(loss_ptr, psum_ptr, pcount_ptr, pid, tl.sum(row_loss, axis=0), tl.sum(ok.to(tl.int32), axis=0), inv_count,
+    _finish(loss_ptr, psum_ptr, pcount_ptr, first_slot + pid, tl.sum(row_loss, axis=0), tl.sum(ok.to(tl.int32), axis=0), inv_count,
             PARTIALS)  # fmt: skip
-    _ticket(ticket_ptr, pid, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
+    _ticket(ticket_ptr, pid, psum_ptr, pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
             l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK)  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["first_slot"])
+def _ce_kernel(
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+    num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
+    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
+    COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One task's cross entropy (``_ce_body``): ``masked_loss``, and the multi-task forward's launches between its first and last."""
+    _ce_body(
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+        num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, loss_ptr,
+        loss_ptr, loss_ptr, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0,
+        loss_ptr, 0, loss_ptr, HAS_MASK, COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S, BLOCK_C, 0, 1, False, 0,
+        16,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _ce_kernel_chained(
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+    num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
+    ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
+    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
+    COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``_ce_kernel`` with the multi-task forward's tail (``_ticket``): its first or last, finalizing, launch."""
+    _ce_body(
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+        num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, ticket_ptr,
+        fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, HAS_MASK,
+        COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S, BLOCK_C, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK,
+    )  # fmt: skip
+
+
 @triton.jit
-def _elementwise_kernel(
+def _elementwise_body(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
-    total, M, num_counts,
-    ticket_ptr, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
+    total, M, num_counts, first_slot,
+    ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
     n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr,
     PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr,
@@ -221,7 +261,7 @@ def _elementwise_kernel(
     FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """bce / l1 / mse over flat storage (sample n owns [n*M, (n+1)*M)): loss and gradient in one sweep (scaled as in
-    ``_ce_kernel``)."""
+    ``_ce_body``)."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -247,19 +287,53 @@ def _elementwise_kernel(
         d = p - t
         loss = d * d
         g = d if PARTIALS else 2.0 * d
-    _finish(loss_ptr, psum_ptr, pcount_ptr, pid, tl.sum(tl.where(ok, loss, 0.0), axis=0),
+    _finish(loss_ptr, psum_ptr, pcount_ptr, first_slot + pid, tl.sum(tl.where(ok, loss, 0.0), axis=0),
             tl.sum(ok.to(tl.int32), axis=0), inv_count, PARTIALS)  # fmt: skip
     if COMPUTE_GRAD:
         tl.store(grad_ptr + offs, tl.where(ok, g * inv_count, 0.0).to(grad_ptr.dtype.element_ty), mask=inb)
-    _ticket(ticket_ptr, pid, fin_psum_ptr, fin_pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
+    _ticket(ticket_ptr, pid, psum_ptr, pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
             l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["first_slot"])
+def _elementwise_kernel(
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+    first_slot,
+    KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr, PARTIALS: tl.constexpr,
+    COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One task's bce / l1 / mse (``_elementwise_body``): ``masked_loss``, and the multi-task forward's launches between its first and last."""
+    _elementwise_body(
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+        first_slot, loss_ptr, loss_ptr, loss_ptr, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0,
+        loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, KIND, HAS_MASK, COMPUTE_GRAD, BIG_S, PARTIALS, COUNTS_P2,
+        BLOCK, 0, 1, False, 0, 16,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _elementwise_kernel_chained(
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+    first_slot,
+    ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
+    KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr, PARTIALS: tl.constexpr,
+    COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``_elementwise_kernel`` with the multi-task forward's tail (``_ticket``): its first or last, finalizing, launch."""
+    _elementwise_body(
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+        first_slot, ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5,
+        n6, l6, n7, l7, KIND, HAS_MASK, COMPUTE_GRAD, BIG_S, PARTIALS, COUNTS_P2, BLOCK, TICKET, NUM, HAS_WEIGHTS,
+        MSE_MASK, FIN_BLOCK,
+    )  # fmt: skip
 
 
 @triton.jit
 def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, index, grad_scale_ptr, weights_ptr,
                    MSE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One task: sum its partials [first, first + num) (float64 / int64), write L_t and grad_scale[index] =
-    multiplier / count (mse 2, else 1; both 0 without a valid element); return weights[index] * L_t. The partials
+    1 / count (mse 2 / count, whose partials-mode gradient is p - t; both 0 without a valid element); return weights[index] * L_t. The partials
     are loaded from L2 (.cg): in the last-program finalize they were written by other programs of this launch."""
     acc_s = tl.zeros([BLOCK], tl.float64)
     acc_c = tl.zeros([BLOCK], tl.int64)
@@ -328,7 +402,7 @@ def _finalize_tasks(
     tl.store(total_ptr, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SLOT_COUNTS)
 def _finalize_kernel(
     psum_ptr, pcount_ptr, gs_ptr, w_ptr, total_ptr,
     n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
@@ -350,7 +424,8 @@ def _ticket(
     """A loss kernel's end in the multi-task forward (after its partial is stored): TICKET 1, the first launch,
     program 0 zeroes the ticket counter; TICKET 2, the last launch, each program takes a ticket and the program that
     takes the last one runs ``_finalize_tasks`` over every task's partials. The earlier launches are complete (same
-    stream), and this launch's partials are visible to the last program through the ticket's acquire-release."""
+    stream), and this launch's partials are visible to the program that takes the last ticket through the ticket's
+    acquire-release."""
     if TICKET == 1:
         if pid == 0:
             tl.store(ticket_ptr, 0)
@@ -499,39 +574,41 @@ class _TaskPlan:
 
     ``grad`` is the output (pred's layout, as the fakes say); ``work_grad`` is where the kernel writes it (``grad``
     unless that layout does not fit the kernel: rare, then ``finish`` copies). ``blocks`` is the loss kernel's grid
-    (= the number of partials in partials mode). The loss kernel's arguments are ``tensors`` (pred, target, mask,
-    gradient), then the four reduction pointers (counts, loss, psum, pcount), ``sizes``, ``num_counts``, ``strides``
-    and the ``constexprs``.
+    (= the number of partials in partials mode). ``kernels`` is the loss kernel and its form with the multi-task
+    forward's tail; their arguments are ``tensors`` (pred, target, mask, gradient), then the four reduction pointers
+    (counts, loss, psum, pcount), ``sizes``, ``num_counts``, the first partial slot, ``strides`` (then the tail) and
+    the ``constexprs``.
     """
 
-    def __init__(self, grad, work_grad, blocks, count_args, kernel, tensors, sizes, strides, constexprs):
+    def __init__(self, grad, work_grad, blocks, count_args, kernels, tensors, sizes, strides, constexprs):
         self.grad, self.work_grad, self.blocks = grad, work_grad, blocks
-        self._count_args, self._kernel = count_args, kernel
+        self._count_args, self._kernels = count_args, kernels
         self._tensors, self._sizes, self._strides, self._constexprs = tensors, sizes, strides, constexprs
 
     def count(self, launch, counts, loss) -> int:
         """Normalised mode, first launch: partial valid counts into ``counts``; returns how many."""
         return _launch_count(launch, counts=counts, loss=loss, **self._count_args)
 
-    def run(self, launch, counts=None, loss=None, num_counts=0, psum=None, pcount=None, tail=None) -> None:
-        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode, where
-        ``tail`` = ``(ticket, mode, (finalize args, finalize constexprs))`` makes it the multi-task forward's first
-        (mode 1) or last, finalizing (mode 2), launch (see ``_ticket``). The pointers a mode does not use are given
-        pred (never read: the kernel branches on PARTIALS and TICKET at compile time)."""
+    def run(self, launch, counts=None, loss=None, num_counts=0, psum=None, pcount=None, first_slot=0,
+            tail=None) -> None:  # fmt: skip
+        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode (this
+        task's partials from slot ``first_slot`` on), where ``tail`` = ``(ticket, mode, (finalize args, finalize
+        constexprs))`` makes it the multi-task forward's first (mode 1) or last, finalizing (mode 2), launch (see
+        ``_ticket``). The pointers a mode does not use are given pred (never read: the kernel branches on PARTIALS
+        and TICKET at compile time)."""
         if self.blocks == 0:
             return
         partials = psum is not None
         unused = self._tensors[0]
         reduction = (counts, loss, unused, unused) if not partials else (unused, unused, psum, pcount)
-        if tail is None:
-            tail_args = (unused,) * 6 + (0, unused) * SCALE_SLOTS
-            tail_consts = dict(TICKET=0, NUM=1, HAS_WEIGHTS=False, MSE_MASK=0)
-        else:
-            ticket, mode, (fin_args, fin_consts) = tail
-            tail_args, tail_consts = (ticket, *fin_args), dict(TICKET=mode, **fin_consts)
-        launch(self._kernel)[(self.blocks,)](
-            *self._tensors, *reduction, *self._sizes, num_counts, *self._strides, *tail_args, PARTIALS=partials,
-            FIN_BLOCK=FINALIZE_BLOCK, **tail_consts, **self._constexprs,
+        args = (*self._tensors, *reduction, *self._sizes, num_counts, first_slot, *self._strides)
+        if tail is None:  # the lean kernel: fewer arguments, less host time per launch
+            launch(self._kernels[0])[(self.blocks,)](*args, PARTIALS=partials, **self._constexprs)
+            return
+        ticket, mode, (fin_args, fin_consts) = tail
+        launch(self._kernels[1])[(self.blocks,)](
+            *args, ticket, *fin_args, PARTIALS=partials, TICKET=mode, FIN_BLOCK=FINALIZE_BLOCK, **fin_consts,
+            **self._constexprs,
         )  # fmt: skip
 
     def finish(self) -> None:
@@ -621,7 +698,8 @@ def _ce_plan(pred, target, mask, ignore_index, compute_grad, grad) -> _TaskPlan:
                   BLOCK_S=int(block_s), BLOCK_C=int(block_c),
                   num_warps=8 if block_s * block_c >= 4096 else 4)  # fmt: skip
     blocks = N * num_s_blocks if N * S else 0
-    return _TaskPlan(grad, work_grad, blocks, count_args, _ce_kernel, tensors, (S, C, num_s_blocks), strides, consts)
+    kernels = (_ce_kernel, _ce_kernel_chained)
+    return _TaskPlan(grad, work_grad, blocks, count_args, kernels, tensors, (S, C, num_s_blocks), strides, consts)
 
 
 def _elementwise_plan(pred, target, mask, kind, compute_grad, grad) -> _TaskPlan:
@@ -647,19 +725,19 @@ def _elementwise_plan(pred, target, mask, kind, compute_grad, grad) -> _TaskPlan
                   BIG_S=bool(M >= ELEMENTWISE_BLOCK), COUNTS_P2=COUNT_PROGRAMS, BLOCK=ELEMENTWISE_BLOCK,
                   num_warps=8)  # fmt: skip
     blocks = triton.cdiv(total, ELEMENTWISE_BLOCK)
-    return _TaskPlan(grad, work_grad, blocks, count_args, _elementwise_kernel, tensors, (total, M), (), consts)
+    kernels = (_elementwise_kernel, _elementwise_kernel_chained)
+    return _TaskPlan(grad, work_grad, blocks, count_args, kernels, tensors, (total, M), (), consts)
 
 
-def _finalize_args(group, first, psum, pcount, grad_scale, weights, total, losses, kinds):
-    """``_finalize_tasks``'s arguments and constexprs for the tasks of ``group`` (consecutive, at most 8), whose
-    partials start at ``first[group[0]]``."""
+def _finalize_args(group, first, grad_scale, weights, total, losses, kinds):
+    """``_finalize_tasks``'s arguments after the partials (gradient factors, weights, total, slots) and its
+    constexprs, for the tasks of ``group`` (consecutive, at most 8)."""
     slots = []
     for i in range(SCALE_SLOTS):
         t = group[i] if i < len(group) else group[0]
         slots += [first[t + 1] - first[t] if i < len(group) else 0, losses[t]]
     begin = group[0]
-    args = (psum[first[begin]:], pcount[first[begin]:], grad_scale[begin:],
-            weights[begin:] if weights is not None else grad_scale, total, *slots)  # fmt: skip
+    args = (grad_scale[begin:], weights[begin:] if weights is not None else grad_scale, total, *slots)
     mse_mask = sum(1 << i for i, t in enumerate(group) if kinds[t] == "mse")
     return args, dict(NUM=len(group), HAS_WEIGHTS=weights is not None, MSE_MASK=mse_mask)
 
@@ -673,7 +751,7 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
 
     Returns:
         ``(total, losses, grad_scale, grads)``: float32 0-dim total and losses, float32 ``[T]`` factors (1 / valid
-        count, 0 without a valid element) with ``grads[t] * grad_scale[t] = d L_t / d pred_t``; ``grads[t]`` is
+        count, mse 2 / count, 0 without a valid element) with ``grads[t] * grad_scale[t] = d L_t / d pred_t``; ``grads[t]`` is
         empty where ``compute_grad[t]`` is false. ``launch=None`` only allocates.
     """
     device = preds[0].device
@@ -697,7 +775,7 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
     if weights is not None:
         weights = weights.to(torch.float32).contiguous()
     groups = [list(range(b, min(b + SCALE_SLOTS, n))) for b in range(0, n, SCALE_SLOTS)]
-    finalize = [_finalize_args(g, first, psum, pcount, grad_scale, weights, total, losses, kinds) for g in groups]
+    finalize = [_finalize_args(g, first, grad_scale, weights, total, losses, kinds) for g in groups]
     launched = [t for t, plan in enumerate(plans) if plan.blocks]
     # The last launch can finalize when an earlier one of this forward zeroed its ticket counter.
     fused = len(groups) == 1 and len(launched) >= 2
@@ -706,11 +784,14 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
         tail = None
         if fused and t in (launched[0], launched[-1]):
             tail = (ticket, 1 if t == launched[0] else 2, finalize[0])
-        plan.run(launch, psum=psum[first[t]:], pcount=pcount[first[t]:], tail=tail)
+        # every launch takes the whole psum / pcount (the last one reads all of them) and its first slot
+        plan.run(launch, psum=psum, pcount=pcount, first_slot=first[t], tail=tail)
         plan.finish()
     if not fused:
-        for g, (args, consts) in enumerate(finalize):
-            launch(_finalize_kernel)[(1,)](*args, ACCUMULATE=g > 0, BLOCK=FINALIZE_BLOCK, num_warps=4, **consts)
+        for g, (group, (args, consts)) in enumerate(zip(groups, finalize)):
+            begin = first[group[0]]
+            launch(_finalize_kernel)[(1,)](psum[begin:], pcount[begin:], *args, ACCUMULATE=g > 0,
+                                           BLOCK=FINALIZE_BLOCK, num_warps=4, **consts)  # fmt: skip
     return total, losses, grad_scale, grads
 
 

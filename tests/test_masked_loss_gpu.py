@@ -466,6 +466,9 @@ def test_triton_multitask_launch_count(kernels, name):
     loss_launches, finalize_launches = TASK_SETS[name]
     assert launched.count(kernels._finalize_kernel) == finalize_launches
     assert len(launched) == loss_launches + finalize_launches
+    # the first and last launches carry the tail (ticket, finalize); the others are the lean kernels
+    tails = [k in (kernels._ce_kernel_chained, kernels._elementwise_kernel_chained) for k in launched]
+    assert tails == ([True] + [False] * (loss_launches - 2) + [True] if finalize_launches == 0 else [False] * len(tails))
     assert kernels._count_kernel not in launched
     launched.clear()
     kernels.multitask_backward(grads, grad_scale, torch.ones((), device=DEVICE), None, [None] * n, counting)
@@ -508,22 +511,30 @@ partials = {"psum_ptr": "*fp32", "pcount_ptr": "*i32"}
 slots = {}
 for i in range(8):
     slots.update({f"n{i}": "i64", f"l{i}": "*fp32"})
-tail = {"ticket_ptr": "*i32", "fin_psum_ptr": "*fp32", "fin_pcount_ptr": "*i32", "fin_gs_ptr": "*fp32",
-        "fin_w_ptr": "*fp32", "fin_total_ptr": "*fp32", **slots}
-tails = [{"TICKET": ticket, "NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 5, "FIN_BLOCK": 1024} for ticket in (2, 0, 1)]
-for (dt, single, bs, bc, part), tail_consts in zip((("bf16", False, 4, 1024, True), ("fp32", True, 256, 16, False)),
-                                                   tails):  # fmt: skip
+tail = {"ticket_ptr": "*i32", "fin_gs_ptr": "*fp32", "fin_w_ptr": "*fp32", "fin_total_ptr": "*fp32", **slots}
+def chained(ticket):  # the tail's arguments and constexprs (None: the lean kernel)
+    if ticket is None:
+        return {}, {}
+    return tail, {"TICKET": ticket, "NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 5, "FIN_BLOCK": 1024}
+
+for dt, single, bs, bc, part, ticket in (("bf16", False, 4, 1024, True, 2), ("fp16", True, 256, 16, True, 1),
+                                         ("fp32", True, 256, 16, False, None)):  # fmt: skip
+    tail_sig, tail_consts = chained(ticket)
     ce = {"pred_ptr": "*" + dt, "target_ptr": "*i64", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
           "loss_ptr": "*fp32", **partials, "S": "i32", "C": "i32", "num_s_blocks": "i32", "num_counts": "i32",
-          "ignore_index": "i32", **i64("p_sn", "p_sc", "p_ss", "g_sn", "g_sc", "g_ss", "t_sn", "t_ss", "m_sn", "m_ss"),
-          **tail}
-    compile_one(K._ce_kernel, ce, {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE_C": single, "PARTIALS": part,
-                                   "COUNTS_P2": 256, "BLOCK_S": bs, "BLOCK_C": bc, **tail_consts})
-for (dt, kind), tail_consts in zip((("fp16", 0), ("bf16", 1), ("fp32", 2)), tails):
+          "first_slot": "i32", "ignore_index": "i32",
+          **i64("p_sn", "p_sc", "p_ss", "g_sn", "g_sc", "g_ss", "t_sn", "t_ss", "m_sn", "m_ss"), **tail_sig}
+    compile_one(K._ce_kernel_chained if ticket else K._ce_kernel, ce,
+                {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE_C": single, "PARTIALS": part, "COUNTS_P2": 256,
+                 "BLOCK_S": bs, "BLOCK_C": bc, **tail_consts})
+for dt, kind, ticket in (("fp16", 0, 2), ("bf16", 1, 1), ("fp32", 2, None)):
+    tail_sig, tail_consts = chained(ticket)
     el = {"pred_ptr": "*" + dt, "target_ptr": "*fp32", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
-          "loss_ptr": "*fp32", **partials, "total": "i64", "M": "i64", "num_counts": "i32", **tail}
-    compile_one(K._elementwise_kernel, el, {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1,
-                                            "PARTIALS": kind != 2, "COUNTS_P2": 256, "BLOCK": 4096, **tail_consts})
+          "loss_ptr": "*fp32", **partials, "total": "i64", "M": "i64", "num_counts": "i32", "first_slot": "i32",
+          **tail_sig}
+    compile_one(K._elementwise_kernel_chained if ticket else K._elementwise_kernel, el,
+                {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1, "PARTIALS": ticket is not None,
+                 "COUNTS_P2": 256, "BLOCK": 4096, **tail_consts})
 fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "gs_ptr": "*fp32", "w_ptr": "*fp32", "total_ptr": "*fp32", **slots}
 compile_one(K._finalize_kernel, fin, {"NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 130, "ACCUMULATE": True,
                                       "BLOCK": 1024})
@@ -606,6 +617,7 @@ inline std::barrier<>* emu_barrier = nullptr;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(x)
 #define __restrict__ __restrict
 #define __shared__ static

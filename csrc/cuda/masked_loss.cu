@@ -275,21 +275,24 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The lead task's loss (sum / count, 0 without a valid element), gradient factor and weighted share of *total, from
-// the slots its partials-mode launch wrote (every thread of the block takes part).
-__device__ void finalize_lead(const LeadSlots& lead, float* total) {
+// the slots its partials-mode launch wrote (every thread of the block takes part; LeadSlots documents the
+// arguments). Not inlined, and given scalars rather than the kernel's parameter struct: inlined, its float64 sums
+// made the lighter loss kernels spill registers in their main loop.
+__device__ __noinline__ void finalize_lead(const float* psum, const int32_t* pcount, int64_t num, float* loss_out,
+                                           float* grad_scale, float stored, const float* weight, float* total) {
   double sum = 0.0;
   long long count = 0;
-  for (int64_t i = threadIdx.x; i < lead.num; i += kThreads) {
-    sum += lead.psum[i];
-    count += lead.pcount[i];
+  for (int64_t i = threadIdx.x; i < num; i += kThreads) {
+    sum += psum[i];
+    count += pcount[i];
   }
   sum = block_sum(sum);
   count = block_sum(count);
   if (threadIdx.x != 0) return;
   const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
-  *lead.loss = loss;
-  *lead.grad_scale = count > 0 ? static_cast<float>(1.0 / (static_cast<double>(lead.stored) * count)) : 0.0f;
-  if (total != nullptr && loss != 0.0f) atomicAdd(total, loss * (lead.weight != nullptr ? *lead.weight : 1.0f));
+  *loss_out = loss;
+  *grad_scale = count > 0 ? static_cast<float>(1.0 / (static_cast<double>(stored) * count)) : 0.0f;
+  if (total != nullptr && loss != 0.0f) atomicAdd(total, loss * (weight != nullptr ? *weight : 1.0f));
 }
 
 // A loss kernel's start: a count block of the next task does its count and the kernel returns true; block 0 of the
@@ -301,7 +304,9 @@ __device__ __forceinline__ bool chain_prologue(const ChainLinks& links, const Lo
     count_task_store(links.next, links.next_counts, b, sum, links.zero_total);
     return true;
   }
-  if (links.lead.psum != nullptr && blockIdx.x == 0) finalize_lead(links.lead, red.total);
+  const LeadSlots& lead = links.lead;
+  if (lead.psum != nullptr && blockIdx.x == 0)
+    finalize_lead(lead.psum, lead.pcount, lead.num, lead.loss, lead.grad_scale, lead.stored, lead.weight, red.total);
   return false;
 }
 

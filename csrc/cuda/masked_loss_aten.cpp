@@ -246,9 +246,9 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
 
 // All tasks, by masked_loss_multitask_forward (masked_loss.h): T launches when two or more tasks have elements.
 // Returns (total, losses, grad_scale, grads): grads[t] * grad_scale[t] = d L_t / d pred_t, where grad_scale[t] is 1
-// for gradients already divided by the valid count and the remaining factor for the chain's lead task and for
-// float16 gradients, stored undivided (g / count underflows float16 for large counts); csrc/masked_multitask_loss.cpp
-// documents the op.
+// for gradients already divided by the valid count, the remaining factor for the chain's lead task and for float16
+// gradients, stored undivided (g / count underflows float16 for large counts), and 0 for a task without elements in
+// a chain; csrc/masked_multitask_loss.cpp documents the op.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> masked_multitask_loss_forward_cuda(
     at::TensorList preds, at::TensorList targets, const c10::List<c10::optional<at::Tensor>>& masks,
     const std::vector<std::string>& kinds, int64_t ignore_index, const c10::optional<at::Tensor>& weights,
