@@ -703,6 +703,59 @@ def test_cuda_multitask_loss_launches(backend):
     assert len(preds) + 1 <= len(kernels) <= len(preds) + 2, kernels
 
 
+def _chain_batch(name, dtype):
+    """Batches for the GPU forwards' launch paths (CUDA chain lead, Triton finalize in the last launch)."""
+    preds, targets, kinds, masks = batch("cuda", dtype)
+    if name == "mse lead":  # the smallest gradient is an mse task, stored halved with factor 2 / count
+        preds["aux"] = torch.randn(4, 2, device="cuda", dtype=dtype, requires_grad=True)
+        targets["aux"] = torch.randn(4, 2, device="cuda")
+        kinds["aux"] = "mse"
+    elif name == "ten tasks":  # over Triton's 8 finalize slots
+        for i in range(6):
+            preds[f"extra{i}"] = torch.randn(4, 3 + i, device="cuda", dtype=dtype, requires_grad=True)
+            targets[f"extra{i}"] = torch.randn(4, 3 + i, device="cuda")
+            kinds[f"extra{i}"] = "l1"
+    elif name == "one task with elements":
+        for key in ("depth", "attr", "cls"):
+            del preds[key], targets[key], kinds[key]
+            masks.pop(key, None)
+        preds["none"] = torch.randn(0, 3, device="cuda", dtype=dtype, requires_grad=True)
+        targets["none"] = torch.randn(0, 3, device="cuda")
+        kinds["none"] = "bce"
+    return preds, targets, kinds, masks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["four tasks", "mse lead", "ten tasks", "one task with elements"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_forward_paths_weighted_and_per_task(name, dtype):
+    """Each launch path of the GPU forwards with a tensor weight that requires grad: the total's gradients (weighted),
+    d total / d w = L_t, then one task's own backward (its per-task loss alone) for every task."""
+    preds, targets, kinds, masks = _chain_batch(name, dtype)
+    ref = reference_grads(preds, targets, kinds, masks)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    first = next(iter(preds))
+    for backend in _gpu_backends():
+        w = torch.tensor(1.5, device="cuda", requires_grad=True)
+        for p in preds.values():
+            p.grad = None
+        with fastmtl.use_backend(backend):
+            scales = {task: 1.5 if i == 0 else 0.5 + 0.25 * i for i, task in enumerate(preds)}  # the lead's too
+            weights = {task: w if task == first else scales[task] for task in preds}
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, weights)
+            total.backward()
+            for task, scale in scales.items():
+                assert rel_err(per_task[task], ref[task][0]) <= tol, (backend, name, task)
+                assert rel_err(preds[task].grad, scale * ref[task][1]) <= tol, (backend, name, task)
+            assert rel_err(w.grad, ref[first][0]) <= tol, (backend, name)
+            for task in preds:
+                for p in preds.values():
+                    p.grad = None
+                _, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+                per_task[task].backward()
+                assert rel_err(preds[task].grad, ref[task][1]) <= tol, (backend, name, task)
+
+
 @pytest.mark.cuda
 def test_cuda_class_out_of_range_skipped_without_debug_and_raised_with_it():
     preds, targets, kinds, masks = batch("cuda")
