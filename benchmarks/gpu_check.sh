@@ -31,7 +31,7 @@ $PY -P -m fastmtl info 2>&1 | tee -a "$OUT/env.txt"
 log "CUDA tests"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmtl-inductor}
 # The tests check correctness: Triton's tile search (FASTMTL_TRITON_AUTOTUNE) belongs to the benchmarks.
-FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} timeout ${TEST_TIMEOUT:-180} $PY -P -m pytest tests -m cuda -v --durations=10 -p no:cacheprovider --maxfail=20 \
+FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} timeout ${TEST_TIMEOUT:-240} $PY -P -m pytest tests -m cuda -v --durations=10 -p no:cacheprovider --maxfail=20 \
   -o addopts="-ra --import-mode=importlib" --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
 echo "tests exit code: $?" >>"$OUT/tests.log"
 tail -25 "$OUT/tests.log"
