@@ -7,7 +7,8 @@
 // up to a factor grad_scale[t] (CUDA: a chain of one loss kernel per task, each counting the next task's valid
 // elements, so gradients are written already divided by the valid count except the lead (smallest-gradient)
 // task's and float16 ones; CPU: the per-task op; an empty grad_scale means every factor is 1). Backward:
-// fastmtl::masked_multitask_loss_backward multiplies each saved gradient by scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (CUDA: inside the one scaling
+// fastmtl::masked_multitask_loss_backward multiplies each saved gradient by
+// scale_t = (g_total * w_t + g_task[t]) * grad_scale[t], computed on the device (CUDA: inside the one scaling
 // kernel; no host synchronisation); when autograd frees the graph afterwards, the in-place form
 // masked_multitask_loss_backward_ scales the saved gradients themselves. Under torch.compile the Python path
 // (fastmtl/ops/masked_loss.py) is traced instead.

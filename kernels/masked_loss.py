@@ -208,8 +208,8 @@ def _ce_body(
                 tl.store(row_g[:, None] + cc[None, :] * g_sc, g.to(grad_ptr.dtype.element_ty),
                          mask=s_ok[:, None] & c_ok[None, :])  # fmt: skip
     row_loss = tl.where(ok, m + tl.log(lsum) - x_t, 0.0)
-    _finish(loss_ptr, psum_ptr, pcount_ptr, first_slot + pid, tl.sum(row_loss, axis=0), tl.sum(ok.to(tl.int32), axis=0), inv_count,
-            PARTIALS)  # fmt: skip
+    _finish(loss_ptr, psum_ptr, pcount_ptr, first_slot + pid, tl.sum(row_loss, axis=0),
+            tl.sum(ok.to(tl.int32), axis=0), inv_count, PARTIALS)  # fmt: skip
     _ticket(ticket_ptr, pid, psum_ptr, pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
             l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK)  # fmt: skip
 
@@ -221,7 +221,8 @@ def _ce_kernel(
     HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
     COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """One task's cross entropy (``_ce_body``): ``masked_loss``, and the multi-task forward's launches between its first and last."""
+    """One task's cross entropy (``_ce_body``): ``masked_loss``, and the multi-task forward's launches between its
+    first and last."""
     _ce_body(
         pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
         num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, loss_ptr,
@@ -302,7 +303,8 @@ def _elementwise_kernel(
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr, PARTIALS: tl.constexpr,
     COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One task's bce / l1 / mse (``_elementwise_body``): ``masked_loss``, and the multi-task forward's launches between its first and last."""
+    """One task's bce / l1 / mse (``_elementwise_body``): ``masked_loss``, and the multi-task forward's launches
+    between its first and last."""
     _elementwise_body(
         pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
         first_slot, loss_ptr, loss_ptr, loss_ptr, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0,
@@ -320,7 +322,8 @@ def _elementwise_kernel_chained(
     COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``_elementwise_kernel`` with the multi-task forward's tail (``_ticket``): its first or last, finalizing, launch."""
+    """``_elementwise_kernel`` with the multi-task forward's tail (``_ticket``): its first or last, finalizing,
+    launch."""
     _elementwise_body(
         pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
         first_slot, ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5,
@@ -333,8 +336,9 @@ def _elementwise_kernel_chained(
 def _finalize_slot(psum_ptr, pcount_ptr, first, num, loss_ptr, index, grad_scale_ptr, weights_ptr,
                    MSE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One task: sum its partials [first, first + num) (float64 / int64), write L_t and grad_scale[index] =
-    1 / count (mse 2 / count, whose partials-mode gradient is p - t; both 0 without a valid element); return weights[index] * L_t. The partials
-    are loaded from L2 (.cg): in the last-program finalize they were written by other programs of this launch."""
+    1 / count (mse 2 / count, whose partials-mode gradient is p - t; both 0 without a valid element); return
+    weights[index] * L_t. The partials are loaded from L2 (.cg): in the last launch's finalize, other programs of
+    that launch wrote some of them."""
     acc_s = tl.zeros([BLOCK], tl.float64)
     acc_c = tl.zeros([BLOCK], tl.int64)
     for i in range(0, num, BLOCK):
@@ -751,8 +755,8 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
 
     Returns:
         ``(total, losses, grad_scale, grads)``: float32 0-dim total and losses, float32 ``[T]`` factors (1 / valid
-        count, mse 2 / count, 0 without a valid element) with ``grads[t] * grad_scale[t] = d L_t / d pred_t``; ``grads[t]`` is
-        empty where ``compute_grad[t]`` is false. ``launch=None`` only allocates.
+        count, mse 2 / count, 0 without a valid element) with ``grads[t] * grad_scale[t] = d L_t / d pred_t``;
+        ``grads[t]`` is empty where ``compute_grad[t]`` is false. ``launch=None`` only allocates.
     """
     device = preds[0].device
     outputs = [_alloc_outputs(p, bool(c)) for p, c in zip(preds, compute_grad)]

@@ -468,7 +468,8 @@ def test_triton_multitask_launch_count(kernels, name):
     assert len(launched) == loss_launches + finalize_launches
     # the first and last launches carry the tail (ticket, finalize); the others are the lean kernels
     tails = [k in (kernels._ce_kernel_chained, kernels._elementwise_kernel_chained) for k in launched]
-    assert tails == ([True] + [False] * (loss_launches - 2) + [True] if finalize_launches == 0 else [False] * len(tails))
+    fused = finalize_launches == 0
+    assert tails == ([True] + [False] * (loss_launches - 2) + [True] if fused else [False] * len(tails))
     assert kernels._count_kernel not in launched
     launched.clear()
     kernels.multitask_backward(grads, grad_scale, torch.ones((), device=DEVICE), None, [None] * n, counting)
@@ -533,8 +534,8 @@ for dt, kind, ticket in (("fp16", 0, 2), ("bf16", 1, 1), ("fp32", 2, None)):
           "loss_ptr": "*fp32", **partials, "total": "i64", "M": "i64", "num_counts": "i32", "first_slot": "i32",
           **tail_sig}
     compile_one(K._elementwise_kernel_chained if ticket else K._elementwise_kernel, el,
-                {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1, "PARTIALS": ticket is not None,
-                 "COUNTS_P2": 256, "BLOCK": 4096, **tail_consts})
+                {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1,
+                 "PARTIALS": ticket is not None, "COUNTS_P2": 256, "BLOCK": 4096, **tail_consts})
 fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "gs_ptr": "*fp32", "w_ptr": "*fp32", "total_ptr": "*fp32", **slots}
 compile_one(K._finalize_kernel, fin, {"NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 130, "ACCUMULATE": True,
                                       "BLOCK": 1024})
