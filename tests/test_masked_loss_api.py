@@ -617,6 +617,21 @@ def test_triton_backend_not_available_error():
         fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
 
 
+def _nan_weight_total(backend, device):
+    preds, targets, kinds, masks = batch(device)
+    masks["depth"] = torch.zeros(4, dtype=torch.bool, device=device)  # no valid element: L_depth = 0
+    with fastmtl.use_backend(backend):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, {"depth": float("nan")})
+    assert per_task["depth"].item() == 0.0
+    return total
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_weight_on_a_task_without_labels_makes_the_total_nan(backend):
+    """weight * L_t with a NaN weight is NaN even when L_t is 0: a broken weight shows, the same on every backend."""
+    assert _nan_weight_total(backend, "cpu").isnan().item()
+
+
 # ---- CUDA (run on a lent GPU by benchmarks/gpu_check.sh) ---------------------------------------------------------
 
 
@@ -754,6 +769,12 @@ def test_cuda_forward_paths_weighted_and_per_task(name, dtype):
                 _, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
                 per_task[task].backward()
                 assert rel_err(preds[task].grad, ref[task][1]) <= tol, (backend, name, task)
+
+
+@pytest.mark.cuda
+def test_cuda_nan_weight_on_a_task_without_labels_makes_the_total_nan():
+    for backend in _gpu_backends():
+        assert _nan_weight_total(backend, "cuda").isnan().item(), backend
 
 
 @pytest.mark.cuda

@@ -635,6 +635,7 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_
 }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 
+using std::isfinite;
 using std::isnan;
 inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
 
@@ -1097,6 +1098,24 @@ def test_cuda_kernels_emulated_multitask_lead_paths(emu, lead_kind):
     total, losses, grad_scale, grads = out
     assert losses[1].item() == 0.0 and grad_scale[1].item() == 0.0
     _check_multitask(tasks, weights, *out, lead=0 if lead_kind == "ce" else 2)
+
+
+@pytest.mark.parametrize("nan_task", [None, 1, 2])
+def test_cuda_kernels_emulated_nan_weight_on_an_empty_task(emu, nan_task):
+    """A NaN weight makes the total NaN even where its task has no valid element (weight * 0, as on the other
+    backends): on the lead (task 1, the smallest) and on a later task; finite weights keep it finite."""
+    torch.manual_seed(3)
+    seg, seg_t = make_ce((3, 5, 4, 8), "contiguous", torch.float32, device="cpu")
+    lead, lead_t = make_dense("mse", (3, 17), "contiguous", torch.float32, device="cpu")
+    depth, depth_t = make_dense("l1", (3, 40), "contiguous", torch.float32, device="cpu")
+    empty = make_mask(3, "empty", device="cpu")
+    tasks = [(seg, seg_t, None, "ce"), (lead, lead_t, empty, "mse"), (depth, depth_t, empty, "l1")]
+    weights = torch.rand(3) + 0.5
+    if nan_task is not None:
+        weights[nan_task] = float("nan")
+    total, losses, _, _ = _emu_multitask_forward(emu, tasks, weights)
+    assert losses[1].item() == 0.0 and losses[2].item() == 0.0
+    assert total.isnan().item() == (nan_task is not None)
 
 
 def test_cuda_kernels_emulated_multitask_one_task_with_elements(emu):

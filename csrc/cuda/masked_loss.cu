@@ -155,8 +155,9 @@ __device__ __forceinline__ float reduction_grad_factor(const LossReduction& red,
   return stored;
 }
 
-// The block's end: its loss partial / count is added to *loss and, weighted, to *total (no atomic for a zero sum);
-// in partials mode its loss sum and valid count go to its own slot.
+// The block's end: its loss partial / count is added to *loss and, weighted, to *total (no atomic for a zero sum,
+// except that block 0 adds a NaN or infinite weight times 0, so the total is NaN as weight * L_t is on the other
+// backends); in partials mode its loss sum and valid count go to its own slot.
 __device__ __forceinline__ void reduction_finish(const LossReduction& red, const ChainLinks& links, float row_loss,
                                                  int valid, float inv) {
   const float sum = block_sum(row_loss);
@@ -168,9 +169,13 @@ __device__ __forceinline__ void reduction_finish(const LossReduction& red, const
     }
     return;
   }
-  if (threadIdx.x == 0 && sum != 0.0f) {
+  if (threadIdx.x != 0) return;
+  const float weight = red.weight != nullptr ? *red.weight : 1.0f;
+  if (sum != 0.0f) {
     atomicAdd(red.loss, sum * inv);
-    if (red.total != nullptr) atomicAdd(red.total, sum * inv * (red.weight != nullptr ? *red.weight : 1.0f));
+    if (red.total != nullptr) atomicAdd(red.total, sum * inv * weight);
+  } else if (blockIdx.x == 0 && red.total != nullptr && !isfinite(weight)) {
+    atomicAdd(red.total, weight * 0.0f);
   }
 }
 
@@ -292,7 +297,8 @@ __device__ __noinline__ void finalize_lead(const float* psum, const int32_t* pco
   const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
   *loss_out = loss;
   *grad_scale = count > 0 ? static_cast<float>(1.0 / (static_cast<double>(stored) * count)) : 0.0f;
-  if (total != nullptr && loss != 0.0f) atomicAdd(total, loss * (weight != nullptr ? *weight : 1.0f));
+  const float w = weight != nullptr ? *weight : 1.0f;
+  if (total != nullptr && (loss != 0.0f || !isfinite(w))) atomicAdd(total, loss * w);  // NaN weight: NaN total
 }
 
 // A loss kernel's start: a count block of the next task does its count and the kernel returns true; block 0 of the
