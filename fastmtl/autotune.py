@@ -5,6 +5,16 @@ with CUDA events and remembers the fastest, in memory and, when ``FASTMTL_AUTOTU
 (JSON, read once, rewritten after each new choice). A choice is a backend name, optionally with an algorithm
 after a colon: ``"cuda:library"`` runs the native op with ``algo="library"``.
 
+What "fastest" means is ``FASTMTL_AUTOTUNE_METRIC``:
+
+* ``device`` (default): the GPU time per call (:func:`device_time_ms`), host overhead excluded. In a training step
+  the host enqueues ahead of the GPU, so the kernels' own time is what the step pays; a candidate that is quicker
+  to launch but slower on the GPU loses.
+* ``wall``: the time per call of calls issued back to back (:func:`time_ms`), host overhead included where it
+  exceeds the device time: for loops too small to keep the GPU busy.
+
+A cache file holds choices made under one metric: delete it after switching.
+
 Candidates of ``conv_bias_relu`` (fixed preference order): ``cuda:library`` (cuDNN convolution with the fused bias
 + ReLU, and our backward epilogue), ``cuda:implicit_gemm`` (our tensor-core kernel, only where it applies),
 ``triton``, ``torch``. When inputs require grad, a candidate is timed forward + backward, so the choice reflects
@@ -23,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -116,6 +127,72 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, calls: 
     return times[len(times) // 2]
 
 
+_cycles_per_ms: float | None = None
+
+
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles per millisecond of ``torch.cuda._sleep``, measured once with CUDA events."""
+    global _cycles_per_ms
+    if _cycles_per_ms is None:
+        cycles = 1_000_000
+        torch.cuda._sleep(cycles)  # warm-up: the first launch loads the kernel
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
+    return _cycles_per_ms
+
+
+def device_time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, calls: int = 5) -> float:
+    """Median GPU time per call of ``fn()`` in milliseconds, host overhead excluded.
+
+    Before each sample a sleep kernel holds the stream for about twice the host time of enqueuing ``calls`` calls
+    (measured after the warm-up), and the start event is recorded behind it. By the time the GPU reaches the
+    event, every call of the sample is queued, so the events time the kernels back to back with no host gaps.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - begin) * 1e3
+    torch.cuda.synchronize()
+    # at least 1 ms of cover, at most 100 ms (a host that slow is timed partly: the sample still counts the GPU time)
+    cover_ms = min(max(2.0 * host_ms, 1.0), 100.0)
+    cycles = int(cover_ms * _sleep_cycles_per_ms())
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+METRICS = ("device", "wall")
+
+
+def metric() -> str:
+    """``FASTMTL_AUTOTUNE_METRIC``: ``device`` (default) or ``wall`` (see the module docstring)."""
+    value = os.environ.get("FASTMTL_AUTOTUNE_METRIC", "device")
+    if value not in METRICS:
+        raise ValueError(f"FASTMTL_AUTOTUNE_METRIC must be one of {METRICS}, got {value!r}")
+    return value
+
+
+def default_timer() -> Callable[[Callable[[], object]], float]:
+    """The timer of the current metric: :func:`device_time_ms` or :func:`time_ms`."""
+    return device_time_ms if metric() == "device" else time_ms
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -130,8 +207,8 @@ def choose(
 
     ``fallback`` (default: the first candidate) is returned, and not cached, when measuring is off
     (``FASTMTL_AUTOTUNE=0``), impossible (torch.compile tracing, CUDA graph capture) or when every candidate
-    raised. A candidate that raises is skipped: it cannot run this case. ``timer`` replaces :func:`time_ms`
-    (tests use it).
+    raised. A candidate that raises is skipped: it cannot run this case. ``timer`` replaces the metric's timer
+    (:func:`default_timer`; tests use it).
     """
     _load_disk()
     fallback = fallback if fallback is not None else next(iter(candidates))
@@ -140,7 +217,7 @@ def choose(
         return cached
     if not enabled() or torch.compiler.is_compiling() or _capturing():
         return fallback
-    timer = timer or time_ms
+    timer = timer or default_timer()
     measured: dict[str, float] = {}
     for name, runner in candidates.items():
         try:

@@ -18,6 +18,7 @@ from fastmtl.testing import TOLERANCES, rel_err
 def _fresh_cache(monkeypatch):
     monkeypatch.delenv("FASTMTL_AUTOTUNE", raising=False)
     monkeypatch.delenv("FASTMTL_AUTOTUNE_CACHE", raising=False)
+    monkeypatch.delenv("FASTMTL_AUTOTUNE_METRIC", raising=False)
     autotune.clear()
     yield
     autotune.clear()
@@ -42,6 +43,23 @@ def runners(*names):
 
 def failing():
     raise RuntimeError("cannot run this case")
+
+
+def test_metric_picks_the_timer(monkeypatch):
+    """Device time by default (host overhead excluded), wall time on request, a clear error otherwise."""
+    assert autotune.metric() == "device" and autotune.default_timer() is autotune.device_time_ms
+    monkeypatch.setenv("FASTMTL_AUTOTUNE_METRIC", "wall")
+    assert autotune.default_timer() is autotune.time_ms
+    monkeypatch.setenv("FASTMTL_AUTOTUNE_METRIC", "host")
+    with pytest.raises(ValueError, match="FASTMTL_AUTOTUNE_METRIC must be one of"):
+        autotune.choose("k", runners("a", "b"))
+    assert autotune.cached_choices() == {}
+
+
+def test_choose_measures_with_the_metric_timer(monkeypatch):
+    timer = FakeTimer({"a": 2.0, "b": 1.0})
+    monkeypatch.setattr(autotune, "device_time_ms", timer)
+    assert autotune.choose("k", runners("a", "b")) == "b" and sorted(timer.calls) == ["a", "b"]
 
 
 def test_choose_picks_fastest_and_caches():
@@ -247,6 +265,7 @@ def test_cuda_auto_measures_once_and_is_correct(training):
 @pytest.mark.cuda
 def test_cuda_graph_capture_does_not_time(monkeypatch):
     monkeypatch.setattr(autotune, "time_ms", lambda fn, **kw: pytest.fail("timed during capture"))
+    monkeypatch.setattr(autotune, "device_time_ms", lambda fn, **kw: pytest.fail("timed during capture"))
     dev = "cuda"
     x = torch.randn(2, 8, 10, 10, device=dev)
     w = torch.randn(8, 8, 3, 3, device=dev) / 8
@@ -264,3 +283,21 @@ def test_cuda_graph_capture_does_not_time(monkeypatch):
     assert autotune.cached_choices() == {}
     ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
     assert rel_err(y, ref) <= TOLERANCES["conv"][torch.float32]
+
+
+@pytest.mark.cuda
+def test_cuda_device_time_excludes_host_overhead():
+    """A call that sleeps 3 ms on the host around 20 tiny kernels: its wall time per call is over 3 ms, its device
+    time (the sleep kernel covering the host's enqueueing) a small fraction of that."""
+    import time
+
+    t = torch.zeros(16, device="cuda")
+
+    def host_heavy():
+        time.sleep(0.003)
+        for _ in range(20):
+            t.add_(1.0)
+
+    wall = autotune.time_ms(host_heavy, warmup=1, repeat=3, calls=3)
+    device = autotune.device_time_ms(host_heavy, warmup=1, repeat=3, calls=3)
+    assert wall > 3.0 and device < 1.0, (wall, device)

@@ -40,7 +40,12 @@ def run(args) -> int:
     for name, (ok, why) in backends.backend_status().items():
         print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")
     choices = autotune.cached_choices()
-    print(f"autotune: {'on' if autotune.enabled() else 'off (FASTMTL_AUTOTUNE=0)'}, {len(choices)} cached choice(s)")
+    try:
+        measured_by = f"by {autotune.metric()} time"
+    except ValueError as err:
+        measured_by = str(err)
+    state = f"on, {measured_by}" if autotune.enabled() else "off (FASTMTL_AUTOTUNE=0)"
+    print(f"autotune: {state}, {len(choices)} cached choice(s)")
     for key, choice in sorted(choices.items()):
         print(f"  {choice:7s} <- {key}")
     return 0
