@@ -221,6 +221,7 @@ def _compiled_choice(x, w, b):
 def test_compile_uses_cached_choice_without_timing(monkeypatch):
     """Under torch.compile nothing is timed: the cached choice is used, else the fixed order."""
     monkeypatch.setattr(autotune, "time_ms", lambda fn, **kw: pytest.fail("timed while compiling"))
+    monkeypatch.setattr(autotune, "device_time_ms", lambda fn, **kw: pytest.fail("timed while compiling"))
     x, w, b = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(3)
     key = autotune.conv_bias_relu_key(x, w, b, (1, 1), (1, 1), (1, 1), 1)
 
