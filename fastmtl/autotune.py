@@ -114,9 +114,17 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, calls: 
     """
     for _ in range(warmup):
         fn()
+    return _median_ms_per_call(fn, repeat, calls)
+
+
+def _median_ms_per_call(fn: Callable[[], object], repeat: int, calls: int, before=None) -> float:
+    """Median over ``repeat`` samples of CUDA-event time per call, each sample ``calls`` calls back to back;
+    ``before()`` (if given) is enqueued ahead of each sample's start event."""
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if before is not None:
+            before()
         start.record()
         for _ in range(calls):
             fn()
@@ -163,18 +171,7 @@ def device_time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, 
     # at least 1 ms of cover, at most 100 ms (a host that slow is timed partly: the sample still counts the GPU time)
     cover_ms = min(max(2.0 * host_ms, 1.0), 100.0)
     cycles = int(cover_ms * _sleep_cycles_per_ms())
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(cycles)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    times.sort()
-    return times[len(times) // 2]
+    return _median_ms_per_call(fn, repeat, calls, before=lambda: torch.cuda._sleep(cycles))
 
 
 METRICS = ("device", "wall")
