@@ -700,12 +700,6 @@ _EMU_SHIM = r"""#include <vector>
 #include "masked_loss.h"
 using namespace fastmtl::cuda;
 extern "C" {
-int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, int64_t ignore_index, int32_t* counts,
-                 int num_blocks, float* loss) {
-  CeGeometry g{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
-               geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
-  return masked_loss_count_ce(target, mask, g, ignore_index, counts, num_blocks, loss, nullptr);
-}
 static LossReduction reduction(const int32_t* counts, int num_counts, float* loss, float* total,
                                const float* weight, float* grad_scale) {
   LossReduction red;
@@ -720,6 +714,10 @@ static LossReduction reduction(const int32_t* counts, int num_counts, float* los
 static CeGeometry geometry(const int64_t* geom) {
   return CeGeometry{geom[0], geom[1], geom[2], geom[3], geom[4],  geom[5], geom[6],
                     geom[7], geom[8], geom[9], geom[10], geom[11], geom[12]};
+}
+int emu_count_ce(const int64_t* target, const bool* mask, const int64_t* geom, int64_t ignore_index, int32_t* counts,
+                 int num_blocks, float* loss) {
+  return masked_loss_count_ce(target, mask, geometry(geom), ignore_index, counts, num_blocks, loss, nullptr);
 }
 int emu_ce(const void* pred, int dtype, const int64_t* target, const bool* mask, void* grad, const int64_t* geom,
            int64_t ignore_index, const int32_t* counts, int num_counts, float* loss, float* total,
