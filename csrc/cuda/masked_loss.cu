@@ -976,7 +976,7 @@ std::vector<int> chain_order(const LossTask* tasks, int n) {
   int lead = -1;
   int64_t lead_size = 0;
   for (int t = 0; t < n; ++t) {
-    if (loss_blocks(tasks[t]) == 0) continue;
+    if (count_items(tasks[t]) == 0) continue;  // no elements: no loss blocks
     order.push_back(t);
     const LossTask& task = tasks[t];
     const int64_t size = task.grad == nullptr ? 0 : task.is_ce ? count_items(task) * task.geom.C : task.total;
