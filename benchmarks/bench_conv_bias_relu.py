@@ -3,8 +3,13 @@
 Shapes: 8x64x56x56 3x3 and the layers of a small trunk (8x3x128x128 -> 32 -> 64 -> 128, pooled between stages) on
 the CPU; on CUDA the trunk layers at batch 32 (128x128) and at 8x3x288x384 input, bf16, channels_last.
 Forward is timed without autograd; "fwd+bwd" includes the backward to x, weight and bias (x of the stem needs none).
-Set FASTMTL_BENCH_MAX_AUTOTUNE=1 to add torch.compile(mode="max-autotune") on CUDA (slow to compile), or set it to
-a comma-separated list of shape names (e.g. "b32 trunk2 32x32x64x64->64") to add it for those shapes only.
+Set FASTMTL_BENCH_MAX_AUTOTUNE=1 to add torch.compile's max-autotune on CUDA (slow to compile), or set it to a
+comma-separated list of shape names (e.g. "b32 trunk2 32x32x64x64->64") to add it for those shapes only. It compiles
+with mode="max-autotune-no-cudagraphs": the kernels max-autotune picks, without the CUDA graphs it would make of its
+own, so that its device time is measured by a graph replay like every other variant's (and its wall time pays the
+same host costs as theirs). FASTMTL_BENCH_SHAPES (shape names, comma-separated) keeps only those GPU shapes, and
+FASTMTL_BENCH_TAG adds a tag to the rows' mode, so that a separate pass (benchmarks/gpu_check.sh runs max-autotune
+in one of its own) forms its own groups in the report, with baselines measured beside it.
 """
 
 from __future__ import annotations
@@ -37,20 +42,33 @@ GPU_SHAPES = [
 CUDA = torch.cuda.is_available()
 
 
+def _names(env: str) -> list[str]:
+    return [w.strip() for w in os.environ.get(env, "").split(",") if w.strip()]
+
+
+def _gpu_shapes():
+    wanted = _names("FASTMTL_BENCH_SHAPES")
+    known = [s[0] for s in GPU_SHAPES]
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise ValueError(f"FASTMTL_BENCH_SHAPES names unknown shapes {unknown}; known: {known}")
+    return [s for s in GPU_SHAPES if not wanted or s[0] in wanted]
+
+
 def _cases():
     cases = []
     for shape in CPU_SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             cases.append(pytest.param("cpu", shape, dtype, False, id=f"cpu-{shape[0]}-{dtype}".replace("torch.", "")))
     if CUDA:
-        for shape in GPU_SHAPES:
+        for shape in _gpu_shapes():
             cases.append(pytest.param("cuda", shape, torch.bfloat16, True, id=f"cuda-{shape[0]}-bf16-cl"))
     return cases
 
 
 def _max_autotune(shape_name: str) -> bool:
-    wanted = os.environ.get("FASTMTL_BENCH_MAX_AUTOTUNE", "")
-    return wanted == "1" or shape_name in [w.strip() for w in wanted.split(",")]
+    wanted = _names("FASTMTL_BENCH_MAX_AUTOTUNE")
+    return wanted == ["1"] or shape_name in wanted
 
 
 def _variants(device: str, shape_name: str):
@@ -89,7 +107,7 @@ def _runner(variant, x, w, b, backward):
     if variant == "eager":
         fn = _eager
     elif variant.startswith("compile"):
-        mode = "max-autotune" if variant.endswith("max-autotune") else None
+        mode = "max-autotune-no-cudagraphs" if variant.endswith("max-autotune") else None
         fn = torch.compile(_eager, mode=mode)
     else:
         name = variant
@@ -133,9 +151,9 @@ def test_conv_bias_relu(bench, benchmark, smoke, variant, device, shape, dtype, 
     if variant == "triton" and device == "cpu":  # interpreter: a tiny slice keeps the smoke run short
         x = x[:1, :, :8, :8].detach().requires_grad_(x.requires_grad)
     fn = _runner(variant, x, w, b, backward)
-    # max-autotune makes CUDA graphs of its own (cudagraph trees): no graph replay around it.
-    bench(fn, op="conv_bias_relu", mode=mode, shape=shape[0], dtype=dtype, backend=variant, device=torch.device(device),
-          device_time=variant != "compile-max-autotune")
+    tag = os.environ.get("FASTMTL_BENCH_TAG", "")
+    bench(fn, op="conv_bias_relu", mode=f"{mode} ({tag})" if tag else mode, shape=shape[0], dtype=dtype,
+          backend=variant, device=torch.device(device))
     if variant == "auto":  # which candidate the dispatcher measured fastest for this call
         from fastmtl import autotune
 

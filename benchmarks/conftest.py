@@ -51,7 +51,7 @@ def _device_ms(fn) -> tuple[float | None, str]:
 
 @pytest.fixture
 def bench(benchmark, request):
-    """``bench(fn, op=, mode=, shape=, dtype=, backend=, device=, device_time=True)``: warm up, record metadata,
+    """``bench(fn, op=, mode=, shape=, dtype=, backend=, device=)``: warm up, record metadata,
     time ``fn``.
 
     On CUDA one timed round makes ``CUDA_CALLS_PER_ROUND`` calls back to back and then synchronizes, so the time
@@ -61,11 +61,10 @@ def bench(benchmark, request):
     before it) is recorded as ``extra_info["peak_mem_bytes"]``, and the device time of one call, from replays
     of a CUDA graph holding it (no host overhead, no launch gaps), as ``extra_info["device_ms"]`` (None where
     the call cannot be captured, e.g. boolean indexing, which synchronizes, with the reason in
-    ``extra_info["device_ms_why_not"]``; ``device_time=False`` skips it for variants that capture graphs
-    themselves).
+    ``extra_info["device_ms_why_not"]``).
     """
 
-    def run(fn, *, op: str, mode: str, shape: str, dtype, backend: str, device: torch.device, device_time=True):
+    def run(fn, *, op: str, mode: str, shape: str, dtype, backend: str, device: torch.device):
         dtype_name = str(dtype).replace("torch.", "")
         benchmark.group = f"{op} | {mode} | {shape} | {dtype_name} | {device.type}"
         benchmark.extra_info.update(
@@ -81,10 +80,7 @@ def bench(benchmark, request):
             torch.cuda.synchronize()
             benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - before
             benchmark.extra_info["calls_per_round"] = CUDA_CALLS_PER_ROUND
-            if device_time:
-                ms, why = _device_ms(fn)
-            else:
-                ms, why = None, "not measured: the variant makes CUDA graphs of its own"
+            ms, why = _device_ms(fn)
             benchmark.extra_info["device_ms"] = ms
             if why:
                 benchmark.extra_info["device_ms_why_not"] = why

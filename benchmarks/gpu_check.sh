@@ -2,7 +2,9 @@
 # One script for a lent GPU machine: print device and versions, build fastmtl in place (no downloads), run the CUDA
 # tests, run the CUDA benchmarks and the bandwidth check, and write $OUT/results.json and $OUT/summary.md.
 # Designed to end within 8 minutes on an H100; each stage has its own time limit so a hang cannot eat the lease.
-# FASTMTL_BENCH_MAX_AUTOTUNE (see benchmarks/bench_conv_bias_relu.py) adds torch.compile max-autotune baselines.
+# MAX_AUTOTUNE_SHAPES (comma-separated shape names of benchmarks/bench_conv_bias_relu.py; empty: none) get a pass of
+# their own with torch.compile's max-autotune beside eager, compile, cuda and auto (max-autotune compiles slowly, and a
+# pass stopped at its time limit loses only its own rows).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        (or: make gpu-check)
 set -uo pipefail
@@ -45,14 +47,27 @@ log "profile of one masked_multitask_loss forward + backward (kernels, launches,
 timeout ${PROFILE_TIMEOUT:-40} $PY -P benchmarks/profile_loss.py 2>&1 | tee "$OUT/profile_loss.txt"
 
 log "benchmarks (CUDA cases), one pytest run per file so that a time limit loses one file's results only"
+unset FASTMTL_BENCH_MAX_AUTOTUNE FASTMTL_BENCH_SHAPES FASTMTL_BENCH_TAG  # the max-autotune pass below sets them
 # name:seconds; BENCH_FILES overrides (e.g. "bench_conv_bias_relu:120").
-for spec in ${BENCH_FILES:-bench_conv_bias_relu:170 bench_masked_loss:70 bench_modules:70 bench_weighting:50}; do
+bench_pass() {  # name limit json-stem -k-expression
+  timeout "$2" $PY -P -m pytest "benchmarks/$1.py" --benchmark-only -k "$4" -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_$3.json" --benchmark-min-rounds=10 --benchmark-max-time=0.25 \
+    --benchmark-columns=median >"$OUT/bench_$3.log" 2>&1
+  echo "$3: exit code $? (limit $2 s)" | tee -a "$OUT/bench.log"
+}
+for spec in ${BENCH_FILES:-bench_conv_bias_relu:150 bench_masked_loss:70 bench_modules:70 bench_weighting:50}; do
   name=${spec%%:*}; limit=${spec##*:}
-  timeout "$limit" $PY -P -m pytest "benchmarks/$name.py" --benchmark-only -k "${BENCH_K:-cuda}" -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench_$name.json" --benchmark-min-rounds=10 --benchmark-max-time=0.25 \
-    --benchmark-columns=median >"$OUT/bench_$name.log" 2>&1
-  echo "$name: exit code $? (limit ${limit}s)" | tee -a "$OUT/bench.log"
+  bench_pass "$name" "$limit" "$name" "${BENCH_K:-cuda}"
 done
+MAX_AUTOTUNE_SHAPES=${MAX_AUTOTUNE_SHAPES-b32 trunk2 32x32x64x64->64,b32 trunk3 32x64x32x32->128}
+if [ -n "$MAX_AUTOTUNE_SHAPES" ]; then
+  log "max-autotune pass: $MAX_AUTOTUNE_SHAPES"
+  (
+    export FASTMTL_BENCH_MAX_AUTOTUNE="$MAX_AUTOTUNE_SHAPES" FASTMTL_BENCH_SHAPES="$MAX_AUTOTUNE_SHAPES"
+    export FASTMTL_BENCH_TAG="max-autotune pass"
+    bench_pass bench_conv_bias_relu "${MAX_AUTOTUNE_TIMEOUT:-150}" conv_max_autotune "cuda and not triton and not torch"
+  )
+fi
 
 log "report"
 $PY -P benchmarks/gpu_summary.py --out "$OUT" 2>&1 | tail -60

@@ -5,9 +5,9 @@
 Rows are grouped by (op, mode, shape, dtype, device). For each backend the table gives the median time, the speed
 ratio against eager PyTorch and against torch.compile (baseline median / this median: > 1 means faster), and the
 peak-memory ratio against eager (this / eager: < 1 means less memory; CUDA only), and on CUDA the device time
-of one call (CUDA graph replay: kernels alone, no host overhead) with its ratio against eager's. Baselines are the
-rows named "eager" and "compile" (or "compile-max-autotune", the faster of the two) in the same group, measured in
-the same run. For ``auto`` rows that record it, the backend column names the dispatcher's choice.
+of one call (CUDA graph replay: kernels alone, no host overhead) with its ratios against eager's and compile's.
+Baselines are the rows named "eager" and "compile" (or "compile-max-autotune", the faster of the two; for device
+time, the faster by device time) in the same group, measured in the same run. For ``auto`` rows that record it, the backend column names the dispatcher's choice.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def load_rows(path: str) -> list[dict]:
     return rows
 
 
-def _baseline(group: list[dict], names) -> dict | None:
-    candidates = [r for r in group if r.get("backend") in names]
-    return min(candidates, key=lambda r: r["median"]) if candidates else None
+def _baseline(group: list[dict], names, by: str = "median") -> dict | None:
+    candidates = [r for r in group if r.get("backend") in names and r.get(by) is not None]
+    return min(candidates, key=lambda r: r[by]) if candidates else None
 
 
 def ratio_table(rows: list[dict]) -> list[dict]:
@@ -52,6 +52,7 @@ def ratio_table(rows: list[dict]) -> list[dict]:
         group = groups[key]
         eager = _baseline(group, EAGER_NAMES)
         compiled = _baseline(group, COMPILE_NAMES)
+        compiled_device = _baseline(group, COMPILE_NAMES, by="device_ms")
         for r in sorted(group, key=lambda r: r["median"]):
             out = dict(zip(("op", "mode", "shape", "dtype", "device"), key))
             out["backend"] = r["backend"]
@@ -61,6 +62,8 @@ def ratio_table(rows: list[dict]) -> list[dict]:
             dev, dev0 = r.get("device_ms"), eager.get("device_ms") if eager else None
             out["device_ms"] = dev
             out["device_vs_eager"] = dev0 / dev if dev and dev0 else None
+            dev_c = compiled_device["device_ms"] if compiled_device else None
+            out["device_vs_compile"] = dev_c / dev if dev and dev_c else None
             if r.get("choice"):
                 out["backend"] = f"{r['backend']} ({r['choice']})"
             mem, mem0 = r.get("peak_mem_bytes"), eager.get("peak_mem_bytes") if eager else None
@@ -77,15 +80,15 @@ def markdown(table: list[dict]) -> str:
     """The table as GitHub markdown."""
     lines = [
         "| op | mode | shape | dtype | device | backend | median ms | vs eager | vs compile | peak mem vs eager "
-        "| device ms | device vs eager |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| device ms | device vs eager | device vs compile |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         lines.append(
             f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['device']} | {r['backend']} | "
             f"{r['median_ms']:.3f} | {_fmt(r['vs_eager'], '.2f')}x | {_fmt(r['vs_compile'], '.2f')}x | "
             f"{_fmt(r['mem_vs_eager'], '.2f')} | {_fmt(r.get('device_ms'), '.3f')} | "
-            f"{_fmt(r.get('device_vs_eager'), '.2f')}x |"
+            f"{_fmt(r.get('device_vs_eager'), '.2f')}x | {_fmt(r.get('device_vs_compile'), '.2f')}x |"
         )
     return "\n".join(lines)
 
