@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One script for a lent GPU machine: print device and versions, build fastmtl in place (no downloads), run the CUDA
 # tests, run the CUDA benchmarks and the bandwidth check, and write $OUT/results.json and $OUT/summary.md.
-# Designed to end within 8 minutes on an H100; each stage has its own time limit so a hang cannot eat the lease.
+# Designed to end within 8 minutes on an H100; each stage has its own time limit so a hang cannot eat the lease, and
+# every limit is cut to what is left of DEADLINE_S (default 560 s, under the device tool's 600 s per call) less a
+# reserve for the report, so the report is always written; a stage with under 10 s left is skipped.
 # MAX_AUTOTUNE_SHAPES (comma-separated shape names of benchmarks/bench_conv_bias_relu.py; empty: none) get a pass of
 # their own with torch.compile's max-autotune beside eager, compile, cuda and auto (max-autotune compiles slowly, and a
 # pass stopped at its time limit loses only its own rows).
@@ -13,7 +15,20 @@ OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 START=$(date +%s)
+DEADLINE_S=${DEADLINE_S:-560}
 log() { echo "[gpu_check +$(($(date +%s) - START))s] $*"; }
+# limit N: N seconds, or what is left before the deadline (less 15 s for the report) if that is less.
+limit() {
+  local left=$((DEADLINE_S - ($(date +%s) - START) - 15))
+  echo $(($1 < left ? $1 : left))
+}
+# enough N STAGE: whether a stage limited to N seconds is worth starting (10 s or more); records the skip otherwise.
+enough() {
+  if [ "$1" -ge 10 ]; then return 0; fi
+  log "$2 skipped: the deadline (DEADLINE_S=$DEADLINE_S) is too near"
+  echo "$2" >>"$OUT/skipped.txt"
+  return 1
+}
 
 log "device and versions"
 {
@@ -25,7 +40,7 @@ log "device and versions"
 log "build (pip install --no-build-isolation --no-deps .)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
-if ! timeout ${BUILD_TIMEOUT:-300} $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
+if ! timeout "$(limit ${BUILD_TIMEOUT:-300})" $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
   log "BUILD FAILED"; tail -40 "$OUT/build.log"
 fi
 $PY -P -m fastmtl info 2>&1 | tee -a "$OUT/env.txt"
@@ -33,27 +48,36 @@ $PY -P -m fastmtl info 2>&1 | tee -a "$OUT/env.txt"
 log "CUDA tests"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmtl-inductor}
 # The tests check correctness: Triton's tile search (FASTMTL_TRITON_AUTOTUNE) belongs to the benchmarks.
-FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} timeout ${TEST_TIMEOUT:-240} $PY -P -m pytest tests -m cuda -v --durations=10 -p no:cacheprovider --maxfail=20 \
-  -o addopts="-ra --import-mode=importlib" --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
-echo "tests exit code: $?" >>"$OUT/tests.log"
-tail -25 "$OUT/tests.log"
+t=$(limit ${TEST_TIMEOUT:-240})
+if enough "$t" "CUDA tests"; then
+  FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} timeout "$t" $PY -P -m pytest tests -m cuda -v --durations=10 -p no:cacheprovider \
+    --maxfail=20 -o addopts="-ra --import-mode=importlib" --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+  echo "tests exit code: $? (limit $t s)" >>"$OUT/tests.log"
+  tail -25 "$OUT/tests.log"
+fi
 
 log "bandwidth check"
-timeout ${BW_TIMEOUT:-60} $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
+t=$(limit ${BW_TIMEOUT:-60})
+enough "$t" "bandwidth check" && timeout "$t" $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
 
 log "profile of one conv_bias_relu training step (per-kernel device time)"
-timeout ${PROFILE_TIMEOUT:-40} $PY -P benchmarks/profile_conv.py 2>&1 | tee "$OUT/profile_conv.txt"
+t=$(limit ${PROFILE_TIMEOUT:-40})
+enough "$t" "profile_conv" && timeout "$t" $PY -P benchmarks/profile_conv.py 2>&1 | tee "$OUT/profile_conv.txt"
 log "profile of one masked_multitask_loss forward + backward (kernels, launches, host time)"
-timeout ${PROFILE_TIMEOUT:-40} $PY -P benchmarks/profile_loss.py 2>&1 | tee "$OUT/profile_loss.txt"
+t=$(limit ${PROFILE_TIMEOUT:-40})
+enough "$t" "profile_loss" && timeout "$t" $PY -P benchmarks/profile_loss.py 2>&1 | tee "$OUT/profile_loss.txt"
 
 log "benchmarks (CUDA cases), one pytest run per file so that a time limit loses one file's results only"
 unset FASTMTL_BENCH_MAX_AUTOTUNE FASTMTL_BENCH_SHAPES FASTMTL_BENCH_TAG  # the max-autotune pass below sets them
 # name:seconds; BENCH_FILES overrides (e.g. "bench_conv_bias_relu:120").
 bench_pass() {  # name limit json-stem -k-expression
-  timeout "$2" $PY -P -m pytest "benchmarks/$1.py" --benchmark-only -k "$4" -q -p no:cacheprovider \
+  local t
+  t=$(limit "$2")
+  enough "$t" "benchmarks $3" || return 0
+  timeout "$t" $PY -P -m pytest "benchmarks/$1.py" --benchmark-only -k "$4" -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_$3.json" --benchmark-min-rounds=10 --benchmark-max-time=0.25 \
     --benchmark-columns=median >"$OUT/bench_$3.log" 2>&1
-  echo "$3: exit code $? (limit $2 s)" | tee -a "$OUT/bench.log"
+  echo "$3: exit code $? (limit $t s)" | tee -a "$OUT/bench.log"
 }
 for spec in ${BENCH_FILES:-bench_conv_bias_relu:150 bench_masked_loss:70 bench_modules:70 bench_weighting:50}; do
   name=${spec%%:*}; limit=${spec##*:}

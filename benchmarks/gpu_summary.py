@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     table = report.ratio_table(rows)
     bandwidth = json.loads(_read(os.path.join(out, "bandwidth.json")) or "{}")
     failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", tests_log, flags=re.M)
+    skipped = _read(os.path.join(out, "skipped.txt")).split("\n")
     results = {
+        "skipped_for_deadline": [s for s in skipped if s],
         "env": env.strip().splitlines(),
         "tests": test_counts(tests_log),
         "test_failures": failures,
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
     lines = ["# fastmtl GPU check", "", "## Device and versions", "", "```", env.strip(), "```", ""]
     lines += ["## CUDA tests", "", f"counts: {results['tests']}", ""]
     lines += [f"- FAILED {name}" for name in failures] + [""]
+    if results["skipped_for_deadline"]:
+        lines += ["Not run (the script's deadline was too near): " + ", ".join(results["skipped_for_deadline"]), ""]
     if bandwidth:
         lines += ["## Bandwidth", "", f"copy: {bandwidth.get('copy_GBps', 0):.0f} GB/s (read + write)", ""]
         lines += ["| kernel | shape | ms | GB/s | of copy |", "|---|---|---:|---:|---:|"]
