@@ -617,19 +617,25 @@ def test_triton_backend_not_available_error():
         fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
 
 
-def _nan_weight_total(backend, device):
+def _nan_weight_total(backend, device, no_samples=False):
     preds, targets, kinds, masks = batch(device)
-    masks["depth"] = torch.zeros(4, dtype=torch.bool, device=device)  # no valid element: L_depth = 0
+    if no_samples:  # depth's batch is empty (N = 0, e.g. boolean-indexed to its labelled samples): no element at all
+        preds["depth"] = preds["depth"].detach()[:0].requires_grad_()
+        targets["depth"] = targets["depth"][:0]
+    else:
+        masks["depth"] = torch.zeros(4, dtype=torch.bool, device=device)  # no valid element: L_depth = 0
     with fastmtl.use_backend(backend):
         total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, {"depth": float("nan")})
     assert per_task["depth"].item() == 0.0
     return total
 
 
+@pytest.mark.parametrize("no_samples", [False, True], ids=["all-masked", "no-samples"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_weight_on_a_task_without_labels_makes_the_total_nan(backend):
-    """weight * L_t with a NaN weight is NaN even when L_t is 0: a broken weight shows, the same on every backend."""
-    assert _nan_weight_total(backend, "cpu").isnan().item()
+def test_nan_weight_on_a_task_without_labels_makes_the_total_nan(backend, no_samples):
+    """weight * L_t with a NaN weight is NaN even when L_t is 0: a broken weight shows, the same on every backend,
+    whether the task's samples are all masked out or it has none."""
+    assert _nan_weight_total(backend, "cpu", no_samples).isnan().item()
 
 
 # ---- CUDA (run on a lent GPU by benchmarks/gpu_check.sh) ---------------------------------------------------------
@@ -772,9 +778,10 @@ def test_cuda_forward_paths_weighted_and_per_task(name, dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_nan_weight_on_a_task_without_labels_makes_the_total_nan():
+@pytest.mark.parametrize("no_samples", [False, True], ids=["all-masked", "no-samples"])
+def test_cuda_nan_weight_on_a_task_without_labels_makes_the_total_nan(no_samples):
     for backend in _gpu_backends():
-        assert _nan_weight_total(backend, "cuda").isnan().item(), backend
+        assert _nan_weight_total(backend, "cuda", no_samples).isnan().item(), backend
 
 
 @pytest.mark.cuda

@@ -294,6 +294,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   buffers.pcount = partials > 0 ? pcount.data_ptr<int32_t>() : nullptr;
   check_cuda(cuda::masked_loss_multitask_forward(tasks.data(), num_tasks, buffers, stream), "multi-task forward");
   for (const TaskLaunch& launch : launches) launch.finish();
+  // A task without elements (an empty batch) launches no kernel, so its weight never met its loss of 0: add
+  // weight * 0, which is 0 unless the weight is NaN or infinite (then the total is NaN, as weight * L_t is on the
+  // other backends). Two small launches per such task, only when weights are given.
+  if (weights_c.defined()) {
+    for (size_t t = 0; t < n; ++t)
+      if (preds[t].numel() == 0) total.add_(weights_c.select(0, static_cast<int64_t>(t)).mul(0));
+  }
   return {total, losses, grad_scale, grads};
 }
 
