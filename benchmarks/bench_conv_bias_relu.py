@@ -1,7 +1,8 @@
 """conv_bias_relu benchmarks: eager ``relu(conv2d)``, ``torch.compile`` of it, and each fastmtl backend.
 
 Shapes: 8x64x56x56 3x3 and the layers of a small trunk (8x3x128x128 -> 32 -> 64 -> 128, pooled between stages) on
-the CPU; on CUDA the trunk layers at batch 32 (128x128) and at 8x3x288x384 input, bf16, channels_last.
+the CPU; on CUDA the trunk layers at batch 32 (128x128) and at 8x3x288x384 input, bf16, channels_last (input and
+weight, as ``model.to(memory_format=torch.channels_last)`` leaves a model's convolutions).
 Forward is timed without autograd; "fwd+bwd" includes the backward to x, weight and bias (x of the stem needs none).
 Set FASTMTL_BENCH_MAX_AUTOTUNE=1 to add torch.compile's max-autotune on CUDA (slow to compile), or set it to a
 comma-separated list of shape names (e.g. "b32 trunk2 32x32x64x64->64") to add it for those shapes only. It compiles
@@ -85,9 +86,10 @@ def _make(device, shape, dtype, channels_last, requires_grad):
     _, n, c_in, h, w, c_out = shape
     torch.manual_seed(0)
     x = torch.randn(n, c_in, h, w, device=device, dtype=dtype)
+    weight = (torch.randn(c_out, c_in, 3, 3, device=device) / (9 * c_in) ** 0.5).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(c_out, c_in, 3, 3, device=device) / (9 * c_in) ** 0.5).to(dtype)
+        weight = weight.contiguous(memory_format=torch.channels_last)
     bias = (torch.randn(c_out, device=device) * 0.1).to(dtype)
     x.requires_grad_(requires_grad and c_in > 3)  # the stem's input is data: no gradient
     weight.requires_grad_(requires_grad)

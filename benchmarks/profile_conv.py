@@ -4,7 +4,7 @@
 
 Runs forward + backward (to x, weight and bias) of eager ``relu(conv2d)`` and of fastmtl's CUDA choices
 (``cuda:library`` = cuDNN's fused convolution + bias + ReLU, ``cuda:implicit_gemm`` = our tensor-core kernel, both
-with our fused backward epilogue), bf16 channels_last, under ``torch.profiler``; prints each variant's kernels
+with our fused backward epilogue), bf16 channels_last (input and weight), under ``torch.profiler``; prints each variant's kernels
 with their mean device time per step, and the host time per step (launches queued without waiting). This explains
 the ratios of ``bench_conv_bias_relu.py``; it is not a benchmark itself.
 """
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     x = torch.randn(n, c_in, h, w_, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(c_out, c_in, 3, 3, device="cuda") / (9 * c_in) ** 0.5).to(torch.bfloat16)
+    w = w.contiguous(memory_format=torch.channels_last)  # as model.to(memory_format=torch.channels_last) leaves it
     b = (torch.randn(c_out, device="cuda") * 0.1).to(torch.bfloat16)
     for t in (x, w, b):
         t.requires_grad_(True)

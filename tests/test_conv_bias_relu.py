@@ -17,7 +17,10 @@ needs_cpp = pytest.mark.skipif(not op.HAS_NATIVE, reason="the C++ extension fast
 
 
 def make_case(n, c_in, c_out, hw, k, groups=1, bias=True, dtype=torch.float32, channels_last=False):
-    """Fresh random inputs (never zeros); the bias is shifted so the ReLU cuts a good share of outputs."""
+    """Fresh random inputs (never zeros); the bias is shifted so the ReLU cuts a good share of outputs.
+
+    ``channels_last``: x in channels_last; ``"model"``: the weight too, as ``model.to(memory_format=channels_last)``
+    leaves a convolution's parameters."""
     x = torch.randn(n, c_in, *hw, dtype=torch.float64)
     w = torch.randn(c_out, c_in // groups, *k, dtype=torch.float64) / (c_in // groups * k[0] * k[1]) ** 0.5
     b = torch.randn(c_out, dtype=torch.float64) * 0.5 if bias else None
@@ -25,6 +28,8 @@ def make_case(n, c_in, c_out, hw, k, groups=1, bias=True, dtype=torch.float32, c
     x_, w_, b_ = cast(x), cast(w), cast(b)
     if channels_last:
         x_ = x_.contiguous(memory_format=torch.channels_last)
+    if channels_last == "model":
+        w_ = w_.contiguous(memory_format=torch.channels_last)
     return (x, w, b), (x_, w_, b_)
 
 
@@ -45,7 +50,7 @@ GRID = [
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", GRID)
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True, "model"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_backward_parity_float32(backend, case, channels_last, bias):
     n, c_in, c_out, hw, k, stride, padding, dilation, groups = case
@@ -150,7 +155,7 @@ def test_gradcheck_float64(case):
 
 
 @needs_cpp
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True, "model"])
 def test_opcheck(channels_last):
     _, (x, w, b) = make_case(2, 4, 6, (7, 8), (3, 3), channels_last=channels_last)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()

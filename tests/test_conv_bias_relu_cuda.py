@@ -41,12 +41,17 @@ def poison_allocator(nbytes: int = 1 << 24) -> None:
 
 
 def make_case(n, c_in, c_out, hw, k, dtype, channels_last, bias=True, groups=1):
-    """Fresh random inputs in ``dtype`` on the GPU; the bias is shifted so the ReLU cuts a good share."""
+    """Fresh random inputs in ``dtype`` on the GPU; the bias is shifted so the ReLU cuts a good share.
+
+    ``channels_last``: x in channels_last; ``"model"``: the weight too, as ``model.to(memory_format=channels_last)``
+    leaves a convolution's parameters."""
     x = torch.randn(n, c_in, *hw, device=DEV).to(dtype)
     w = (torch.randn(c_out, c_in // groups, *k, device=DEV) / (c_in // groups * k[0] * k[1]) ** 0.5).to(dtype)
     b = (torch.randn(c_out, device=DEV) * 0.5).to(dtype) if bias else None
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last == "model":
+        w = w.contiguous(memory_format=torch.channels_last)
     return x, w, b
 
 
@@ -69,7 +74,7 @@ def call(x, w, b, stride, padding, dilation, groups, algo):
 
 @pytest.mark.parametrize("case", GRID)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True, "model"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("algo", ALGOS)
 def test_forward_parity(case, dtype, channels_last, bias, algo):
@@ -152,7 +157,7 @@ def reference_grads(x, w, b, y, grad_y, stride, padding, dilation, groups=1):
 
 @pytest.mark.parametrize("case", GRID[:5])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True, "model"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_backward_parity(case, dtype, channels_last, bias):
     n, c_in, c_out, hw, k, stride, padding, dilation = case
@@ -170,6 +175,7 @@ def test_backward_parity(case, dtype, channels_last, bias):
         assert rel_err(g, r) <= tol, name
     if channels_last:
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert grads[1].stride() == w.stride()  # the weight's layout, as the fake implementation states
 
 
 def test_backward_output_mask():
@@ -201,7 +207,13 @@ def test_gradcheck_float64_library():
 
 @pytest.mark.parametrize(
     "dtype,channels_last,algo",
-    [(torch.float16, True, "implicit_gemm"), (torch.bfloat16, True, "default"), (torch.float32, False, "library")],
+    [
+        (torch.float16, True, "implicit_gemm"),
+        (torch.bfloat16, True, "default"),
+        (torch.bfloat16, "model", "default"),
+        (torch.float16, "model", "implicit_gemm"),
+        (torch.float32, False, "library"),
+    ],
 )
 def test_opcheck(dtype, channels_last, algo):
     x, w, b = make_case(2, 8, 16, (7, 6), (3, 3), dtype, channels_last)

@@ -46,12 +46,15 @@ def poison(monkeypatch):
 
 
 def make_inputs(case, layout, dtype, bias=True, requires_grad=False):
+    """Fresh random inputs; layout "nchw", "channels_last" (x) or "model" (x and weight channels_last)."""
     n, ci, h, w, co, k, *_ = case
     x = torch.randn(n, ci, h, w, device=DEVICE, dtype=dtype)
     weight = torch.randn(co, ci, *k, device=DEVICE, dtype=dtype) / (ci * k[0] * k[1]) ** 0.5
     b = torch.randn(co, device=DEVICE, dtype=dtype) if bias else None
-    if layout == "channels_last":
+    if layout in ("channels_last", "model"):
         x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "model":  # the weight too, as model.to(memory_format=torch.channels_last) leaves it
+        weight = weight.contiguous(memory_format=torch.channels_last)
     tensors = [x, weight, b]
     if requires_grad:
         for t in tensors:
@@ -229,6 +232,21 @@ def test_opcheck_backward(impl):
     args = (torch.randn_like(y), y, x, weight, stride, padding, dilation, [True, True, True], impl)
     torch.library.opcheck(torch.ops.fastmtl.conv_bias_relu_triton_backward.default, args)
     args = (torch.randn_like(y), y, x, weight, stride, padding, dilation, [False, True, False], impl)
+    torch.library.opcheck(torch.ops.fastmtl.conv_bias_relu_triton_backward.default, args)
+
+
+@pytest.mark.parametrize("impl", ["triton", "aten"])
+@pytest.mark.parametrize("case", ["flatK-3x3-pad1", "rect-kernel-rgb"])
+def test_channels_last_weight(case, impl, poison):
+    """A channels_last weight (a model moved to channels_last): parity, and the gradients in the layouts the fake
+    implementation states (the weight's for grad_weight)."""
+    check_backward(CASES[case], "model", torch.float32, impl)
+    x, weight, b = make_inputs(CASES[case], "model", torch.float32)
+    y = torch.ops.fastmtl.conv_bias_relu_triton(x, weight, b, *conv_args(CASES[case]))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    args = (torch.randn_like(y), y, x, weight, *conv_args(CASES[case]), [True, True, True], impl)
+    grad_x, grad_w, _ = torch.ops.fastmtl.conv_bias_relu_triton_backward(*args)
+    assert grad_x.stride() == x.stride() and grad_w.stride() == weight.stride()
     torch.library.opcheck(torch.ops.fastmtl.conv_bias_relu_triton_backward.default, args)
 
 
