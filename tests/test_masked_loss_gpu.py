@@ -11,11 +11,16 @@ The oracle is a float64 reference written here (independent of the op layer): el
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 from fastmtl.testing import TOLERANCES, assert_scales_in_place_like_copy, rel_err
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cuda_emulation  # noqa: E402  (beside this file: the CPU emulation of the CUDA kernels)
 
 triton = pytest.importorskip("triton")
 
@@ -589,114 +594,12 @@ def test_triton_scale_in_place_matches_copy(tri):
     assert_scales_in_place_like_copy(tri.scale_grads, tri.scale_grads_, grads, torch.rand(len(grads), device=DEVICE))
 
 
-# ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss.cu compiled by g++ against a small emulation ---------------
-# Without a GPU the .cu kernels would otherwise only be compiled. The emulation runs each block's 256 threads as
-# std::threads; __syncthreads and warp shuffles are block-wide barriers (every kernel calls them with all threads),
-# blocks run one after another. It checks the kernels' arithmetic, indexing, masking and reductions (and the launchers'
-# choice of kernel), not memory-model or timing behaviour, and not the ATen glue (the @pytest.mark.cuda tests do).
-
-_EMU_HEADER = r"""
-// Minimal CPU emulation of the CUDA features used by csrc/cuda/masked_loss.cu (tests only): each block runs its
-// threads as std::threads, __syncthreads and warp shuffles use a block-wide barrier (the kernels call them with
-// every thread of the block).
-#pragma once
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <thread>
-#include <vector>
-
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-inline thread_local dim3 threadIdx, blockIdx;
-inline dim3 blockDim, gridDim;
-inline std::barrier<>* emu_barrier = nullptr;
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __noinline__ __attribute__((noinline))
-#define __launch_bounds__(x)
-#define __restrict__ __restrict
-#define __shared__ static
-
-typedef int cudaError_t;
-typedef void* cudaStream_t;
-constexpr cudaError_t cudaSuccess = 0;
-constexpr cudaError_t cudaErrorInvalidValue = 1;
-constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
-  std::memset(p, value, bytes);
-  return cudaSuccess;
-}
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
-
-using std::isfinite;
-using std::isnan;
-inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
-
-template <typename T>
-T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
-  static T buf[1024];
-  (void)width;
-  buf[threadIdx.x] = v;
-  __syncthreads();
-  T r = buf[threadIdx.x ^ lane_mask];
-  __syncthreads();
-  return r;
-}
-
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
-
-struct __half { _Float16 v; __half() = default; };
-inline float __half2float(__half h) { return static_cast<float>(h.v); }
-inline __half __float2half_rn(float f) { __half h; h.v = static_cast<_Float16>(f); return h; }
-struct __nv_bfloat16 { uint16_t bits; __nv_bfloat16() = default; };
-inline float __bfloat162float(__nv_bfloat16 b) {
-  uint32_t u = uint32_t(b.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4);
-  __nv_bfloat16 b;
-  if (std::isnan(f)) { b.bits = 0x7fc0; return b; }
-  u += 0x7fff + ((u >> 16) & 1);
-  b.bits = uint16_t(u >> 16);
-  return b;
-}
-
-inline int emu_launches = 0;  // kernel launches so far (tests read and reset it through the shim)
-
-template <typename G, typename B, typename F>
-void emu_launch(G grid, B block, F&& body) {
-  ++emu_launches;
-  gridDim.x = static_cast<unsigned>(grid);
-  blockDim.x = static_cast<unsigned>(block);
-  std::barrier<> bar(blockDim.x);
-  emu_barrier = &bar;
-  std::vector<std::thread> threads;
-  for (unsigned t = 0; t < blockDim.x; ++t)
-    threads.emplace_back([&, t] {
-      threadIdx.x = t;
-      for (unsigned b = 0; b < gridDim.x; ++b) {  // blocks one after another, all threads of a block together
-        blockIdx.x = b;
-        body();
-        bar.arrive_and_wait();
-      }
-    });
-  for (auto& th : threads) th.join();
-}
-"""
+# ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss.cu compiled by g++ against tests/cuda_emulation.py ------
+# It checks the kernels' arithmetic, indexing, masking and reductions (and the launchers' choice of kernel), not
+# memory-model or timing behaviour, and not the ATen glue (the @pytest.mark.cuda tests do).
 
 _EMU_SHIM = r"""#include <vector>
 
-#include "emu_cuda.h"
 #include "masked_loss.h"
 using namespace fastmtl::cuda;
 extern "C" {
@@ -802,68 +705,17 @@ int emu_take_launches() {
 """
 
 
-def _rewrite_launches(src: str) -> str:
-    """``kernel<<<grid, block, 0, stream>>>(args);`` -> ``emu_launch(grid, block, [&]() { kernel(args); });``."""
-    import re
-
-    def split_top(text):
-        parts, depth, cur = [], 0, ""
-        for ch in text:
-            depth += ch in "(<"
-            depth -= ch in ")>"
-            if ch == "," and depth == 0:
-                parts.append(cur)
-                cur = ""
-            else:
-                cur += ch
-        return parts + [cur]
-
-    def launch(m):
-        grid, block = (x.strip() for x in split_top(m.group(2))[:2])
-        return f"emu_launch({grid}, {block}, [&]() {{ {m.group(1)}({m.group(3)}); }});"
-
-    out, n = re.subn(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", launch, src, flags=re.S)
-    assert n >= 8, f"expected every kernel launch to be rewritten, got {n}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """The CUDA launchers of masked_loss.cu built for the CPU emulation, loaded with ctypes."""
-    import ctypes
-    import pathlib
-    import shutil
-    import subprocess
-
-    if shutil.which("g++") is None:
-        pytest.skip("needs g++ (C++20) to build the CPU emulation of the CUDA kernels")
-    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
-    if not (csrc / "masked_loss.cu").exists():
-        pytest.skip("the CUDA sources are not beside the tests (installed package without csrc/)")
-    out = tmp_path_factory.mktemp("cuda_emulation")
-    (out / "inc").mkdir()
-    (out / "emu_cuda.h").write_text(_EMU_HEADER)
-    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
-        (out / "inc" / name).write_text('#pragma once\n#include "../emu_cuda.h"\n')
-    shutil.copy(csrc / "masked_loss.h", out / "inc" / "masked_loss.h")
-    kernels = _rewrite_launches((csrc / "masked_loss.cu").read_text())
-    (out / "kernels.cpp").write_text('#include "emu_cuda.h"\n' + kernels)
-    (out / "shim.cpp").write_text(_EMU_SHIM)
-    lib = out / "libemu.so"
-    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{out / 'inc'}", f"-I{out}",
-           str(out / "kernels.cpp"), str(out / "shim.cpp"), "-o", str(lib)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return ctypes.CDLL(str(lib))
+    return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"), {"masked_loss.cu": 8}, ["masked_loss.h"],
+                                _EMU_SHIM)
 
 
 _EMU_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _ptr(t):
-    import ctypes
-
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+_ptr = cuda_emulation.ptr
 
 
 def _emu_geometry(pred, target, mask, grad):

@@ -1,0 +1,227 @@
+"""The CUDA kernels of csrc/cuda on the CPU: a .cu file compiled by g++ against a small emulation of CUDA (tests only).
+
+Without a GPU the .cu kernels would otherwise only be compiled. The emulation runs each block's threads as
+std::threads, blocks one after another: ``__syncthreads`` is a block-wide barrier, warp shuffles a barrier of the
+warp's 32 threads, ``extern __shared__`` arrays point at a buffer of the launch's dynamic shared-memory size. It
+checks the kernels' arithmetic, indexing, masking and reductions (and the launchers' choice of kernel), not
+memory-model or timing behaviour, and not the ATen glue (the ``@pytest.mark.cuda`` tests do).
+
+Limits, which the kernels under test respect: a thread that returns early must not leave others waiting at a
+``__syncthreads`` of the same block after it (its end-of-block arrival stands in for one), and the threads of a warp
+call a shuffle together. ``build`` returns the library loaded with ctypes; its ``emu_launches`` counter (kernel
+launches so far) is read through the test's shim.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+CSRC_CUDA = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+HEADER = r"""
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline std::barrier<>* emu_block_barrier = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
+inline std::vector<unsigned char> emu_dynamic_smem;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+#define __shared__ static
+
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+
+using std::isfinite;
+using std::isnan;
+using std::max;
+using std::min;
+
+inline unsigned emu_thread_index() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+
+// Every lane writes its value, the warp meets, each lane reads its source lane's, the warp meets again.
+template <typename T, typename Source>
+T emu_shuffle(T v, Source source_lane) {
+  static T buf[1024];
+  const unsigned tid = emu_thread_index(), lane = tid % 32, base = tid - lane;
+  std::barrier<>& warp = *emu_warp_barriers[tid / 32];
+  buf[tid] = v;
+  warp.arrive_and_wait();
+  const unsigned src = source_lane(lane);
+  T r = src < 32 && base + src < blockDim.x * blockDim.y * blockDim.z ? buf[base + src] : v;
+  warp.arrive_and_wait();
+  return r;
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  (void)width;
+  return emu_shuffle(v, [&](unsigned lane) { return lane ^ static_cast<unsigned>(lane_mask); });
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+  (void)width;
+  return emu_shuffle(v, [&](unsigned lane) { return lane + delta; });
+}
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+struct __half { _Float16 v; __half() = default; };
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { __half h; h.v = static_cast<_Float16>(f); return h; }
+struct __nv_bfloat16 { uint16_t bits; __nv_bfloat16() = default; };
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  __nv_bfloat16 b;
+  if (std::isnan(f)) { b.bits = 0x7fc0; return b; }
+  u += 0x7fff + ((u >> 16) & 1);
+  b.bits = uint16_t(u >> 16);
+  return b;
+}
+
+inline int emu_launches = 0;  // kernel launches so far (tests read and reset it through their shim)
+
+inline dim3 emu_dim3(dim3 d) { return d; }
+inline dim3 emu_dim3(long long n) { return dim3(static_cast<unsigned>(n)); }
+
+template <typename G, typename B, typename F>
+void emu_launch(G grid_arg, B block_arg, size_t smem_bytes, F&& body) {
+  ++emu_launches;
+  const dim3 grid = emu_dim3(grid_arg), block = emu_dim3(block_arg);
+  gridDim = grid;
+  blockDim = block;
+  const unsigned threads = block.x * block.y * block.z;
+  emu_dynamic_smem.assign(smem_bytes + 16, 0);
+  std::barrier<> bar(threads);
+  emu_block_barrier = &bar;
+  emu_warp_barriers.clear();
+  for (unsigned w = 0; w * 32 < threads; ++w)
+    emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - w * 32)));
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {  // blocks one after another, all threads of a block together
+            blockIdx = dim3(x, y, z);
+            body();
+            bar.arrive_and_wait();
+          }
+    });
+  for (auto& th : pool) th.join();
+}
+"""
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "(<"
+        depth -= ch in ")>"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def rewrite(src: str, min_launches: int) -> str:
+    """CUDA-only syntax in ``src`` made plain C++ for the emulation.
+
+    ``kernel<<<grid, block[, smem[, stream]]>>>(args);`` becomes ``emu_launch(grid, block, smem, [&]() {
+    kernel(args); });`` (at least ``min_launches`` of them, so that a launch the pattern misses fails loudly), and
+    ``extern __shared__ T name[];`` a pointer into the launch's dynamic shared memory.
+    """
+
+    def launch(m):
+        config = [x.strip() for x in _split_top(m.group(2))]
+        smem = config[2] if len(config) > 2 else "0"
+        return f"emu_launch({config[0]}, {config[1]}, {smem}, [&]() {{ {m.group(1)}({m.group(3)}); }});"
+
+    out, n = re.subn(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\((.*?)\);", launch, src, flags=re.S)
+    assert n >= min_launches, f"expected at least {min_launches} kernel launches to be rewritten, got {n}"
+    out = re.sub(
+        r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];",
+        r"\1* \2 = reinterpret_cast<\1*>(emu_dynamic_smem.data());",
+        out,
+    )
+    return out
+
+
+def build(out_dir: pathlib.Path, kernels: dict[str, int], headers: list[str], shim: str) -> ctypes.CDLL:
+    """Compile the ``.cu`` files of csrc/cuda named in ``kernels`` (name -> the fewest launches it holds) with
+    ``headers`` (also from csrc/cuda) and the test's ``shim`` (extern "C" entry points), and load the library.
+
+    Skips the calling test where g++ or the CUDA sources are missing."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ (C++20) to build the CPU emulation of the CUDA kernels")
+    if not all((CSRC_CUDA / name).exists() for name in [*kernels, *headers]):
+        pytest.skip("the CUDA sources are not beside the tests (installed package without csrc/)")
+    inc = out_dir / "inc"
+    inc.mkdir(parents=True, exist_ok=True)
+    (out_dir / "emu_cuda.h").write_text(HEADER)
+    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (inc / name).write_text('#pragma once\n#include "../emu_cuda.h"\n')
+    for name in headers:
+        shutil.copy(CSRC_CUDA / name, inc / name)
+    sources = []
+    for name, min_launches in kernels.items():
+        path = out_dir / (pathlib.Path(name).stem + "_emulated.cpp")
+        path.write_text('#include "emu_cuda.h"\n' + rewrite((CSRC_CUDA / name).read_text(), min_launches))
+        sources.append(str(path))
+    (out_dir / "shim.cpp").write_text('#include "emu_cuda.h"\n' + shim)
+    lib = out_dir / "libemu.so"
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{inc}", f"-I{out_dir}", *sources,
+           str(out_dir / "shim.cpp"), "-o", str(lib)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+def ptr(t) -> ctypes.c_void_p:
+    """A tensor's data pointer for a ctypes call (null for None)."""
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
