@@ -1,6 +1,7 @@
-// Launchers of the CUDA conv_bias_relu kernels (csrc/cuda/conv_bias_relu.cu), on raw pointers.
+// Launchers of the CUDA kernels of conv_bias_relu, on raw pointers: the forward's implicit GEMM
+// (csrc/cuda/conv_bias_relu.cu) and the backward epilogue relu_bias_grad (csrc/cuda/relu_bias_grad.cu).
 //
-// No torch headers here or in the .cu file: the ATen glue (conv_bias_relu_aten.cpp) owns tensors, streams
+// No torch headers here or in the .cu files: the ATen glue (conv_bias_relu_aten.cpp) owns tensors, streams
 // and error reporting. Every launcher enqueues on `stream` and returns the launch status (cudaGetLastError).
 // dtype codes: 0 = float32, 1 = float16, 2 = bfloat16, 3 = float64.
 

@@ -1,4 +1,4 @@
-// conv_bias_relu on CUDA tensors: ATen glue around the kernels of conv_bias_relu.cu.
+// conv_bias_relu on CUDA tensors: ATen glue around the kernels of conv_bias_relu.cu and relu_bias_grad.cu.
 //
 // Forward, by algo:
 //   "implicit_gemm" - our tensor-core implicit-GEMM convolution with the bias + ReLU epilogue (float16 /
