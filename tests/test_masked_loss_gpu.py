@@ -879,6 +879,34 @@ def test_cuda_kernels_emulated_ce_misaligned_pixels(emu, dtype):
     assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
 
 
+@pytest.mark.parametrize("kind", ["ce", "l1"])
+def test_cuda_kernels_emulated_counts_over_many_chunks(emu, kind):
+    """Targets beyond what the largest count grid covers in one pass (each block walks several chunks, the last one
+    partial): the partial counts add up to the valid elements (targets valid and sample labelled)."""
+    import ctypes
+
+    n, s = 5, 120_007  # 600035 elements: 256 blocks of 4 x 256 per chunk, 2 to 3 chunks each
+    mask = torch.tensor([True, False, True, True, True])
+    loss = torch.full((), float("nan"))
+    blocks = emu.emu_count_blocks(ctypes.c_int64(n * s))
+    assert blocks == 256
+    counts = torch.full((blocks,), -1, dtype=torch.int32)
+    if kind == "ce":
+        target = torch.randint(-1, 7, (n, s))  # -1: ignore_index; 6: out of range for C = 6
+        valid = (target >= 0) & (target < 6) & mask[:, None]
+        pred = torch.empty(n, 6, s)
+        geom = _emu_geometry(pred, target, mask, pred)
+        assert emu.emu_count_ce(_ptr(target), _ptr(mask), geom, ctypes.c_int64(-1), _ptr(counts), blocks, _ptr(loss)) == 0
+    else:
+        target = torch.randn(n, s).to(torch.bfloat16)
+        target[target > 1.0] = float("nan")
+        valid = ~target.isnan() & mask[:, None]
+        assert emu.emu_count_float(_ptr(target), _EMU_DTYPE[torch.bfloat16], _ptr(mask), ctypes.c_int64(n * s),
+                                   ctypes.c_int64(s), _ptr(counts), blocks, _ptr(loss)) == 0  # fmt: skip
+    assert (counts >= 0).all() and counts.sum().item() == valid.sum().item()
+    assert loss.item() == 0.0
+
+
 def _check_multitask(tasks, weights, total, losses, grad_scale, grads, lead):
     """Losses, total and grads * grad_scale against the float64 reference; every gradient but the lead's and float16
     ones already divided (factor 1), so the backward moves no memory for them."""
