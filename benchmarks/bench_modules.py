@@ -14,6 +14,8 @@ torch.compile variants are timed only when benchmarks are timed (the smoke run s
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -22,6 +24,9 @@ from torch import nn
 
 import fastmtl
 from fastmtl import FusedConv2dReLU, FusedTrunk, backends
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import compile_static  # noqa: E402  (beside this file)
 
 CUDA = torch.cuda.is_available()
 TRUNK_STAGES = [(32, 2), (64, 2), (128, 2)]
@@ -87,7 +92,7 @@ def test_resnet18_eval(bench, smoke, variant, device, shape, dtype, channels_las
         model = fastmtl.fuse(model)
         assert fastmtl.nn.fuse_report(model).num_fused == 9
     elif variant == "compile":
-        model = torch.compile(model)
+        model = compile_static(model)
     x = torch.randn(*shape, device=device, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -129,7 +134,7 @@ def test_trunk_train_step(bench, smoke, variant, device, shape, dtype, channels_
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    forward = torch.compile(model) if variant == "compile" else model
+    forward = compile_static(model) if variant == "compile" else model
     x = torch.randn(*shape, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
