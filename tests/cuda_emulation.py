@@ -2,13 +2,18 @@
 
 Without a GPU the .cu kernels would otherwise only be compiled. The emulation runs each block's threads as
 std::threads, blocks one after another: ``__syncthreads`` is a block-wide barrier, warp shuffles a barrier of the
-warp's 32 threads, ``extern __shared__`` arrays point at a buffer of the launch's dynamic shared-memory size. It
-checks the kernels' arithmetic, indexing, masking and reductions (and the launchers' choice of kernel), not
-memory-model or timing behaviour, and not the ATen glue (the ``@pytest.mark.cuda`` tests do).
+warp's 32 threads. Shared memory starts as 0xFF bytes (``extern __shared__`` arrays point at a buffer of the launch's
+dynamic size; each ``__shared__`` array is poisoned where it is declared), so a read before a write shows. A launch
+configuration CUDA refuses (block over 1024 threads, an empty grid, grid y or z over 65535, over 48 KiB of dynamic
+shared memory) does not run and ``cudaGetLastError`` reports it; a launch that does not finish in
+``FASTMTL_EMU_WATCHDOG_S`` seconds (300) aborts the process with a message instead of hanging the run. It checks the
+kernels' arithmetic, indexing, masking and reductions (and the launchers' choice of kernel), not memory-model or
+timing behaviour, and not the ATen glue (the ``@pytest.mark.cuda`` tests do).
 
 Limits, which the kernels under test respect: a thread that returns early must not leave others waiting at a
-``__syncthreads`` of the same block after it (its end-of-block arrival stands in for one), and the threads of a warp
-call a shuffle together. ``build`` returns the library loaded with ctypes; its ``emu_launches`` counter (kernel
+``__syncthreads`` of the same block after it (its end-of-block arrival stands in for one), the threads of a warp call
+a shuffle together (a full-warp mask; a power-of-two width), and ``__shared__`` arrays are declared where every thread of the block
+passes. ``build`` returns the library loaded with ctypes; its ``emu_launches`` counter (kernel
 launches so far) is read through the test's shim.
 """
 
@@ -29,11 +34,16 @@ HEADER = r"""
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -61,7 +71,12 @@ typedef void* cudaStream_t;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t emu_last_error = cudaSuccess;  // a launch with a configuration CUDA refuses sets it
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu_last_error;
+  emu_last_error = cudaSuccess;
+  return e;
+}
 inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
   std::memset(p, value, bytes);
   return cudaSuccess;
@@ -76,6 +91,22 @@ using std::min;
 inline unsigned emu_thread_index() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 
+// A __shared__ array at the point of its declaration: 0xFF bytes, as if left by another block (static storage would
+// otherwise hand over zeros, or the previous block's values). The block meets before (no thread still reads it) and
+// after (no thread writes it before it is poisoned); every kernel under test declares its arrays where all threads
+// of the block pass.
+inline void emu_poison_shared(void* p, size_t bytes) {
+  __syncthreads();
+  if (emu_thread_index() == 0) std::memset(p, 0xFF, bytes);
+  __syncthreads();
+}
+
+[[noreturn]] inline void emu_fail(const char* what) {
+  std::fprintf(stderr, "CUDA emulation: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
 // Every lane writes its value, the warp meets, each lane reads its source lane's, the warp meets again.
 template <typename T, typename Source>
 T emu_shuffle(T v, Source source_lane) {
@@ -89,15 +120,22 @@ T emu_shuffle(T v, Source source_lane) {
   warp.arrive_and_wait();
   return r;
 }
-template <typename T>
-T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
-  (void)width;
-  return emu_shuffle(v, [&](unsigned lane) { return lane ^ static_cast<unsigned>(lane_mask); });
+// width: lanes in segments of `width`; a source lane past the caller's segment gives the caller's own value.
+inline unsigned emu_shuffle_source(unsigned lane, unsigned src, unsigned mask, int width) {
+  if (mask != 0xffffffffu || width < 1 || width > 32 || (width & (width - 1)) != 0)
+    emu_fail("only full-warp shuffles (mask 0xffffffff) with a power-of-two width up to 32 are emulated");
+  const unsigned segment_end = (lane & ~static_cast<unsigned>(width - 1)) + static_cast<unsigned>(width);
+  return src < segment_end ? src : lane;
 }
 template <typename T>
-T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
-  (void)width;
-  return emu_shuffle(v, [&](unsigned lane) { return lane + delta; });
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return emu_shuffle(v, [&](unsigned lane) {
+    return emu_shuffle_source(lane, lane ^ static_cast<unsigned>(lane_mask), mask, width);
+  });
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return emu_shuffle(v, [&](unsigned lane) { return emu_shuffle_source(lane, lane + delta, mask, width); });
 }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
@@ -124,21 +162,42 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 inline int emu_launches = 0;  // kernel launches so far (tests read and reset it through their shim)
 
 inline dim3 emu_dim3(dim3 d) { return d; }
-inline dim3 emu_dim3(long long n) { return dim3(static_cast<unsigned>(n)); }
+inline dim3 emu_dim3(long long n) { return n < 1 || n > 0x7fffffffLL ? dim3(0) : dim3(static_cast<unsigned>(n)); }
+
+// Seconds a launch may take before the emulation declares it hung (a barrier or shuffle that not every thread
+// reaches) and aborts the test process with a message, rather than hanging the test run.
+inline int emu_watchdog_seconds() {
+  const char* s = std::getenv("FASTMTL_EMU_WATCHDOG_S");
+  return s != nullptr ? std::atoi(s) : 300;
+}
 
 template <typename G, typename B, typename F>
 void emu_launch(G grid_arg, B block_arg, size_t smem_bytes, F&& body) {
   ++emu_launches;
   const dim3 grid = emu_dim3(grid_arg), block = emu_dim3(block_arg);
+  const unsigned long long threads = 1ULL * block.x * block.y * block.z;
+  // What CUDA refuses: the launch does not run and cudaGetLastError reports it.
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535 || threads < 1 ||
+      threads > 1024 || block.z > 64 || smem_bytes > 48 * 1024) {
+    emu_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
   gridDim = grid;
   blockDim = block;
-  const unsigned threads = block.x * block.y * block.z;
-  emu_dynamic_smem.assign(smem_bytes + 16, 0);
-  std::barrier<> bar(threads);
+  emu_dynamic_smem.assign(smem_bytes, 0xFF);
+  std::barrier<> bar(static_cast<std::ptrdiff_t>(threads));
   emu_block_barrier = &bar;
   emu_warp_barriers.clear();
   for (unsigned w = 0; w * 32 < threads; ++w)
-    emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - w * 32)));
+    emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min<unsigned long long>(32, threads - w * 32)));
+  std::mutex m;
+  std::condition_variable finished;
+  bool done = false;
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(m);
+    if (!finished.wait_for(lock, std::chrono::seconds(emu_watchdog_seconds()), [&] { return done; }))
+      emu_fail("a kernel launch did not finish: a __syncthreads or shuffle that not every thread reaches?");
+  });
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
@@ -152,6 +211,12 @@ void emu_launch(G grid_arg, B block_arg, size_t smem_bytes, F&& body) {
           }
     });
   for (auto& th : pool) th.join();
+  {
+    std::lock_guard<std::mutex> lock(m);
+    done = true;
+  }
+  finished.notify_one();
+  watchdog.join();
 }
 """
 
@@ -189,12 +254,18 @@ def rewrite(src: str, min_launches: int) -> str:
         r"\1* \2 = reinterpret_cast<\1*>(emu_dynamic_smem.data());",
         out,
     )
+    out, n = re.subn(
+        r"(?<!#define )__shared__\s+([\w:<> ]+?)\s+(\w+)\[([^\]]+)\];",
+        r"static \1 \2[\3]; emu_poison_shared(\2, sizeof(\2));",
+        out,
+    )
     return out
 
 
 def build(out_dir: pathlib.Path, kernels: dict[str, int], headers: list[str], shim: str) -> ctypes.CDLL:
     """Compile the ``.cu`` files of csrc/cuda named in ``kernels`` (name -> the fewest launches it holds) with
-    ``headers`` (also from csrc/cuda) and the test's ``shim`` (extern "C" entry points), and load the library.
+    ``headers`` (also from csrc/cuda) and the test's ``shim`` (extern "C" entry points, CUDA syntax allowed), and
+    load the library.
 
     Skips the calling test where g++ or the CUDA sources are missing."""
     if shutil.which("g++") is None:
@@ -213,7 +284,7 @@ def build(out_dir: pathlib.Path, kernels: dict[str, int], headers: list[str], sh
         path = out_dir / (pathlib.Path(name).stem + "_emulated.cpp")
         path.write_text('#include "emu_cuda.h"\n' + rewrite((CSRC_CUDA / name).read_text(), min_launches))
         sources.append(str(path))
-    (out_dir / "shim.cpp").write_text('#include "emu_cuda.h"\n' + shim)
+    (out_dir / "shim.cpp").write_text('#include "emu_cuda.h"\n' + rewrite(shim, 0))
     lib = out_dir / "libemu.so"
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{inc}", f"-I{out_dir}", *sources,
            str(out_dir / "shim.cpp"), "-o", str(lib)]  # fmt: skip

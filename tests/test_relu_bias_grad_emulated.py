@@ -114,6 +114,20 @@ def test_relu_bias_grad_matches_float64(emu, dtype, channels_last, shape, sms):
     assert launches == 2  # the epilogue and the fixed-order sum of its partials
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((2, 300, 5, 7), True), ((2, 520, 3, 3), True), ((4, 3, 40, 40), False), ((6, 2, 30, 30), False)],
+    ids=["nhwc-2-blocks-of-channels", "nhwc-3-blocks-of-channels", "nchw-images-split", "nchw-wide-planes"],
+)
+def test_relu_bias_grad_wide_grids(emu, shape, channels_last, dtype):
+    """Grids that the small cases leave at one block: several blocks across the NHWC channels, NCHW image ranges split
+    over partial rows, and NCHW planes wider than a block (the walk over (image, vector) carries into the image)."""
+    grad_y, y = _inputs(shape, dtype, channels_last)
+    grad_z, grad_bias, _ = _run(emu, grad_y, y, channels_last, True, 132)
+    _check(grad_y, y, grad_z, grad_bias)
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 def test_relu_bias_grad_misaligned_takes_the_element_path(emu, channels_last):
     grad_y, y = _inputs((2, 16, 4, 8), torch.bfloat16, channels_last, offset=1)
