@@ -17,18 +17,28 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 DEADLINE_S=${DEADLINE_S:-560}
 log() { echo "[gpu_check +$(($(date +%s) - START))s] $*"; }
-# limit N: N seconds, or what is left before the deadline (less 15 s for the report) if that is less.
+# limit N: N seconds (an integer), or what is left before the deadline (less 15 s for the report) if that is less;
+# never under 1 (`timeout 0` would mean no limit).
 limit() {
+  case "$1" in '' | *[!0-9]*) echo "gpu_check: time limits are whole seconds, got '$1'" >&2; echo 1; return ;; esac
   local left=$((DEADLINE_S - ($(date +%s) - START) - 15))
-  echo $(($1 < left ? $1 : left))
+  local t=$(($1 < left ? $1 : left))
+  echo $((t < 1 ? 1 : t))
 }
 # enough N STAGE: whether a stage limited to N seconds is worth starting (10 s or more); records the skip otherwise.
 enough() {
   if [ "$1" -ge 10 ]; then return 0; fi
-  log "$2 skipped: the deadline (DEADLINE_S=$DEADLINE_S) is too near"
+  log "$2 skipped: under 10 s to run (its own limit, or what is left of DEADLINE_S=$DEADLINE_S)"
   echo "$2" >>"$OUT/skipped.txt"
   return 1
 }
+# run_for N CMD...: CMD under `timeout`, killed 10 s after its SIGTERM if it ignores it.
+run_for() {
+  local t=$1
+  shift
+  timeout -k 10 "$t" "$@"
+}
+rm -f "$OUT/skipped.txt"
 
 log "device and versions"
 {
@@ -40,7 +50,7 @@ log "device and versions"
 log "build (pip install --no-build-isolation --no-deps .)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
-if ! timeout "$(limit ${BUILD_TIMEOUT:-300})" $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
+if ! run_for "$(limit ${BUILD_TIMEOUT:-300})" $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
   log "BUILD FAILED"; tail -40 "$OUT/build.log"
 fi
 $PY -P -m fastmtl info 2>&1 | tee -a "$OUT/env.txt"
@@ -50,7 +60,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmtl-inductor}
 # The tests check correctness: Triton's tile search (FASTMTL_TRITON_AUTOTUNE) belongs to the benchmarks.
 t=$(limit ${TEST_TIMEOUT:-240})
 if enough "$t" "CUDA tests"; then
-  FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} timeout "$t" $PY -P -m pytest tests -m cuda -v --durations=10 -p no:cacheprovider \
+  FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} run_for "$t" $PY -P -m pytest tests -m cuda -v --durations=10 -p no:cacheprovider \
     --maxfail=20 -o addopts="-ra --import-mode=importlib" --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
   echo "tests exit code: $? (limit $t s)" >>"$OUT/tests.log"
   tail -25 "$OUT/tests.log"
@@ -58,40 +68,45 @@ fi
 
 log "bandwidth check"
 t=$(limit ${BW_TIMEOUT:-60})
-enough "$t" "bandwidth check" && timeout "$t" $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
+enough "$t" "bandwidth check" && run_for "$t" $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
 
 log "profile of one conv_bias_relu training step (per-kernel device time)"
 t=$(limit ${PROFILE_TIMEOUT:-40})
-enough "$t" "profile_conv" && timeout "$t" $PY -P benchmarks/profile_conv.py 2>&1 | tee "$OUT/profile_conv.txt"
+enough "$t" "profile_conv" && run_for "$t" $PY -P benchmarks/profile_conv.py 2>&1 | tee "$OUT/profile_conv.txt"
 log "profile of one masked_multitask_loss forward + backward (kernels, launches, host time)"
 t=$(limit ${PROFILE_TIMEOUT:-40})
-enough "$t" "profile_loss" && timeout "$t" $PY -P benchmarks/profile_loss.py 2>&1 | tee "$OUT/profile_loss.txt"
+enough "$t" "profile_loss" && run_for "$t" $PY -P benchmarks/profile_loss.py 2>&1 | tee "$OUT/profile_loss.txt"
 
 log "benchmarks (CUDA cases), one pytest run per file so that a time limit loses one file's results only"
 unset FASTMTL_BENCH_MAX_AUTOTUNE FASTMTL_BENCH_SHAPES FASTMTL_BENCH_TAG  # the max-autotune pass below sets them
-# name:seconds; BENCH_FILES overrides (e.g. "bench_conv_bias_relu:120").
+# name:seconds; BENCH_FILES overrides (e.g. "bench_conv_bias_relu:120"; empty: none). A pass stopped at its limit
+# loses its rows (pytest-benchmark writes its JSON at the end).
 bench_pass() {  # name limit json-stem -k-expression
   local t
   t=$(limit "$2")
   enough "$t" "benchmarks $3" || return 0
-  timeout "$t" $PY -P -m pytest "benchmarks/$1.py" --benchmark-only -k "$4" -q -p no:cacheprovider \
+  run_for "$t" $PY -P -m pytest "benchmarks/$1.py" --benchmark-only -k "$4" -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_$3.json" --benchmark-min-rounds=10 --benchmark-max-time=0.25 \
     --benchmark-columns=median >"$OUT/bench_$3.log" 2>&1
   echo "$3: exit code $? (limit $t s)" | tee -a "$OUT/bench.log"
 }
-for spec in ${BENCH_FILES:-bench_conv_bias_relu:150 bench_masked_loss:70 bench_modules:70 bench_weighting:50}; do
-  name=${spec%%:*}; limit=${spec##*:}
-  bench_pass "$name" "$limit" "$name" "${BENCH_K:-cuda}"
-done
+# The conv benchmarks first, then the max-autotune pass (issue 3's comparison), then the other files: a deadline cuts
+# the last ones.
+bench_files=${BENCH_FILES-bench_conv_bias_relu:150 bench_masked_loss:70 bench_modules:70 bench_weighting:50}
 MAX_AUTOTUNE_SHAPES=${MAX_AUTOTUNE_SHAPES-b32 trunk2 32x32x64x64->64,b32 trunk3 32x64x32x32->128}
-if [ -n "$MAX_AUTOTUNE_SHAPES" ]; then
-  log "max-autotune pass: $MAX_AUTOTUNE_SHAPES"
-  (
-    export FASTMTL_BENCH_MAX_AUTOTUNE="$MAX_AUTOTUNE_SHAPES" FASTMTL_BENCH_SHAPES="$MAX_AUTOTUNE_SHAPES"
-    export FASTMTL_BENCH_TAG="max-autotune pass"
-    bench_pass bench_conv_bias_relu "${MAX_AUTOTUNE_TIMEOUT:-150}" conv_max_autotune "cuda and not triton and not torch"
-  )
-fi
+for spec in $bench_files; do
+  name=${spec%%:*}; seconds=${spec##*:}
+  bench_pass "$name" "$seconds" "$name" "${BENCH_K:-cuda}"
+  if [ "$name" = bench_conv_bias_relu ] && [ -n "$MAX_AUTOTUNE_SHAPES" ]; then
+    log "max-autotune pass: $MAX_AUTOTUNE_SHAPES"
+    (
+      export FASTMTL_BENCH_MAX_AUTOTUNE="$MAX_AUTOTUNE_SHAPES" FASTMTL_BENCH_SHAPES="$MAX_AUTOTUNE_SHAPES"
+      export FASTMTL_BENCH_TAG="max-autotune pass"
+      bench_pass bench_conv_bias_relu "${MAX_AUTOTUNE_TIMEOUT:-150}" conv_max_autotune \
+        "cuda and not triton and not torch"
+    )
+  fi
+done
 
 log "report"
 $PY -P benchmarks/gpu_summary.py --out "$OUT" 2>&1 | tail -60

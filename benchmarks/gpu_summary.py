@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     lines += ["## CUDA tests", "", f"counts: {results['tests']}", ""]
     lines += [f"- FAILED {name}" for name in failures] + [""]
     if results["skipped_for_deadline"]:
-        lines += ["Not run (the script's deadline was too near): " + ", ".join(results["skipped_for_deadline"]), ""]
+        lines += ["Not run (under 10 s left for them): " + ", ".join(results["skipped_for_deadline"]), ""]
     if bandwidth:
         lines += ["## Bandwidth", "", f"copy: {bandwidth.get('copy_GBps', 0):.0f} GB/s (read + write)", ""]
         lines += ["| kernel | shape | ms | GB/s | of copy |", "|---|---|---:|---:|---:|"]
