@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
                                typename Acc<T>::type* __restrict__ partials, int64_t rows, int64_t C,
                                int64_t rows_per_chunk) {
   using A = typename Acc<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // read as float or double
   A* smem = reinterpret_cast<A*>(smem_raw);  // [TY][TX * VEC]
 
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
