@@ -708,8 +708,8 @@ int emu_take_launches() {
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """The CUDA launchers of masked_loss.cu built for the CPU emulation, loaded with ctypes."""
-    return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"), {"masked_loss.cu": 8}, ["masked_loss.h"],
-                                _EMU_SHIM)
+    return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"), {"masked_loss.cu": 8},
+                                ["masked_loss.h", "numeric.cuh"], _EMU_SHIM)
 
 
 _EMU_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -242,7 +242,7 @@ cudaError_t conv_bias_relu_implicit_gemm(int dtype, const void* x, const void* w
   if (Kg > INT32_MAX / 2 || s.H > INT32_MAX / 4 || s.W > INT32_MAX / 4) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((s.K + BN - 1) / BN));
   if (grid.y > 65535) return cudaErrorInvalidConfiguration;
-  const bool vec = s.C % 8 == 0 && aligned16(x) && aligned16(weight);
+  const bool vec = s.C % 8 == 0 && aligned(x, 16) && aligned(weight, 16);
   const int kg = static_cast<int>(Kg);
   if (dtype == kFloat16) {
     launch_implicit_gemm<__half>(vec, x, weight, bias, y, s, M, kg, grid, stream);

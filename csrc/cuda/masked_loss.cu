@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "masked_loss.h"
+#include "numeric.cuh"
 
 namespace fastmtl {
 namespace cuda {
@@ -82,26 +83,7 @@ struct ChainLinks {
   LeadSlots lead{};
 };
 
-// ---- conversions and reductions --------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+// ---- reductions ------------------------------------------------------------------------------------------------
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -237,7 +219,7 @@ __device__ int count_float_block(const T* __restrict__ target, const bool* __res
       t[u] = 0.0f;
       labelled[u] = i < total;
       if (i < total) {
-        t[u] = to_float(target[i]);
+        t[u] = to_acc(target[i]);
         if (mask != nullptr) labelled[u] = mask[div_index(i, M)];
       }
     }
@@ -387,7 +369,7 @@ __global__ void __launch_bounds__(kThreads)
       float m = -INFINITY, xt = 0.0f;
 #pragma unroll
       for (int c = 0; c < CREG; ++c) {
-        v[c] = c < g.C ? to_float(x[c * g.p_sc]) : -INFINITY;
+        v[c] = c < g.C ? to_acc(x[c * g.p_sc]) : -INFINITY;
         m = fmaxf(m, v[c]);
         if (c == row.t) xt = v[c];
       }
@@ -407,7 +389,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {  // online softmax, then a second read (from cache) for the gradient
       float m = -INFINITY, l = 0.0f;
       for (int64_t c = 0; c < g.C; ++c) {
-        const float xv = to_float(x[c * g.p_sc]);
+        const float xv = to_acc(x[c * g.p_sc]);
         if (xv > m) {
           l = l * expf(m - xv) + 1.0f;
           m = xv;
@@ -415,21 +397,16 @@ __global__ void __launch_bounds__(kThreads)
           l += expf(xv - m);
         }
       }
-      row_loss = m + logf(l) - to_float(x[row.t * g.p_sc]);
+      row_loss = m + logf(l) - to_acc(x[row.t * g.p_sc]);
       if (gx != nullptr) {
         const float scale = gi / l;
         for (int64_t c = 0; c < g.C; ++c)
-          gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c * g.p_sc]) - m) * scale - (c == row.t ? gi : 0.0f));
+          gx[c * g.g_sc] = from_float<P>(expf(to_acc(x[c * g.p_sc]) - m) * scale - (c == row.t ? gi : 0.0f));
       }
     }
   }
   reduction_finish(red, links, row_loss, valid, inv);
 }
-
-template <typename X, int V>
-struct alignas(sizeof(X) * V) Pack {
-  X v[V];
-};
 
 // NCHW logits with contiguous pixels (p_ss == g_ss == 1): PIX neighbouring pixels per thread, so every load and store
 // of a class plane moves PIX elements at once (8 or 16 bytes instead of 2 or 4). The launcher checks that S and the
@@ -482,7 +459,7 @@ __global__ void __launch_bounds__(kThreads)
         if (c < g.C) {
           const Vec pk = *reinterpret_cast<const Vec*>(x + c * g.p_sc);
 #pragma unroll
-          for (int j = 0; j < PIX; ++j) v[c][j] = to_float(pk.v[j]);
+          for (int j = 0; j < PIX; ++j) v[c][j] = to_acc(pk.v[j]);
         } else {
 #pragma unroll
           for (int j = 0; j < PIX; ++j) v[c][j] = -INFINITY;
@@ -549,7 +526,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < VPL; ++k) {
         const int64_t c = lane + k * TPR;
-        v[k] = c < g.C ? to_float(x[c]) : -INFINITY;
+        v[k] = c < g.C ? to_acc(x[c]) : -INFINITY;
         m = fmaxf(m, v[k]);
       }
       if (m > -INFINITY) {
@@ -558,7 +535,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     } else {
       for (int64_t c = lane; c < g.C; c += TPR) {
-        const float xv = to_float(x[c]);
+        const float xv = to_acc(x[c]);
         if (xv > m) {
           l = l * expf(m - xv) + 1.0f;
           m = xv;
@@ -578,7 +555,7 @@ __global__ void __launch_bounds__(kThreads)
     m = mm;
   }
   float row_loss = 0.0f;
-  if (row.ok && lane == 0) row_loss = m + logf(l) - to_float(x[row.t]);
+  if (row.ok && lane == 0) row_loss = m + logf(l) - to_acc(x[row.t]);
   const int valid = row.ok && lane == 0 ? 1 : 0;
   if (in_range && grad != nullptr) {
     P* gx = grad + n * g.g_sn + s * g.g_ss;
@@ -594,7 +571,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       const float scale = gi / l;
       for (int64_t c = lane; c < g.C; c += TPR)
-        gx[c * g.g_sc] = from_float<P>(expf(to_float(x[c]) - m) * scale - (c == row.t ? gi : 0.0f));
+        gx[c * g.g_sc] = from_float<P>(expf(to_acc(x[c]) - m) * scale - (c == row.t ? gi : 0.0f));
     }
   }
   reduction_finish(red, links, row_loss, valid, inv);
@@ -657,14 +634,14 @@ __global__ void __launch_bounds__(kThreads)
       const Pack<T, VEC> tp = *reinterpret_cast<const Pack<T, VEC>*>(target + base);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        p[e] = to_float(pp.v[e]);
-        t[e] = to_float(tp.v[e]);
+        p[e] = to_acc(pp.v[e]);
+        t[e] = to_acc(tp.v[e]);
       }
     } else {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        p[e] = ok[e] ? to_float(pred[base + e]) : 0.0f;
-        t[e] = ok[e] ? to_float(target[base + e]) : 0.0f;
+        p[e] = ok[e] ? to_acc(pred[base + e]) : 0.0f;
+        t[e] = ok[e] ? to_acc(target[base + e]) : 0.0f;
       }
     }
     Pack<P, VEC> gp;
@@ -718,7 +695,7 @@ __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t n
       const int64_t i = base + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * V;
       Pack<X, V> pk = *reinterpret_cast<const Pack<X, V>*>(a + i);
 #pragma unroll
-      for (int j = 0; j < V; ++j) pk.v[j] = from_float<X>(to_float(pk.v[j]) * scale);
+      for (int j = 0; j < V; ++j) pk.v[j] = from_float<X>(to_acc(pk.v[j]) * scale);
       *reinterpret_cast<Pack<X, V>*>(b + i) = pk;
     }
     return;
@@ -726,7 +703,7 @@ __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t n
 #pragma unroll
   for (int k = 0; k < kScaleItems; ++k) {
     const int64_t i = base + static_cast<int64_t>(k) * kThreads + threadIdx.x;
-    if (i < numel) b[i] = from_float<X>(to_float(a[i]) * scale);
+    if (i < numel) b[i] = from_float<X>(to_acc(a[i]) * scale);
   }
 }
 
@@ -778,10 +755,6 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   }
   return cudaErrorInvalidValue;
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Whether ce_pixel_vec_kernel applies: C <= 16, contiguous pixels, and every PIX-pixel group of every class plane
 // (of pred and of grad) starts on a PIX-element boundary.

@@ -1,10 +1,12 @@
-// Scalar conversions and vector packs of the conv_bias_relu kernels (conv_bias_relu.cu, relu_bias_grad.cu). torch
-// builds with the implicit half / bfloat16 conversions disabled, hence the explicit ones. No torch headers.
+// Scalar conversions, vector packs and launch arithmetic shared by the CUDA kernels (conv_bias_relu.cu,
+// relu_bias_grad.cu, masked_loss.cu). torch builds with the implicit half / bfloat16 conversions disabled, hence the
+// explicit ones. No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace fastmtl {
@@ -49,7 +51,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace cuda
 }  // namespace fastmtl

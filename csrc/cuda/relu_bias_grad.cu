@@ -209,7 +209,7 @@ cudaError_t relu_bias_grad_typed(bool channels_last, const void* grad_y, const v
   auto* part = static_cast<typename Acc<T>::type*>(partials);
   // The vector width must divide the contiguous run (C for NHWC, HW for NCHW) and every pointer be aligned.
   const int64_t run = channels_last ? C : HW;
-  const bool vec = run % kVec == 0 && aligned16(grad_y) && aligned16(y) && aligned16(grad_z);
+  const bool vec = run % kVec == 0 && aligned(grad_y, 16) && aligned(y, 16) && aligned(grad_z, 16);
   if (vec) return launch_relu_bias_grad<T, kVec>(channels_last, gy, yy, gz, gb, part, N, C, HW, partial_rows, stream);
   return launch_relu_bias_grad<T, 1>(channels_last, gy, yy, gz, gb, part, N, C, HW, partial_rows, stream);
 }
