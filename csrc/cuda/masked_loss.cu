@@ -167,66 +167,59 @@ __device__ __forceinline__ void reduction_finish(const LossReduction& red, const
 // of its chunk's targets (and mask values) before testing any, so they are in flight together (one element per loop
 // turn left one load in flight per thread: ~40 turns in a row for the 8x3x288x384 normals of the NYUv2-like batch,
 // against ~10 turns of 4 loads now). 4, not 8: these passes also run as count blocks inside the loss kernels, whose
-// registers (sm_90) go from 32-48 to 48-56 with 4 and to 80, with spills, with 8.
+// registers (sm_90) go from 32-48 to 46-52 with 4 and to 80, with spills, with 8.
 constexpr int kCountUnroll = 4;
 constexpr int64_t kCountChunk = static_cast<int64_t>(kCountUnroll) * kThreads;
 
-// Valid class targets (t != ignore_index, 0 <= t < C, and mask) seen by block `block` of `blocks`; every thread
-// returns the block's sum.
-__device__ int count_ce_block(const int64_t* __restrict__ target, const bool* __restrict__ mask, const CeGeometry& g,
-                              int64_t ignore_index, int64_t block, int64_t blocks) {
-  const int64_t total = g.N * g.S;
-  const bool flat_target = g.t_sn == g.S * g.t_ss;
-  const bool flat_mask = g.m_sn == g.S * g.m_ss;
-  const bool split = !(flat_target && (mask == nullptr || flat_mask));  // (n, s) needed for an index
+// Elements of [0, total) that block `block` of `blocks` sees and that count, summed over the block (every thread gets
+// the sum): load(i, value) stores element i's value and returns whether its sample is labelled; valid(value) says
+// whether the value itself counts. All of a chunk's loads come before any test (see above).
+template <typename V, typename Load, typename Valid>
+__device__ __forceinline__ int count_in_chunks(int64_t total, int64_t block, int64_t blocks, Load load, Valid valid) {
   int local = 0;
   for (int64_t base = block * kCountChunk + threadIdx.x; base < total; base += blocks * kCountChunk) {
-    int64_t t[kCountUnroll];
+    V value[kCountUnroll];
     bool labelled[kCountUnroll];  // in range and (no mask or mask set)
 #pragma unroll
     for (int u = 0; u < kCountUnroll; ++u) {
-      const int64_t r = base + u * kThreads;
-      t[u] = 0;
-      labelled[u] = r < total;
-      if (r < total) {
-        int64_t n = 0, s = r;
-        if (split) {
-          n = div_index(r, g.S);
-          s = r - n * g.S;
-        }
-        t[u] = flat_target ? target[r * g.t_ss] : target[n * g.t_sn + s * g.t_ss];
-        if (mask != nullptr) labelled[u] = flat_mask ? mask[r * g.m_ss] : mask[n * g.m_sn + s * g.m_ss];
-      }
+      const int64_t i = base + u * kThreads;
+      value[u] = V(0);
+      labelled[u] = i < total && load(i, value[u]);
     }
 #pragma unroll
-    for (int u = 0; u < kCountUnroll; ++u)
-      local += labelled[u] && t[u] != ignore_index && t[u] >= 0 && t[u] < g.C ? 1 : 0;
+    for (int u = 0; u < kCountUnroll; ++u) local += labelled[u] && valid(value[u]) ? 1 : 0;
   }
   return block_sum(local);
+}
+
+// Valid class targets (t != ignore_index, 0 <= t < C, and mask) seen by block `block` of `blocks`.
+__device__ int count_ce_block(const int64_t* __restrict__ target, const bool* __restrict__ mask, const CeGeometry& g,
+                              int64_t ignore_index, int64_t block, int64_t blocks) {
+  const bool flat_target = g.t_sn == g.S * g.t_ss;
+  const bool flat_mask = g.m_sn == g.S * g.m_ss;
+  const bool split = !(flat_target && (mask == nullptr || flat_mask));  // (n, s) needed for an index
+  const auto load = [&](int64_t r, int64_t& t) {
+    int64_t n = 0, s = r;
+    if (split) {
+      n = div_index(r, g.S);
+      s = r - n * g.S;
+    }
+    t = flat_target ? target[r * g.t_ss] : target[n * g.t_sn + s * g.t_ss];
+    return mask == nullptr || (flat_mask ? mask[r * g.m_ss] : mask[n * g.m_sn + s * g.m_ss]);
+  };
+  const auto valid = [&](int64_t t) { return t != ignore_index && t >= 0 && t < g.C; };
+  return count_in_chunks<int64_t>(g.N * g.S, block, blocks, load, valid);
 }
 
 // Non-NaN float targets (contiguous storage, sample n owns [n*M, (n+1)*M)) seen by block `block` of `blocks`.
 template <typename T>
 __device__ int count_float_block(const T* __restrict__ target, const bool* __restrict__ mask, int64_t total,
                                  int64_t M, int64_t block, int64_t blocks) {
-  int local = 0;
-  for (int64_t base = block * kCountChunk + threadIdx.x; base < total; base += blocks * kCountChunk) {
-    float t[kCountUnroll];
-    bool labelled[kCountUnroll];
-#pragma unroll
-    for (int u = 0; u < kCountUnroll; ++u) {
-      const int64_t i = base + u * kThreads;
-      t[u] = 0.0f;
-      labelled[u] = i < total;
-      if (i < total) {
-        t[u] = to_acc(target[i]);
-        if (mask != nullptr) labelled[u] = mask[div_index(i, M)];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kCountUnroll; ++u) local += labelled[u] && !isnan(t[u]) ? 1 : 0;
-  }
-  return block_sum(local);
+  const auto load = [&](int64_t i, float& t) {
+    t = to_acc(target[i]);
+    return mask == nullptr || mask[div_index(i, M)];
+  };
+  return count_in_chunks<float>(total, block, blocks, load, [](float t) { return !isnan(t); });
 }
 
 __global__ void __launch_bounds__(kThreads)
