@@ -12,9 +12,9 @@ timing behaviour, and not the ATen glue (the ``@pytest.mark.cuda`` tests do).
 
 Limits, which the kernels under test respect: a thread that returns early must not leave others waiting at a
 ``__syncthreads`` of the same block after it (its end-of-block arrival stands in for one), the threads of a warp call
-a shuffle together (a full-warp mask; a power-of-two width), and ``__shared__`` arrays are declared where every thread of the block
-passes. ``build`` returns the library loaded with ctypes; its ``emu_launches`` counter (kernel
-launches so far) is read through the test's shim.
+a shuffle together (a full-warp mask; a power-of-two width), and ``__shared__`` arrays are declared where every
+thread of the block passes. ``build`` returns the library loaded with ctypes: the test shim's functions, and
+``emu_take_launches()`` (kernel launches since its last call).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return b;
 }
 
-inline int emu_launches = 0;  // kernel launches so far (tests read and reset it through their shim)
+inline int emu_launches = 0;  // kernel launches so far (emu_take_launches reads and resets it)
 
 inline dim3 emu_dim3(dim3 d) { return d; }
 inline dim3 emu_dim3(long long n) { return n < 1 || n > 0x7fffffffLL ? dim3(0) : dim3(static_cast<unsigned>(n)); }
@@ -262,6 +262,15 @@ def rewrite(src: str, min_launches: int) -> str:
     return out
 
 
+_TAKE_LAUNCHES = r"""
+extern "C" int emu_take_launches() {
+  const int n = emu_launches;
+  emu_launches = 0;
+  return n;
+}
+"""
+
+
 def build(out_dir: pathlib.Path, kernels: dict[str, int], headers: list[str], shim: str) -> ctypes.CDLL:
     """Compile the ``.cu`` files of csrc/cuda named in ``kernels`` (name -> the fewest launches it holds) with
     ``headers`` (also from csrc/cuda) and the test's ``shim`` (extern "C" entry points, CUDA syntax allowed), and
@@ -284,7 +293,7 @@ def build(out_dir: pathlib.Path, kernels: dict[str, int], headers: list[str], sh
         path = out_dir / (pathlib.Path(name).stem + "_emulated.cpp")
         path.write_text('#include "emu_cuda.h"\n' + rewrite((CSRC_CUDA / name).read_text(), min_launches))
         sources.append(str(path))
-    (out_dir / "shim.cpp").write_text('#include "emu_cuda.h"\n' + rewrite(shim, 0))
+    (out_dir / "shim.cpp").write_text('#include "emu_cuda.h"\n' + rewrite(shim, 0) + _TAKE_LAUNCHES)
     lib = out_dir / "libemu.so"
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{inc}", f"-I{out_dir}", *sources,
            str(out_dir / "shim.cpp"), "-o", str(lib)]  # fmt: skip

@@ -696,11 +696,6 @@ int emu_scale_by(const void** ins, void** outs, const int64_t* numels, const int
   return masked_loss_scale_grads_by(tasks, n, f, nullptr);
 }
 int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
-int emu_take_launches() {
-  const int n = emu_launches;
-  emu_launches = 0;
-  return n;
-}
 }
 """
 

@@ -30,11 +30,6 @@ int emu_relu_bias_grad(int dtype, int channels_last, const void* grad_y, const v
                        void* partials, int64_t N, int64_t C, int64_t HW, int sms) {
   return relu_bias_grad(dtype, channels_last != 0, grad_y, y, grad_z, grad_bias, partials, N, C, HW, sms, nullptr);
 }
-int emu_take_launches() {
-  const int n = emu_launches;
-  emu_launches = 0;
-  return n;
-}
 }
 """
 
