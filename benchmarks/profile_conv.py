@@ -4,9 +4,9 @@
 
 Runs forward + backward (to x, weight and bias) of eager ``relu(conv2d)`` and of fastmtl's CUDA choices
 (``cuda:library`` = cuDNN's fused convolution + bias + ReLU, ``cuda:implicit_gemm`` = our tensor-core kernel, both
-with our fused backward epilogue), bf16 channels_last (input and weight), under ``torch.profiler``; prints each variant's kernels
-with their mean device time per step, and the host time per step (launches queued without waiting). This explains
-the ratios of ``bench_conv_bias_relu.py``; it is not a benchmark itself.
+with our fused backward epilogue), bf16 channels_last (input and weight), under ``torch.profiler``; prints each
+variant's kernels with their mean device time per step, and the host time per step (launches queued without
+waiting). This explains the ratios of ``bench_conv_bias_relu.py``; it is not a benchmark itself.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@
 
 Rows are grouped by (op, mode, shape, dtype, device). For each backend the table gives the median time, the speed
 ratio against eager PyTorch and against torch.compile (baseline median / this median: > 1 means faster), and the
-peak-memory ratio against eager (this / eager: < 1 means less memory; CUDA only), and on CUDA the device time
-of one call (CUDA graph replay: kernels alone, no host overhead) with its ratios against eager's and compile's.
-Baselines are the rows named "eager" and "compile" (or "compile-max-autotune", the faster of the two; for device
-time, the faster by device time) in the same group, measured in the same run. For ``auto`` rows that record it, the backend column names the dispatcher's choice.
+peak-memory ratio against eager (this / eager: < 1 means less memory; CUDA only), and on CUDA the device time of one
+call (CUDA graph replay: kernels alone, no host overhead) with its ratios against eager's and compile's. Baselines
+are the rows named "eager" and "compile" (or "compile-max-autotune", the faster of the two; for device time, the
+faster by device time) in the same group, measured in the same run. For ``auto`` rows that record it, the backend
+column names the dispatcher's choice.
 """
 
 from __future__ import annotations

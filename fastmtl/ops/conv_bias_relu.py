@@ -4,8 +4,8 @@ Registered ops (namespace ``fastmtl``):
 
 * ``conv_bias_relu`` / ``conv_bias_relu_backward`` / ``relu_bias_grad`` - native (schemas in ``csrc/ops.cpp``;
   CPU kernels in ``csrc/cpu/conv_bias_relu.cpp``, CUDA in ``csrc/cuda/conv_bias_relu.cu`` and
-  ``csrc/cuda/relu_bias_grad.cu``, autograd in ``csrc/autograd.cpp``). Fake implementations are registered here, so ``torch.compile`` traces them and
-  ``opcheck`` passes.
+  ``csrc/cuda/relu_bias_grad.cu``, autograd in ``csrc/autograd.cpp``). Fake implementations are registered here, so
+  ``torch.compile`` traces them and ``opcheck`` passes.
 * ``conv_bias_relu_triton`` - the Triton kernels of ``fastmtl.kernels.conv_bias_relu`` (registered lazily, the first
   time the triton backend is used, since importing Triton is slow).
 
