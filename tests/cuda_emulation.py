@@ -62,7 +62,7 @@ inline std::vector<unsigned char> emu_dynamic_smem;
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
 

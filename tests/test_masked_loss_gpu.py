@@ -680,20 +680,21 @@ int emu_elementwise(int kind, const void* pred, int dtype, const void* target, i
   return masked_loss_elementwise(ElementwiseKind(kind), pred, DType(dtype), target, DType(tdtype), mask, grad, total, M,
                                  reduction(counts, num_counts, loss, total_loss, weight, grad_scale), nullptr);
 }
-int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales) {
+int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales,
+              int num_sms) {
   ScaleTask tasks[kMaxScaleTasks];
   for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i])};
-  return masked_loss_scale_grads(tasks, n, scales, nullptr);
+  return masked_loss_scale_grads(tasks, n, scales, num_sms, nullptr);
 }
 int emu_scale_by(const void** ins, void** outs, const int64_t* numels, const int* dtypes, const float** g_tasks, int n,
-                 const float* g_total, const float* weights, const float* factor) {
+                 const float* g_total, const float* weights, const float* factor, int num_sms) {
   ScaleTask tasks[kMaxScaleTasks];
   for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i]), g_tasks[i]};
   ScaleFactors f;
   f.g_total = g_total;
   f.weights = weights;
   f.factor = factor;
-  return masked_loss_scale_grads_by(tasks, n, f, nullptr);
+  return masked_loss_scale_grads_by(tasks, n, f, num_sms, nullptr);
 }
 int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
 }
@@ -1043,37 +1044,56 @@ def test_cuda_kernels_emulated_float16_gradients_keep_their_precision(emu):
     assert flushed(divided) > 0.03, "the case must be one where dividing in float16 loses the small entries"
 
 
-def test_cuda_kernels_emulated_scale_grads(emu):
-    """Whole 16-byte-aligned chunks in vectors, the tails and a misaligned tensor one element at a time."""
+@pytest.mark.parametrize("num_sms", [1, 132])
+def test_cuda_kernels_emulated_scale_grads(emu, num_sms):
+    """Whole 16-byte-aligned chunks in vectors, the tails and a misaligned tensor one element at a time; with one SM
+    the grid (8 blocks) is smaller than the 25 chunks, so each block strides across tasks. A scale of exactly 1 out
+    of place still copies."""
     import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16(),
-             torch.randn(4097)[1:]]  # fmt: skip
+             torch.randn(4097)[1:], torch.randn(36000).half()]  # fmt: skip
     outs = [torch.full_like(g, float("nan")) for g in grads]
     scales = torch.randn(len(grads))
+    scales[3] = 1.0
     n = len(grads)
     ins = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
     out_ptrs = (ctypes.c_void_p * n)(*[o.data_ptr() for o in outs])
     numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
     dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
-    assert emu.emu_scale(ins, out_ptrs, numels, dtypes, n, _ptr(scales)) == 0
+    emu.emu_take_launches()
+    assert emu.emu_scale(ins, out_ptrs, numels, dtypes, n, _ptr(scales), num_sms) == 0
+    assert emu.emu_take_launches() == 1
     for g, o, s in zip(grads, outs, scales):
         assert rel_err(o, (g.double() * s.double()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
 
 
+def test_cuda_kernels_emulated_scale_grads_refuses_no_sms(emu):
+    """The grid cap comes from the SM count: 0 is refused (cudaErrorInvalidValue) before anything is launched."""
+    import ctypes
+
+    g = torch.randn(10)
+    emu.emu_take_launches()
+    ptrs = (ctypes.c_void_p * 1)(g.data_ptr())
+    assert emu.emu_scale(ptrs, ptrs, (ctypes.c_int64 * 1)(10), (ctypes.c_int * 1)(0), 1, _ptr(torch.ones(1)), 0) == 1
+    assert emu.emu_take_launches() == 0
+
+
+@pytest.mark.parametrize("num_sms", [1, 132])
 @pytest.mark.parametrize(
     "with_total,with_weights,with_factor", [(True, True, True), (True, False, True), (False, False, True), (True, True, False)]
 )
-def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, with_factor):
+def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, with_factor, num_sms):
     """The backward of masked_multitask_loss_forward: scale_t = (g_total * w_t + g_task[t]) * factor[t] in the kernel
     (no factor: 1, what the CUDA forward's already-divided gradients need)."""
     import ctypes
 
-    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(), torch.randn(10)]
+    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(), torch.randn(10),
+             torch.randn(20000)]  # fmt: skip
     n = len(grads)
     outs = [torch.full_like(g, float("nan")) for g in grads]
     g_total, weights, factor = torch.rand(()), torch.rand(n) + 0.5, torch.rand(n)
-    g_tasks = [torch.rand(()), None, torch.rand(()), None]
+    g_tasks = [torch.rand(()), None, torch.rand(()), None, torch.rand(())]
     ins = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
     out_ptrs = (ctypes.c_void_p * n)(*[o.data_ptr() for o in outs])
     numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
@@ -1082,7 +1102,8 @@ def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, wit
     total_ptr = _ptr(g_total if with_total else None)
     weights_ptr = _ptr(weights if with_weights else None)
     factor_ptr = _ptr(factor if with_factor else None)
-    assert emu.emu_scale_by(ins, out_ptrs, numels, dtypes, task_ptrs, n, total_ptr, weights_ptr, factor_ptr) == 0
+    assert emu.emu_scale_by(ins, out_ptrs, numels, dtypes, task_ptrs, n, total_ptr, weights_ptr, factor_ptr,
+                            num_sms) == 0  # fmt: skip
     for t, (g, o) in enumerate(zip(grads, outs)):
         scale = g_total.item() * (weights[t].item() if with_weights else 1.0) if with_total else 0.0
         scale += g_tasks[t].item() if g_tasks[t] is not None else 0.0
@@ -1091,7 +1112,8 @@ def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, wit
 
 
 def test_cuda_kernels_emulated_scale_by_one_in_place_leaves_the_gradients(emu):
-    """A scale of exactly 1 in place (the usual training step) returns without touching memory; values unchanged."""
+    """A scale of exactly 1 in place (the usual training step) skips the task without touching memory; values
+    unchanged."""
     import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(4000).bfloat16()]
@@ -1102,23 +1124,58 @@ def test_cuda_kernels_emulated_scale_by_one_in_place_leaves_the_gradients(emu):
     dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
     no_tasks = (ctypes.c_void_p * n)(None, None)
     one = torch.ones(())
-    assert emu.emu_scale_by(ptrs, ptrs, numels, dtypes, no_tasks, n, _ptr(one), _ptr(None), _ptr(None)) == 0
+    assert emu.emu_scale_by(ptrs, ptrs, numels, dtypes, no_tasks, n, _ptr(one), _ptr(None), _ptr(None), 132) == 0
     for g, b in zip(grads, before):
         assert torch.equal(g, b)
 
 
-def test_cuda_kernels_emulated_scale_grads_in_place(emu):
-    """masked_loss_scale_grads_ launches the same kernel with in == out: each element is read before it is written."""
+_UNTOUCHABLE_SCALE = r"""
+import ctypes, sys
+lib, libc = ctypes.CDLL(sys.argv[1]), ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+n = 5000
+page = libc.mmap(None, n * 4, 0, 0x02 | 0x20, -1, 0)  # PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS: any access faults
+assert page not in (None, ctypes.c_void_p(-1).value)
+ptrs = (ctypes.c_void_p * 1)(page)
+one = ctypes.c_float(float(sys.argv[2]))
+print(lib.emu_scale_by(ptrs, ptrs, (ctypes.c_int64 * 1)(n), (ctypes.c_int * 1)(0), (ctypes.c_void_p * 1)(None), 1,
+                       ctypes.byref(one), None, None, 132))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps a no-access page with Linux's mmap flags")
+def test_cuda_kernels_emulated_scale_by_one_in_place_moves_no_memory(emu):
+    """The in-place skip is real: a gradient on a page that faults on any access, scaled in place by exactly 1,
+    comes through (in a subprocess); by 0.5 the same call faults, which shows the page does."""
+    import subprocess
+
+    def run(scale):
+        return subprocess.run([sys.executable, "-c", _UNTOUCHABLE_SCALE, emu._name, scale], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    skipped = run("1.0")
+    assert skipped.returncode == 0 and skipped.stdout.strip() == "0", skipped.stderr[-2000:]
+    assert run("0.5").returncode != 0
+
+
+@pytest.mark.parametrize("num_sms", [1, 132])
+def test_cuda_kernels_emulated_scale_grads_in_place(emu, num_sms):
+    """masked_loss_scale_grads_ launches the same kernel with in == out: each element is read before it is written.
+    Tasks scaled by exactly 1 are skipped between the others; those still get every chunk (one SM: the blocks'
+    strides cross the skipped tasks)."""
     import ctypes
 
-    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(4000).bfloat16()]
-    want = [(g.double() * s).to(g.dtype) for g, s in zip(grads, (0.5, -2.0, 3.0))]
-    scales = torch.tensor([0.5, -2.0, 3.0])
+    grads = [torch.randn(3, 700), torch.randn(9000), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(),
+             torch.randn(17000).bfloat16()]  # fmt: skip
+    factors = (0.5, 1.0, -2.0, 3.0, 1.0)
+    want = [(g.double() * s).to(g.dtype) for g, s in zip(grads, factors)]
+    scales = torch.tensor(factors)
     n = len(grads)
     ptrs = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
     numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
     dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
-    assert emu.emu_scale(ptrs, ptrs, numels, dtypes, n, _ptr(scales)) == 0
+    assert emu.emu_scale(ptrs, ptrs, numels, dtypes, n, _ptr(scales), num_sms) == 0
     for g, w in zip(grads, want):
         assert torch.equal(g, w)
 

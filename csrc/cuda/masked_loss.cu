@@ -13,8 +13,9 @@
 //   elementwise_kernel                     bce / l1 / mse, 16-byte vector loads and stores where aligned
 //   scale_grads_kernel                     grouped out[t] = in[t] * scale_t over a task table passed by value,
 //                                          16-byte vectors where aligned; scale_t given, or computed from the
-//                                          upstream gradients (ScaleFactors); a block whose scale is exactly 1 in
-//                                          place returns at once (no memory traffic)
+//                                          upstream gradients (ScaleFactors); a capped grid strides over all
+//                                          tasks' chunks and skips a task scaled in place by exactly 1 (no memory
+//                                          traffic)
 // Every loss kernel starts with its chain links (ChainLinks: count blocks for the next task of the multi-task
 // forward, the lead task's finalize), then sums the partial counts (one per thread, blockDim == kMaxCountBlocks), and
 // ends with a block reduction and one atomicAdd of its loss partial times 1/count (and one into the weighted total),
@@ -666,15 +667,19 @@ struct ScaleTable {
   const void* in[kMaxScaleTasks];
   void* out[kMaxScaleTasks];
   int64_t numel[kMaxScaleTasks];
-  int64_t first_block[kMaxScaleTasks + 1];
+  int64_t first_chunk[kMaxScaleTasks + 1];  // task t owns chunks [first_chunk[t], first_chunk[t + 1])
   int dtype[kMaxScaleTasks];
   bool vec[kMaxScaleTasks];  // in and out are 16-byte aligned
   const float* g_task[kMaxScaleTasks];
   int num;
 };
+static_assert(kMaxScaleTasks <= kThreads, "one thread per task computes the block's task scales");
 
-// One block's chunk of kThreads * kScaleItems elements: 16-byte vectors when aligned and whole, else one element at
-// a time. Each element is read and written by the same thread, so in == out (in place) is safe.
+constexpr int64_t kScaleChunk = static_cast<int64_t>(kThreads) * kScaleItems;  // elements per block per step
+constexpr int kScaleBlocksPerSM = 2048 / kThreads;  // resident blocks per SM (2048 threads per SM on sm_70..sm_90)
+
+// One block's chunk of kScaleChunk elements: 16-byte vectors when aligned and whole, else one element at a time.
+// Each element is read and written by the same thread, so in == out (in place) is safe.
 template <typename X>
 __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t numel, int64_t base, float scale,
                                             bool vec) {
@@ -682,7 +687,7 @@ __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t n
   X* b = static_cast<X*>(out);
   constexpr int V = 16 / sizeof(X);
   static_assert(kScaleItems % V == 0, "a chunk is a whole number of vectors per thread");
-  if (vec && base + static_cast<int64_t>(kThreads) * kScaleItems <= numel) {
+  if (vec && base + kScaleChunk <= numel) {
 #pragma unroll
     for (int k = 0; k < kScaleItems / V; ++k) {
       const int64_t i = base + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * V;
@@ -700,6 +705,18 @@ __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t n
   }
 }
 
+// The chunks [first, end) of one task that fall to this block: first + k with k = blockIdx.x (mod gridDim.x),
+// counting chunks over the whole table, so the blocks' shares stay even across task boundaries.
+template <typename X>
+__device__ __forceinline__ void scale_task(const void* in, void* out, int64_t numel, int64_t first, int64_t end,
+                                           float scale, bool vec) {
+  const int64_t stride = gridDim.x;
+  for (int64_t c = first + ((static_cast<int64_t>(blockIdx.x) - first) % stride + stride) % stride; c < end;
+       c += stride) {
+    scale_chunk<X>(in, out, numel, (c - first) * kScaleChunk, scale, vec);
+  }
+}
+
 // The task's scale: scales[task], or (without scales) (g_total * weights[task] + g_task) * factor[task].
 __device__ __forceinline__ float task_scale(const ScaleTable& table, const float* scales, const ScaleFactors& f,
                                             int task) {
@@ -710,27 +727,31 @@ __device__ __forceinline__ float task_scale(const ScaleTable& table, const float
   return f.factor != nullptr ? s * f.factor[task] : s;
 }
 
-__global__ void __launch_bounds__(kThreads)
+// A capped grid (num_sms * kScaleBlocksPerSM blocks: about one wave) striding over every task's chunks. The task scales are computed once
+// per block, so a task scaled in place by exactly 1 (upstream gradient 1, unit weight, gradient already divided by
+// the count: the usual training step) is skipped whole, with no memory traffic and no blocks spent on it.
+__global__ void __launch_bounds__(kThreads, kScaleBlocksPerSM)
     scale_grads_kernel(ScaleTable table, const float* __restrict__ scales, ScaleFactors factors) {
-  int task = 0;
-  while (task + 1 < table.num && static_cast<int64_t>(blockIdx.x) >= table.first_block[task + 1]) ++task;
-  const int64_t base = (static_cast<int64_t>(blockIdx.x) - table.first_block[task]) * (kThreads * kScaleItems);
-  const float scale = task_scale(table, scales, factors, task);
-  // In place by exactly 1 (upstream gradient 1, unit weight, gradient already divided by the count: the usual
-  // training step): nothing to do, so no memory traffic.
-  if (scale == 1.0f && table.in[task] == table.out[task]) return;
-  switch (table.dtype[task]) {
-    case static_cast<int>(DType::kFloat16):
-      scale_chunk<__half>(table.in[task], table.out[task], table.numel[task], base, scale,
-                              table.vec[task]);
-      break;
-    case static_cast<int>(DType::kBFloat16):
-      scale_chunk<__nv_bfloat16>(table.in[task], table.out[task], table.numel[task], base, scale,
-                              table.vec[task]);
-      break;
-    default:
-      scale_chunk<float>(table.in[task], table.out[task], table.numel[task], base, scale,
-                              table.vec[task]);
+  __shared__ float task_scales[kMaxScaleTasks];
+  if (threadIdx.x < table.num) task_scales[threadIdx.x] = task_scale(table, scales, factors, threadIdx.x);
+  __syncthreads();
+  for (int task = 0; task < table.num; ++task) {
+    const float scale = task_scales[task];
+    if (scale == 1.0f && table.in[task] == table.out[task]) continue;
+    const void* in = table.in[task];
+    void* out = table.out[task];
+    const int64_t numel = table.numel[task], first = table.first_chunk[task], end = table.first_chunk[task + 1];
+    const bool vec = table.vec[task];
+    switch (table.dtype[task]) {
+      case static_cast<int>(DType::kFloat16):
+        scale_task<__half>(in, out, numel, first, end, scale, vec);
+        break;
+      case static_cast<int>(DType::kBFloat16):
+        scale_task<__nv_bfloat16>(in, out, numel, first, end, scale, vec);
+        break;
+      default:
+        scale_task<float>(in, out, numel, first, end, scale, vec);
+    }
   }
 }
 
@@ -1114,11 +1135,11 @@ cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, 
 namespace {
 
 cudaError_t launch_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, const ScaleFactors& factors,
-                               cudaStream_t stream) {
+                               int num_sms, cudaStream_t stream) {
   if (num_tasks <= 0) return cudaSuccess;
-  if (num_tasks > kMaxScaleTasks) return cudaErrorInvalidValue;
+  if (num_tasks > kMaxScaleTasks || num_sms <= 0) return cudaErrorInvalidValue;
   ScaleTable table{};
-  int64_t blocks = 0;
+  int64_t chunks = 0;
   for (int i = 0; i < num_tasks; ++i) {
     table.in[i] = tasks[i].in;
     table.out[i] = tasks[i].out;
@@ -1126,25 +1147,27 @@ cudaError_t launch_scale_grads(const ScaleTask* tasks, int num_tasks, const floa
     table.dtype[i] = static_cast<int>(tasks[i].dtype);
     table.vec[i] = aligned(tasks[i].in, 16) && aligned(tasks[i].out, 16);
     table.g_task[i] = tasks[i].g_task;
-    table.first_block[i] = blocks;
-    blocks += ceil_div(tasks[i].numel, static_cast<int64_t>(kThreads) * kScaleItems);
+    table.first_chunk[i] = chunks;
+    chunks += ceil_div(tasks[i].numel, kScaleChunk);
   }
-  table.first_block[num_tasks] = blocks;
+  table.first_chunk[num_tasks] = chunks;
   table.num = num_tasks;
-  if (blocks == 0) return cudaSuccess;
+  if (chunks == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(chunks, static_cast<int64_t>(num_sms) * kScaleBlocksPerSM);
   scale_grads_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, scales, factors);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream) {
-  return launch_scale_grads(tasks, num_tasks, scales, ScaleFactors{}, stream);
+cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, int num_sms,
+                                    cudaStream_t stream) {
+  return launch_scale_grads(tasks, num_tasks, scales, ScaleFactors{}, num_sms, stream);
 }
 
 cudaError_t masked_loss_scale_grads_by(const ScaleTask* tasks, int num_tasks, const ScaleFactors& factors,
-                                       cudaStream_t stream) {
-  return launch_scale_grads(tasks, num_tasks, nullptr, factors, stream);
+                                       int num_sms, cudaStream_t stream) {
+  return launch_scale_grads(tasks, num_tasks, nullptr, factors, num_sms, stream);
 }
 
 }  // namespace cuda

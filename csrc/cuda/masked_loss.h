@@ -19,7 +19,7 @@
 //      wrote), its extra blocks counting the task after it; the second launch's block 0 also turns the lead's slots
 //      into its loss, gradient factor (grad_scale) and weighted share of the total.
 // The gradients are final up to the upstream gradient except the lead's (a factor), so the backward
-// (masked_loss_scale_grads_by) is one launch whose blocks return at once when the scale is exactly 1 in place, and
+// (masked_loss_scale_grads_by) is one launch that skips every task whose scale is exactly 1 in place, and
 // moves only the lead's (smallest) gradient otherwise: the bytes moved are about those the op must move (preds,
 // targets and gradients once, plus the targets again in the count blocks). Float16 predictions keep undivided
 // gradients and a factor (LossReduction). Fewer than two tasks with elements: one count launch, then the loss kernel.
@@ -131,8 +131,10 @@ struct ScaleTask {
   const float* g_task = nullptr;  // masked_loss_scale_grads_by: the upstream gradient of this task's loss, or none
 };
 
-// out[t] = in[t] * scales[t] for num_tasks <= kMaxScaleTasks dense tensors, in one launch.
-cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, cudaStream_t stream);
+// out[t] = in[t] * scales[t] for num_tasks <= kMaxScaleTasks dense tensors, in one launch. num_sms: the device's
+// multiprocessor count; the grid is capped at the blocks they keep resident, each block striding over the chunks.
+cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, int num_sms,
+                                    cudaStream_t stream);
 
 // The backward of masked_multitask_loss_forward: scale_t = (g_total * weights[t] + tasks[t].g_task) * factor[t],
 // computed in the kernel (absent g_total / g_task count as 0, absent weights and factor as 1); all float32 device
@@ -143,9 +145,10 @@ struct ScaleFactors {
   const float* factor = nullptr;   // [num_tasks] (grad_scale)
 };
 
-// out[t] = in[t] * scale_t for num_tasks <= kMaxScaleTasks dense tensors, in one launch.
+// out[t] = in[t] * scale_t for num_tasks <= kMaxScaleTasks dense tensors, in one launch (num_sms as above). A task
+// whose scale is exactly 1 in place is skipped whole: no memory traffic.
 cudaError_t masked_loss_scale_grads_by(const ScaleTask* tasks, int num_tasks, const ScaleFactors& factors,
-                                       cudaStream_t stream);
+                                       int num_sms, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmtl

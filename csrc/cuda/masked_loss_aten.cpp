@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -35,6 +36,9 @@ DType dtype_of(const at::Tensor& t, const char* name) {
       TORCH_CHECK(false, "masked_loss (CUDA): ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
+
+// The current device's multiprocessor count: the scale kernel caps its grid at the blocks they keep resident.
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "masked_loss (CUDA): ", what, " failed: ", cudaGetErrorString(err));
@@ -323,8 +327,9 @@ void check_scales(at::TensorList grads, const at::Tensor& scales, const char* op
 void launch_scale(const std::vector<cuda::ScaleTask>& tasks, const at::Tensor& scales_c, cudaStream_t stream) {
   for (size_t first = 0; first < tasks.size(); first += cuda::kMaxScaleTasks) {
     const int num = static_cast<int>(std::min<size_t>(cuda::kMaxScaleTasks, tasks.size() - first));
-    check_cuda(cuda::masked_loss_scale_grads(tasks.data() + first, num, scales_c.data_ptr<float>() + first, stream),
-               "scale kernel");
+    check_cuda(
+        cuda::masked_loss_scale_grads(tasks.data() + first, num, scales_c.data_ptr<float>() + first, num_sms(), stream),
+        "scale kernel");
   }
 }
 
@@ -371,7 +376,7 @@ void masked_loss_scale_grads_inplace_cuda(at::TensorList grads, const at::Tensor
   }
   // Some gradients were strided: the dense ones' scales are no longer at their task index.
   for (size_t i = 0; i < tasks.size(); ++i) {
-    check_cuda(cuda::masked_loss_scale_grads(&tasks[i], 1, task_scales[i], stream), "scale kernel");
+    check_cuda(cuda::masked_loss_scale_grads(&tasks[i], 1, task_scales[i], num_sms(), stream), "scale kernel");
   }
 }
 
@@ -435,7 +440,7 @@ std::vector<at::Tensor> multitask_backward(at::TensorList grads, const at::Tenso
     f.g_total = has_total ? g_total.data_ptr<float>() : nullptr;
     f.weights = has_weights ? w.data_ptr<float>() + begin : nullptr;
     f.factor = factor.defined() ? factor.data_ptr<float>() + begin : nullptr;
-    check_cuda(cuda::masked_loss_scale_grads_by(tasks.data() + begin, count, f, stream), "scale kernel");
+    check_cuda(cuda::masked_loss_scale_grads_by(tasks.data() + begin, count, f, num_sms(), stream), "scale kernel");
   }
   return outs;
 }
