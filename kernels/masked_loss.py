@@ -31,7 +31,8 @@ Cross entropy views the logits as ``[N, C, S]`` with three strides (``S`` = prod
 ``[N, C]`` input is viewed as ``[1, C, N]``), so NCHW (pixels contiguous) and channels_last / ``[N, C]`` (classes
 contiguous) run through the same kernel: a program owns a tile of ``BLOCK_S`` pixels of one sample and loops over the
 classes in blocks of ``BLOCK_C`` with an online softmax (one block when ``C`` fits: the logits then stay in
-registers and are read once). The elementwise kinds run over the storage order of ``pred`` (``target`` in the same
+registers and are read once). In the NCHW form every pixel of a labelled sample is read, ignored ones included, so
+that each thread's neighbouring pixels load as one 16-byte vector (see ``_ce_body``). The elementwise kinds run over the storage order of ``pred`` (``target`` in the same
 layout), where sample ``n`` owns the contiguous range ``[n * M, (n + 1) * M)``.
 
 All math is float32; bf16/fp16 values are converted right after loading (bf16 arithmetic is wrong in the
@@ -73,6 +74,21 @@ def _sample_of(offs, start, S, BIG_S: tl.constexpr):
     else:
         n = offs // S
     return n
+
+
+@triton.jit
+def _labelled(mask_ptr, offs, inb, start, M, total, BIG_S: tl.constexpr):
+    """Whether each flat offset's sample (sample n owns ``[n * M, (n + 1) * M)``) is labelled. With BIG_S the block
+    spans at most two samples: two scalar loads instead of one gathered byte per element."""
+    if BIG_S:
+        n0 = start // M
+        boundary = (n0 + 1) * M
+        first = tl.load(mask_ptr + n0) != 0
+        second = tl.load(mask_ptr + n0 + 1, mask=boundary < total, other=0) != 0
+        labelled = tl.where(offs >= boundary, second, first)
+    else:
+        labelled = tl.load(mask_ptr + offs // M, mask=inb, other=0) != 0
+    return labelled
 
 
 @triton.jit
@@ -149,21 +165,36 @@ def _ce_body(
     p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
     ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
     n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
-    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
-    COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr,
-    FIN_BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_PER_PIXEL: tl.constexpr, ROWS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Cross entropy of a tile of BLOCK_S pixels of one sample: online softmax over C, loss and gradient (scaled by
-    1/count, or with PARTIALS the element gradient and this program's (loss sum, valid count) partial)."""
+    1/count, or with PARTIALS the element gradient and this program's (loss sum, valid count) partial).
+
+    Which logits are read: with ROWS (classes contiguous) only the valid pixels' rows, a predicate that is the same
+    along each row's vector. Otherwise (pixels contiguous) every pixel of a labelled sample, valid or not (ignored
+    ones are masked out afterwards): a load predicate that changes from pixel to pixel would split each thread's
+    run of neighbouring pixels into scalar loads. The sample mask is one value per program unless MASK_PER_PIXEL
+    (the ``[N, C]`` view, where pixels are samples)."""
     pid = tl.program_id(0)
     n = (pid // num_s_blocks).to(tl.int64)
     s = (pid % num_s_blocks).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
     t = tl.load(target_ptr + n * t_sn + s * t_ss, mask=s_ok, other=0)
-    ok = s_ok & (t != ignore_index) & (t >= 0) & (t < C)  # out-of-range classes are skipped, never read
+    ok = s_ok & (t != ignore_index) & (t >= 0) & (t < C)  # out-of-range classes are skipped, never indexed
+    read = s_ok
     if HAS_MASK:
-        ok = ok & (tl.load(mask_ptr + n * m_sn + s * m_ss, mask=s_ok, other=0) != 0)
+        if MASK_PER_PIXEL:
+            ok = ok & (tl.load(mask_ptr + n * m_sn + s * m_ss, mask=s_ok, other=0) != 0)
+            read = ok
+        else:
+            labelled = tl.load(mask_ptr + n * m_sn) != 0  # this program's sample
+            ok = ok & labelled
+            read = s_ok & labelled
+    if ROWS:
+        read = ok
     inv_count = _inv_count(counts_ptr, num_counts, PARTIALS, COUNTS_P2)
 
     row_p = pred_ptr + n * p_sn + s * p_ss
@@ -171,7 +202,7 @@ def _ce_body(
     cols = tl.arange(0, BLOCK_C).to(tl.int64)
     if SINGLE_C:
         c_ok = cols < C
-        x = tl.load(row_p[:, None] + cols[None, :] * p_sc, mask=ok[:, None] & c_ok[None, :], other=float("-inf"))
+        x = tl.load(row_p[:, None] + cols[None, :] * p_sc, mask=read[:, None] & c_ok[None, :], other=float("-inf"))
         x = x.to(tl.float32)
         m = tl.max(x, axis=1)
         e = tl.exp(x - m[:, None])
@@ -189,7 +220,7 @@ def _ce_body(
         x_t = tl.zeros([BLOCK_S], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cols
-            x = tl.load(row_p[:, None] + cc[None, :] * p_sc, mask=ok[:, None] & (cc < C)[None, :],
+            x = tl.load(row_p[:, None] + cc[None, :] * p_sc, mask=read[:, None] & (cc < C)[None, :],
                         other=float("-inf")).to(tl.float32)  # fmt: skip
             m_new = tl.maximum(m, tl.max(x, axis=1))
             lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -200,7 +231,7 @@ def _ce_body(
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + cols
                 c_ok = cc < C
-                x = tl.load(row_p[:, None] + cc[None, :] * p_sc, mask=ok[:, None] & c_ok[None, :],
+                x = tl.load(row_p[:, None] + cc[None, :] * p_sc, mask=read[:, None] & c_ok[None, :],
                             other=float("-inf")).to(tl.float32)  # fmt: skip
                 hit = cc[None, :] == t[:, None]
                 g = tl.exp(x - m[:, None]) * scale[:, None] - tl.where(hit, inv_count, 0.0)
@@ -218,8 +249,9 @@ def _ce_body(
 def _ce_kernel(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
     num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
-    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
-    COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_PER_PIXEL: tl.constexpr, ROWS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """One task's cross entropy (``_ce_body``): ``masked_loss``, and the multi-task forward's launches between its
     first and last."""
@@ -227,8 +259,8 @@ def _ce_kernel(
         pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
         num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, loss_ptr,
         loss_ptr, loss_ptr, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0,
-        loss_ptr, 0, loss_ptr, HAS_MASK, COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S, BLOCK_C, 0, 1, False, 0,
-        16,
+        loss_ptr, 0, loss_ptr, HAS_MASK, MASK_PER_PIXEL, ROWS, COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S,
+        BLOCK_C, 0, 1, False, 0, 16,
     )  # fmt: skip
 
 
@@ -237,16 +269,18 @@ def _ce_kernel_chained(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
     num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
     ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
-    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr,
-    COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_PER_PIXEL: tl.constexpr, ROWS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``_ce_kernel`` with the multi-task forward's tail (``_ticket``): its first or last, finalizing, launch."""
     _ce_body(
         pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
         num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, ticket_ptr,
         fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, HAS_MASK,
-        COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S, BLOCK_C, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK,
+        MASK_PER_PIXEL, ROWS, COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S, BLOCK_C, TICKET, NUM, HAS_WEIGHTS,
+        MSE_MASK, FIN_BLOCK,
     )  # fmt: skip
 
 
@@ -269,8 +303,7 @@ def _elementwise_body(
     inb = offs < total
     ok = inb
     if HAS_MASK:
-        n = _sample_of(offs, start, M, BIG_S)
-        ok = ok & (tl.load(mask_ptr + n, mask=inb, other=0) != 0)
+        ok = ok & _labelled(mask_ptr, offs, inb, start, M, total, BIG_S)
     # unlabelled samples are not read at all
     t = tl.load(target_ptr + offs, mask=ok, other=0).to(tl.float32)
     p = tl.load(pred_ptr + offs, mask=ok, other=0).to(tl.float32)
@@ -698,7 +731,8 @@ def _ce_plan(pred, target, mask, ignore_index, compute_grad, grad) -> _TaskPlan:
     num_s_blocks = triton.cdiv(S, block_s)
     tensors = (pred, target, mask_u8, work_grad if compute_grad else pred)
     strides = (ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss)
-    consts = dict(HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c), COUNTS_P2=COUNT_PROGRAMS,
+    consts = dict(HAS_MASK=has_mask, MASK_PER_PIXEL=bool(has_mask and m_ss != 0), ROWS=bool(p_sc == 1 and C > 1),
+                  COMPUTE_GRAD=compute_grad, SINGLE_C=bool(C <= block_c), COUNTS_P2=COUNT_PROGRAMS,
                   BLOCK_S=int(block_s), BLOCK_C=int(block_c),
                   num_warps=8 if block_s * block_c >= 4096 else 4)  # fmt: skip
     blocks = N * num_s_blocks if N * S else 0

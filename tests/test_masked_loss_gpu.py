@@ -531,8 +531,8 @@ for dt, single, bs, bc, part, ticket in (("bf16", False, 4, 1024, True, 2), ("fp
           "first_slot": "i32", "ignore_index": "i32",
           **i64("p_sn", "p_sc", "p_ss", "g_sn", "g_sc", "g_ss", "t_sn", "t_ss", "m_sn", "m_ss"), **tail_sig}
     compile_one(K._ce_kernel_chained if ticket else K._ce_kernel, ce,
-                {"HAS_MASK": True, "COMPUTE_GRAD": True, "SINGLE_C": single, "PARTIALS": part, "COUNTS_P2": 256,
-                 "BLOCK_S": bs, "BLOCK_C": bc, **tail_consts})
+                {"HAS_MASK": True, "MASK_PER_PIXEL": dt == "fp32", "ROWS": bc > 16, "COMPUTE_GRAD": True,
+                 "SINGLE_C": single, "PARTIALS": part, "COUNTS_P2": 256, "BLOCK_S": bs, "BLOCK_C": bc, **tail_consts})
 for dt, kind, ticket in (("fp16", 0, 2), ("bf16", 1, 1), ("fp32", 2, None)):
     tail_sig, tail_consts = chained(ticket)
     el = {"pred_ptr": "*" + dt, "target_ptr": "*fp32", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
@@ -565,6 +565,53 @@ def test_triton_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-P", "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+_VECTOR_LOADS_SCRIPT = r"""
+import collections, re, sys
+sys.path.insert(0, sys.argv[1])
+import triton_compile_check
+triton_compile_check.install_compile_only_driver(90)
+import torch
+from fastmtl.kernels import masked_loss as K
+
+g = torch.Generator().manual_seed(0)
+n, h, w = 2, 64, 64  # S = 4096: the depth task's samples span whole elementwise blocks (BIG_S)
+preds = [torch.randn(n, 13, h, w, generator=g).bfloat16(), torch.randn(n, 1, h, w, generator=g).bfloat16()]
+targets = [torch.randint(0, 13, (n, h, w), generator=g), torch.rand(n, 1, h, w, generator=g)]
+masks = [torch.tensor([True, False]), torch.tensor([False, True])]
+K.multitask_forward(preds, targets, masks, ["ce", "l1"], -100, None, [True, True])
+for fn in (K._ce_kernel_chained, K._elementwise_kernel_chained):
+    for cache in fn.device_caches.values():
+        for kernel in cache[0].values():
+            ops = collections.Counter(re.findall(r"ld\.global[.\w]*", kernel.asm["ptx"]))
+            print(fn.__name__, dict(ops))
+"""
+
+
+@pytest.mark.skipif(GPU, reason="compiles through a stand-in driver; with a GPU the benchmarks time the kernels")
+def test_triton_loss_kernels_load_in_vectors():
+    """On sm_90 the NCHW cross-entropy kernel reads each thread's neighbouring logits as 16-byte vectors (a load
+    predicate that changed from pixel to pixel made them 16 scalar 2-byte loads), and the elementwise kernel reads a
+    block's sample mask with two scalar loads instead of a gathered byte per element."""
+    import os
+    import pathlib
+    import subprocess
+
+    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (bench_dir / "triton_compile_check.py").exists():
+        pytest.skip("benchmarks/triton_compile_check.py is not beside the tests")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-P", "-c", _VECTOR_LOADS_SCRIPT, str(bench_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loads = {}
+    for line in proc.stdout.splitlines():
+        name, ops = line.split(" ", 1)
+        loads[name] = eval(ops)  # noqa: S307  (a dict literal printed by the script above)
+    ce, elementwise = loads["_ce_kernel_chained"], loads["_elementwise_kernel_chained"]
+    assert ce.get("ld.global.v4.b32", 0) >= 2 and "ld.global.b16" not in ce, ce
+    assert elementwise.get("ld.global.b8", 0) <= 2 and elementwise.get("ld.global.v4.b32", 0) >= 2, elementwise
 
 
 def test_triton_opcheck(tri):
