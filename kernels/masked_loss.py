@@ -32,8 +32,9 @@ Cross entropy views the logits as ``[N, C, S]`` with three strides (``S`` = prod
 contiguous) run through the same kernel: a program owns a tile of ``BLOCK_S`` pixels of one sample and loops over the
 classes in blocks of ``BLOCK_C`` with an online softmax (one block when ``C`` fits: the logits then stay in
 registers and are read once). In the NCHW form every pixel of a labelled sample is read, ignored ones included, so
-that each thread's neighbouring pixels load as one 16-byte vector (see ``_ce_body``). The elementwise kinds run over the storage order of ``pred`` (``target`` in the same
-layout), where sample ``n`` owns the contiguous range ``[n * M, (n + 1) * M)``.
+that each thread's neighbouring pixels load as one 16-byte vector (see ``_ce_body``). The elementwise kinds run over
+the storage order of ``pred`` (``target`` in the same layout), where sample ``n`` owns the contiguous range
+``[n * M, (n + 1) * M)``.
 
 All math is float32; bf16/fp16 values are converted right after loading (bf16 arithmetic is wrong in the
 interpreter).
