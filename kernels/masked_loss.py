@@ -786,7 +786,8 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
 
     Per task one loss kernel in partials mode (element gradients, one (loss sum, valid count) partial per program,
     each target read once). For 2 to 8 tasks the last launch also finalizes (losses, factors, total: the
-    program that finishes last, see ``_ticket``), so the forward is ``T`` launches; otherwise one finalize launch per 8 tasks follows.
+    program that finishes last, see ``_ticket``), so the forward is ``T`` launches; otherwise one finalize launch per
+    8 tasks follows.
 
     Returns:
         ``(total, losses, grad_scale, grads)``: float32 0-dim total and losses, float32 ``[T]`` factors (1 / valid

@@ -676,7 +676,9 @@ struct ScaleTable {
 static_assert(kMaxScaleTasks <= kThreads, "one thread per task computes the block's task scales");
 
 constexpr int64_t kScaleChunk = static_cast<int64_t>(kThreads) * kScaleItems;  // elements per block per step
-constexpr int kScaleBlocksPerSM = 2048 / kThreads;  // resident blocks per SM (2048 threads per SM on sm_70..sm_90)
+// Resident blocks per SM where an SM holds 2048 threads (sm_70, sm_80, sm_90; sm_86 and sm_89 hold 1536, where the
+// grid is then about 1.3 waves).
+constexpr int kScaleBlocksPerSM = 2048 / kThreads;
 
 // One block's chunk of kScaleChunk elements: 16-byte vectors when aligned and whole, else one element at a time.
 // Each element is read and written by the same thread, so in == out (in place) is safe.
@@ -727,9 +729,10 @@ __device__ __forceinline__ float task_scale(const ScaleTable& table, const float
   return f.factor != nullptr ? s * f.factor[task] : s;
 }
 
-// A capped grid (num_sms * kScaleBlocksPerSM blocks: about one wave) striding over every task's chunks. The task scales are computed once
-// per block, so a task scaled in place by exactly 1 (upstream gradient 1, unit weight, gradient already divided by
-// the count: the usual training step) is skipped whole, with no memory traffic and no blocks spent on it.
+// A capped grid (num_sms * kScaleBlocksPerSM blocks: about one wave) striding over every task's chunks. The task
+// scales are computed once per block, so a task scaled in place by exactly 1 (upstream gradient 1, unit weight,
+// gradient already divided by the count: the usual training step) is skipped whole, with no memory traffic and no
+// blocks spent on it.
 __global__ void __launch_bounds__(kThreads, kScaleBlocksPerSM)
     scale_grads_kernel(ScaleTable table, const float* __restrict__ scales, ScaleFactors factors) {
   __shared__ float task_scales[kMaxScaleTasks];

@@ -1,5 +1,6 @@
 // CUDA kernels of the masked loss: one task (fastmtl::masked_loss), all tasks (fastmtl::masked_multitask_loss_forward)
-// and the grouped gradient scaling (fastmtl::masked_loss_scale_grads, masked_multitask_loss_backward). Raw pointers only: csrc/cuda/masked_loss_aten.cpp prepares the tensors.
+// and the grouped gradient scaling (fastmtl::masked_loss_scale_grads, masked_multitask_loss_backward). Raw pointers
+// only: csrc/cuda/masked_loss_aten.cpp prepares the tensors.
 //
 // On the caller's stream, with no host synchronisation:
 //
