@@ -830,3 +830,57 @@ def test_cuda_graph_capture_forward_and_backward():
             for name, g in zip(static, grads_out):
                 scale = 2.0 if name == "seg" else 1.0
                 assert rel_err(g, scale * ref[name][1]) <= 1e-5, (backend, name)
+
+
+def _unlabelled_logits_case(layout, device):
+    """Cross-entropy logits with finite values, a copy with inf / -inf / NaN at every position without a label
+    (ignored pixels, unlabelled samples), the targets and the sample mask."""
+    g = torch.Generator().manual_seed(5)
+    if layout in ("nchw", "channels_last"):
+        n, c = 3, 5
+        pred = torch.randn(n, c, 4, 8, generator=g)
+        target = torch.randint(0, c, (n, 4, 8), generator=g)
+        target[0, 0, :3] = -100
+        target[2, 2, 2] = -100
+        mask = torch.tensor([True, False, True])
+        unlabelled = (target == -100)[:, None].expand_as(pred) | ~mask[:, None, None, None].expand_as(pred)
+    else:  # [N, C] rows; "rows_t": a transposed view; "rows_expanded_mask": a stride-0 mask
+        n, c = 7, 6
+        pred = torch.randn(n, c, generator=g)
+        target = torch.randint(0, c, (n,), generator=g)
+        target[1] = -100
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[4] = False
+        if layout == "rows_expanded_mask":
+            mask = torch.tensor([True]).expand(n)
+        unlabelled = ((target == -100) | ~mask)[:, None].expand_as(pred)
+    poison = torch.tensor([float("inf"), float("-inf"), float("nan")]).repeat(pred.numel())[: pred.numel()]
+    poisoned = torch.where(unlabelled, poison.view_as(pred), pred)
+    if layout == "channels_last":
+        pred, poisoned = (t.contiguous(memory_format=torch.channels_last) for t in (pred, poisoned))
+    if layout == "rows_t":
+        pred, poisoned = (t.t().contiguous().t() for t in (pred, poisoned))
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(pred), to(poisoned), to(target), to(mask), to(unlabelled)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows", "rows_t", "rows_expanded_mask"])
+@pytest.mark.parametrize(
+    "backend, device",
+    [(b, "cpu") for b in CPU_BACKENDS] + [pytest.param(b, "cuda", marks=pytest.mark.cuda) for b in ("cuda", "triton")],
+)
+def test_nonfinite_logits_without_a_label_do_not_leak(backend, device, layout):
+    """inf / NaN logits where no label is (ignored pixels, unlabelled samples; some kernels read them to load whole
+    vectors) change neither the loss nor any gradient, and those positions get a zero gradient."""
+    pred, poisoned, target, mask, unlabelled = _unlabelled_logits_case(layout, device)
+    results = []
+    for logits in (pred, poisoned):
+        leaf = logits.detach().requires_grad_()
+        with fastmtl.use_backend(backend):
+            total, _ = fastmtl.masked_multitask_loss({"t": leaf}, {"t": target}, {"t": "ce"}, {"t": mask})
+        total.backward()
+        results.append((total.detach(), leaf.grad))
+    (clean_total, clean_grad), (total, grad) = results
+    assert torch.isfinite(total).item() and torch.isfinite(grad).all()
+    assert rel_err(total, clean_total) <= 1e-6 and rel_err(grad, clean_grad) <= 1e-6
+    assert (grad[unlabelled] == 0).all()

@@ -610,7 +610,8 @@ def test_triton_loss_kernels_load_in_vectors():
         name, ops = line.split(" ", 1)
         loads[name] = eval(ops)  # noqa: S307  (a dict literal printed by the script above)
     ce, elementwise = loads["_ce_kernel_chained"], loads["_elementwise_kernel_chained"]
-    assert ce.get("ld.global.v4.b32", 0) >= 2 and "ld.global.b16" not in ce, ce
+    narrow = {"ld.global.b16", "ld.global.b32", "ld.global.v2.b16", "ld.global.v2.b32", "ld.global.v4.b16"}
+    assert ce.get("ld.global.v4.b32", 0) >= 2 and not narrow & set(ce), ce
     assert elementwise.get("ld.global.b8", 0) <= 2 and elementwise.get("ld.global.v4.b32", 0) >= 2, elementwise
 
 
@@ -728,20 +729,20 @@ int emu_elementwise(int kind, const void* pred, int dtype, const void* target, i
                                  reduction(counts, num_counts, loss, total_loss, weight, grad_scale), nullptr);
 }
 int emu_scale(const void** ins, void** outs, const int64_t* numels, const int* dtypes, int n, const float* scales,
-              int num_sms) {
+              int sms, int threads_per_sm) {
   ScaleTask tasks[kMaxScaleTasks];
   for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i])};
-  return masked_loss_scale_grads(tasks, n, scales, num_sms, nullptr);
+  return masked_loss_scale_grads(tasks, n, scales, DeviceCapacity{sms, threads_per_sm}, nullptr);
 }
 int emu_scale_by(const void** ins, void** outs, const int64_t* numels, const int* dtypes, const float** g_tasks, int n,
-                 const float* g_total, const float* weights, const float* factor, int num_sms) {
+                 const float* g_total, const float* weights, const float* factor, int sms, int threads_per_sm) {
   ScaleTask tasks[kMaxScaleTasks];
   for (int i = 0; i < n; ++i) tasks[i] = {ins[i], outs[i], numels[i], DType(dtypes[i]), g_tasks[i]};
   ScaleFactors f;
   f.g_total = g_total;
   f.weights = weights;
   f.factor = factor;
-  return masked_loss_scale_grads_by(tasks, n, f, num_sms, nullptr);
+  return masked_loss_scale_grads_by(tasks, n, f, DeviceCapacity{sms, threads_per_sm}, nullptr);
 }
 int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
 }
@@ -1091,16 +1092,35 @@ def test_cuda_kernels_emulated_float16_gradients_keep_their_precision(emu):
     assert flushed(divided) > 0.03, "the case must be one where dividing in float16 loses the small entries"
 
 
-@pytest.mark.parametrize("num_sms", [1, 132])
-def test_cuda_kernels_emulated_scale_grads(emu, num_sms):
-    """Whole 16-byte-aligned chunks in vectors, the tails and a misaligned tensor one element at a time; with one SM
-    the grid (8 blocks) is smaller than the 25 chunks, so each block strides across tasks. A scale of exactly 1 out
-    of place still copies."""
+# (SMs, threads per SM): one small SM (4 blocks: the grid strides across tasks), sm_86-like (6 per SM), an H100
+_CAPACITIES = [(1, 1024), (7, 1536), (132, 2048)]
+
+
+def _guarded(t, pad=3000):
+    """``t``'s values in the middle of a NaN-filled buffer: (buffer, view). A chunk that strays outside the view shows
+    as a changed margin."""
+    flat = torch.full((pad + t.numel() + pad,), float("nan"), dtype=t.dtype)
+    view = flat[pad : pad + t.numel()].view(t.shape)
+    view.copy_(t)
+    return flat, view
+
+
+def _assert_margins_untouched(buffer, view):
+    pad = (buffer.numel() - view.numel()) // 2
+    assert buffer[:pad].isnan().all() and buffer[pad + view.numel() :].isnan().all()
+
+
+@pytest.mark.parametrize("capacity", _CAPACITIES)
+def test_cuda_kernels_emulated_scale_grads(emu, capacity):
+    """Whole 16-byte-aligned chunks in vectors, the tails and a misaligned tensor one element at a time; on the
+    small devices the grid is smaller than the 25 chunks, so each block strides across tasks. A scale of exactly 1
+    out of place still copies. Nothing outside the outputs is written."""
     import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16(),
              torch.randn(4097)[1:], torch.randn(36000).half()]  # fmt: skip
-    outs = [torch.full_like(g, float("nan")) for g in grads]
+    guarded = [_guarded(torch.empty_like(g)) for g in grads]
+    outs = [view.fill_(float("nan")) for _, view in guarded]
     scales = torch.randn(len(grads))
     scales[3] = 1.0
     n = len(grads)
@@ -1109,28 +1129,31 @@ def test_cuda_kernels_emulated_scale_grads(emu, num_sms):
     numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
     dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
     emu.emu_take_launches()
-    assert emu.emu_scale(ins, out_ptrs, numels, dtypes, n, _ptr(scales), num_sms) == 0
+    assert emu.emu_scale(ins, out_ptrs, numels, dtypes, n, _ptr(scales), *capacity) == 0
     assert emu.emu_take_launches() == 1
-    for g, o, s in zip(grads, outs, scales):
+    for g, o, s, (buffer, view) in zip(grads, outs, scales, guarded):
         assert rel_err(o, (g.double() * s.double()).to(g.dtype)) <= TOLERANCES["loss"][g.dtype]
+        _assert_margins_untouched(buffer, view)
 
 
-def test_cuda_kernels_emulated_scale_grads_refuses_no_sms(emu):
-    """The grid cap comes from the SM count: 0 is refused (cudaErrorInvalidValue) before anything is launched."""
+@pytest.mark.parametrize("capacity", [(0, 2048), (132, 128)])
+def test_cuda_kernels_emulated_scale_grads_refuses_a_device_without_room(emu, capacity):
+    """No SMs, or SMs that cannot hold one 256-thread block: refused (cudaErrorInvalidValue), nothing launched."""
     import ctypes
 
     g = torch.randn(10)
     emu.emu_take_launches()
     ptrs = (ctypes.c_void_p * 1)(g.data_ptr())
-    assert emu.emu_scale(ptrs, ptrs, (ctypes.c_int64 * 1)(10), (ctypes.c_int * 1)(0), 1, _ptr(torch.ones(1)), 0) == 1
+    one = _ptr(torch.ones(1))
+    assert emu.emu_scale(ptrs, ptrs, (ctypes.c_int64 * 1)(10), (ctypes.c_int * 1)(0), 1, one, *capacity) == 1
     assert emu.emu_take_launches() == 0
 
 
-@pytest.mark.parametrize("num_sms", [1, 132])
+@pytest.mark.parametrize("capacity", _CAPACITIES)
 @pytest.mark.parametrize(
     "with_total,with_weights,with_factor", [(True, True, True), (True, False, True), (False, False, True), (True, True, False)]
 )
-def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, with_factor, num_sms):
+def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, with_factor, capacity):
     """The backward of masked_multitask_loss_forward: scale_t = (g_total * w_t + g_task[t]) * factor[t] in the kernel
     (no factor: 1, what the CUDA forward's already-divided gradients need)."""
     import ctypes
@@ -1150,7 +1173,7 @@ def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, wit
     weights_ptr = _ptr(weights if with_weights else None)
     factor_ptr = _ptr(factor if with_factor else None)
     assert emu.emu_scale_by(ins, out_ptrs, numels, dtypes, task_ptrs, n, total_ptr, weights_ptr, factor_ptr,
-                            num_sms) == 0  # fmt: skip
+                            *capacity) == 0  # fmt: skip
     for t, (g, o) in enumerate(zip(grads, outs)):
         scale = g_total.item() * (weights[t].item() if with_weights else 1.0) if with_total else 0.0
         scale += g_tasks[t].item() if g_tasks[t] is not None else 0.0
@@ -1159,8 +1182,7 @@ def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, wit
 
 
 def test_cuda_kernels_emulated_scale_by_one_in_place_leaves_the_gradients(emu):
-    """A scale of exactly 1 in place (the usual training step) skips the task without touching memory; values
-    unchanged."""
+    """A scale of exactly 1 in place (the usual training step) skips the task; values unchanged."""
     import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(4000).bfloat16()]
@@ -1171,7 +1193,8 @@ def test_cuda_kernels_emulated_scale_by_one_in_place_leaves_the_gradients(emu):
     dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
     no_tasks = (ctypes.c_void_p * n)(None, None)
     one = torch.ones(())
-    assert emu.emu_scale_by(ptrs, ptrs, numels, dtypes, no_tasks, n, _ptr(one), _ptr(None), _ptr(None), 132) == 0
+    assert emu.emu_scale_by(ptrs, ptrs, numels, dtypes, no_tasks, n, _ptr(one), _ptr(None), _ptr(None), 132,
+                            2048) == 0  # fmt: skip
     for g, b in zip(grads, before):
         assert torch.equal(g, b)
 
@@ -1187,14 +1210,15 @@ assert page not in (None, ctypes.c_void_p(-1).value)
 ptrs = (ctypes.c_void_p * 1)(page)
 one = ctypes.c_float(float(sys.argv[2]))
 print(lib.emu_scale_by(ptrs, ptrs, (ctypes.c_int64 * 1)(n), (ctypes.c_int * 1)(0), (ctypes.c_void_p * 1)(None), 1,
-                       ctypes.byref(one), None, None, 132))
+                       ctypes.byref(one), None, None, 132, 2048))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps a no-access page with Linux's mmap flags")
 def test_cuda_kernels_emulated_scale_by_one_in_place_moves_no_memory(emu):
     """The in-place skip is real: a gradient on a page that faults on any access, scaled in place by exactly 1,
-    comes through (in a subprocess); by 0.5 the same call faults, which shows the page does."""
+    comes through (in a subprocess); by 0.5 the same call dies of SIGSEGV, which shows the page does fault."""
+    import signal
     import subprocess
 
     def run(scale):
@@ -1203,28 +1227,31 @@ def test_cuda_kernels_emulated_scale_by_one_in_place_moves_no_memory(emu):
 
     skipped = run("1.0")
     assert skipped.returncode == 0 and skipped.stdout.strip() == "0", skipped.stderr[-2000:]
-    assert run("0.5").returncode != 0
+    assert run("0.5").returncode == -signal.SIGSEGV
 
 
-@pytest.mark.parametrize("num_sms", [1, 132])
-def test_cuda_kernels_emulated_scale_grads_in_place(emu, num_sms):
+@pytest.mark.parametrize("capacity", _CAPACITIES)
+def test_cuda_kernels_emulated_scale_grads_in_place(emu, capacity):
     """masked_loss_scale_grads_ launches the same kernel with in == out: each element is read before it is written.
-    Tasks scaled by exactly 1 are skipped between the others; those still get every chunk (one SM: the blocks'
-    strides cross the skipped tasks)."""
+    Tasks scaled by exactly 1 are skipped between the others; those still get every chunk (small devices: the
+    blocks' strides cross the skipped tasks), and nothing outside them is written."""
     import ctypes
 
-    grads = [torch.randn(3, 700), torch.randn(9000), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(),
-             torch.randn(17000).bfloat16()]  # fmt: skip
+    values = [torch.randn(3, 700), torch.randn(9000), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(),
+              torch.randn(17000).bfloat16()]  # fmt: skip
     factors = (0.5, 1.0, -2.0, 3.0, 1.0)
-    want = [(g.double() * s).to(g.dtype) for g, s in zip(grads, factors)]
+    want = [(v.double() * s).to(v.dtype) for v, s in zip(values, factors)]
+    guarded = [_guarded(v) for v in values]
+    grads = [view for _, view in guarded]
     scales = torch.tensor(factors)
     n = len(grads)
     ptrs = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
     numels = (ctypes.c_int64 * n)(*[g.numel() for g in grads])
     dtypes = (ctypes.c_int * n)(*[_EMU_DTYPE[g.dtype] for g in grads])
-    assert emu.emu_scale(ptrs, ptrs, numels, dtypes, n, _ptr(scales), num_sms) == 0
-    for g, w in zip(grads, want):
+    assert emu.emu_scale(ptrs, ptrs, numels, dtypes, n, _ptr(scales), *capacity) == 0
+    for g, w, (buffer, view) in zip(grads, want, guarded):
         assert torch.equal(g, w)
+        _assert_margins_untouched(buffer, view)
 
 
 # ---- CUDA (native op and Triton on the GPU) ---------------------------------------------------------------------

@@ -676,8 +676,8 @@ struct ScaleTable {
 static_assert(kMaxScaleTasks <= kThreads, "one thread per task computes the block's task scales");
 
 constexpr int64_t kScaleChunk = static_cast<int64_t>(kThreads) * kScaleItems;  // elements per block per step
-// Resident blocks per SM where an SM holds 2048 threads (sm_70, sm_80, sm_90; sm_86 and sm_89 hold 1536, where the
-// grid is then about 1.3 waves).
+// The most blocks an SM keeps resident (2048 threads: sm_70, sm_80, sm_90); __launch_bounds__ holds the kernel to the
+// registers that allows. The grid takes what the device actually holds (DeviceCapacity).
 constexpr int kScaleBlocksPerSM = 2048 / kThreads;
 
 // One block's chunk of kScaleChunk elements: 16-byte vectors when aligned and whole, else one element at a time.
@@ -729,10 +729,10 @@ __device__ __forceinline__ float task_scale(const ScaleTable& table, const float
   return f.factor != nullptr ? s * f.factor[task] : s;
 }
 
-// A capped grid (num_sms * kScaleBlocksPerSM blocks: about one wave) striding over every task's chunks. The task
-// scales are computed once per block, so a task scaled in place by exactly 1 (upstream gradient 1, unit weight,
-// gradient already divided by the count: the usual training step) is skipped whole, with no memory traffic and no
-// blocks spent on it.
+// A capped grid (the blocks the device keeps resident: one wave) striding over every task's chunks. The task scales
+// are computed once per block, so a task scaled in place by exactly 1 (upstream gradient 1, unit weight, gradient
+// already divided by the count: the usual training step) is skipped whole, with no memory traffic (each block still
+// reads the scales).
 __global__ void __launch_bounds__(kThreads, kScaleBlocksPerSM)
     scale_grads_kernel(ScaleTable table, const float* __restrict__ scales, ScaleFactors factors) {
   __shared__ float task_scales[kMaxScaleTasks];
@@ -1138,9 +1138,9 @@ cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, 
 namespace {
 
 cudaError_t launch_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, const ScaleFactors& factors,
-                               int num_sms, cudaStream_t stream) {
+                               const DeviceCapacity& device, cudaStream_t stream) {
   if (num_tasks <= 0) return cudaSuccess;
-  if (num_tasks > kMaxScaleTasks || num_sms <= 0) return cudaErrorInvalidValue;
+  if (num_tasks > kMaxScaleTasks || device.sms <= 0 || device.threads_per_sm < kThreads) return cudaErrorInvalidValue;
   ScaleTable table{};
   int64_t chunks = 0;
   for (int i = 0; i < num_tasks; ++i) {
@@ -1156,21 +1156,22 @@ cudaError_t launch_scale_grads(const ScaleTask* tasks, int num_tasks, const floa
   table.first_chunk[num_tasks] = chunks;
   table.num = num_tasks;
   if (chunks == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(chunks, static_cast<int64_t>(num_sms) * kScaleBlocksPerSM);
+  const int per_sm = std::min(kScaleBlocksPerSM, device.threads_per_sm / kThreads);
+  const int64_t blocks = std::min<int64_t>(chunks, static_cast<int64_t>(device.sms) * per_sm);
   scale_grads_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, scales, factors);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, int num_sms,
-                                    cudaStream_t stream) {
-  return launch_scale_grads(tasks, num_tasks, scales, ScaleFactors{}, num_sms, stream);
+cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales,
+                                    const DeviceCapacity& device, cudaStream_t stream) {
+  return launch_scale_grads(tasks, num_tasks, scales, ScaleFactors{}, device, stream);
 }
 
 cudaError_t masked_loss_scale_grads_by(const ScaleTask* tasks, int num_tasks, const ScaleFactors& factors,
-                                       int num_sms, cudaStream_t stream) {
-  return launch_scale_grads(tasks, num_tasks, nullptr, factors, num_sms, stream);
+                                       const DeviceCapacity& device, cudaStream_t stream) {
+  return launch_scale_grads(tasks, num_tasks, nullptr, factors, device, stream);
 }
 
 }  // namespace cuda

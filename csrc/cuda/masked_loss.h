@@ -132,10 +132,16 @@ struct ScaleTask {
   const float* g_task = nullptr;  // masked_loss_scale_grads_by: the upstream gradient of this task's loss, or none
 };
 
-// out[t] = in[t] * scales[t] for num_tasks <= kMaxScaleTasks dense tensors, in one launch. num_sms: the device's
-// multiprocessor count; the grid is capped at the blocks they keep resident, each block striding over the chunks.
-cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales, int num_sms,
-                                    cudaStream_t stream);
+// What the device runs at once (cudaDeviceProp's multiProcessorCount and maxThreadsPerMultiProcessor): the scaling
+// kernel's grid is capped at the blocks it keeps resident, each block striding over the chunks.
+struct DeviceCapacity {
+  int sms = 0;
+  int threads_per_sm = 0;
+};
+
+// out[t] = in[t] * scales[t] for num_tasks <= kMaxScaleTasks dense tensors, in one launch.
+cudaError_t masked_loss_scale_grads(const ScaleTask* tasks, int num_tasks, const float* scales,
+                                    const DeviceCapacity& device, cudaStream_t stream);
 
 // The backward of masked_multitask_loss_forward: scale_t = (g_total * weights[t] + tasks[t].g_task) * factor[t],
 // computed in the kernel (absent g_total / g_task count as 0, absent weights and factor as 1); all float32 device
@@ -146,10 +152,10 @@ struct ScaleFactors {
   const float* factor = nullptr;   // [num_tasks] (grad_scale)
 };
 
-// out[t] = in[t] * scale_t for num_tasks <= kMaxScaleTasks dense tensors, in one launch (num_sms as above). A task
-// whose scale is exactly 1 in place is skipped whole: no memory traffic.
+// out[t] = in[t] * scale_t for num_tasks <= kMaxScaleTasks dense tensors, in one launch. A task whose scale is
+// exactly 1 in place is skipped whole: no memory traffic.
 cudaError_t masked_loss_scale_grads_by(const ScaleTask* tasks, int num_tasks, const ScaleFactors& factors,
-                                       int num_sms, cudaStream_t stream);
+                                       const DeviceCapacity& device, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmtl

@@ -37,8 +37,11 @@ DType dtype_of(const at::Tensor& t, const char* name) {
   }
 }
 
-// The current device's multiprocessor count: the scale kernel caps its grid at the blocks they keep resident.
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// What the current device runs at once: the scaling kernel caps its grid at the blocks it keeps resident.
+cuda::DeviceCapacity device_capacity() {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  return {props->multiProcessorCount, props->maxThreadsPerMultiProcessor};
+}
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "masked_loss (CUDA): ", what, " failed: ", cudaGetErrorString(err));
@@ -327,9 +330,9 @@ void check_scales(at::TensorList grads, const at::Tensor& scales, const char* op
 void launch_scale(const std::vector<cuda::ScaleTask>& tasks, const at::Tensor& scales_c, cudaStream_t stream) {
   for (size_t first = 0; first < tasks.size(); first += cuda::kMaxScaleTasks) {
     const int num = static_cast<int>(std::min<size_t>(cuda::kMaxScaleTasks, tasks.size() - first));
-    check_cuda(
-        cuda::masked_loss_scale_grads(tasks.data() + first, num, scales_c.data_ptr<float>() + first, num_sms(), stream),
-        "scale kernel");
+    const float* scales = scales_c.data_ptr<float>() + first;
+    check_cuda(cuda::masked_loss_scale_grads(tasks.data() + first, num, scales, device_capacity(), stream),
+               "scale kernel");
   }
 }
 
@@ -376,7 +379,8 @@ void masked_loss_scale_grads_inplace_cuda(at::TensorList grads, const at::Tensor
   }
   // Some gradients were strided: the dense ones' scales are no longer at their task index.
   for (size_t i = 0; i < tasks.size(); ++i) {
-    check_cuda(cuda::masked_loss_scale_grads(&tasks[i], 1, task_scales[i], num_sms(), stream), "scale kernel");
+    check_cuda(cuda::masked_loss_scale_grads(&tasks[i], 1, task_scales[i], device_capacity(), stream),
+               "scale kernel");
   }
 }
 
@@ -440,7 +444,8 @@ std::vector<at::Tensor> multitask_backward(at::TensorList grads, const at::Tenso
     f.g_total = has_total ? g_total.data_ptr<float>() : nullptr;
     f.weights = has_weights ? w.data_ptr<float>() + begin : nullptr;
     f.factor = factor.defined() ? factor.data_ptr<float>() + begin : nullptr;
-    check_cuda(cuda::masked_loss_scale_grads_by(tasks.data() + begin, count, f, num_sms(), stream), "scale kernel");
+    check_cuda(cuda::masked_loss_scale_grads_by(tasks.data() + begin, count, f, device_capacity(), stream),
+               "scale kernel");
   }
   return outs;
 }
