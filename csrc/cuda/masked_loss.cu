@@ -2,8 +2,8 @@
 // gradient scaling; see masked_loss.h for the launch design. No torch headers: this file compiles in seconds.
 //
 // Kernels:
-//   count_ce_kernel / count_float_kernel   partial valid counts (grid-stride, at most kMaxCountBlocks blocks)
-//   count_tasks_kernel                     the same for up to kMaxCountTasks tasks in one launch
+//   count_tasks_kernel                     partial valid counts (grid-stride, at most kMaxCountBlocks blocks per
+//                                          task) for up to kMaxCountTasks tasks in one launch, or one task
 //   ce_pixel_kernel                        one thread per pixel, loop over C (NCHW: coalesced along the pixels);
 //                                          up to 16 logits cached in registers, else an online softmax and a re-read
 //   ce_pixel_vec_kernel                    NCHW with contiguous pixels and C <= 16: 4 pixels per thread, so each
@@ -221,27 +221,6 @@ __device__ int count_float_block(const T* __restrict__ target, const bool* __res
     return mask == nullptr || mask[div_index(i, M)];
   };
   return count_in_chunks<float>(total, block, blocks, load, [](float t) { return !isnan(t); });
-}
-
-__global__ void __launch_bounds__(kThreads)
-    count_ce_kernel(const int64_t* __restrict__ target, const bool* __restrict__ mask, CeGeometry g,
-                    int64_t ignore_index, int32_t* __restrict__ counts, float* __restrict__ loss) {
-  const int sum = count_ce_block(target, mask, g, ignore_index, blockIdx.x, gridDim.x);
-  if (threadIdx.x == 0) {
-    counts[blockIdx.x] = sum;
-    if (blockIdx.x == 0) *loss = 0.0f;
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    count_float_kernel(const T* __restrict__ target, const bool* __restrict__ mask, int64_t total, int64_t M,
-                       int32_t* __restrict__ counts, float* __restrict__ loss) {
-  const int sum = count_float_block(target, mask, total, M, blockIdx.x, gridDim.x);
-  if (threadIdx.x == 0) {
-    counts[blockIdx.x] = sum;
-    if (blockIdx.x == 0) *loss = 0.0f;
-  }
 }
 
 struct CountTable {
@@ -1043,26 +1022,43 @@ cudaError_t forward_unchained(const LossTask* tasks, int n, const MultitaskBuffe
   return cudaSuccess;
 }
 
+// One task's count pass (masked_loss's first launch): count_tasks_kernel with a table of one.
+cudaError_t launch_count(const CountTask& task, int32_t* counts, int num_blocks, cudaStream_t stream) {
+  CountTable table{};
+  table.task[0] = task;
+  table.blocks = num_blocks;
+  count_tasks_kernel<<<num_blocks, kThreads, 0, stream>>>(table, counts, nullptr);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 // ---- public launchers ------------------------------------------------------------------------------------------
 
 cudaError_t masked_loss_count_ce(const int64_t* target, const bool* mask, const CeGeometry& geom, int64_t ignore_index,
                                  int32_t* counts, int num_blocks, float* loss, cudaStream_t stream) {
-  count_ce_kernel<<<num_blocks, kThreads, 0, stream>>>(target, mask, geom, ignore_index, counts, loss);
-  return cudaGetLastError();
+  CountTask task{};
+  task.is_ce = true;
+  task.target = target;
+  task.mask = mask;
+  task.geom = geom;
+  task.ignore_index = ignore_index;
+  task.loss = loss;
+  return launch_count(task, counts, num_blocks, stream);
 }
 
 cudaError_t masked_loss_count_float(const void* target, DType target_dtype, const bool* mask, int64_t total,
                                     int64_t M, int32_t* counts, int num_blocks, float* loss, cudaStream_t stream) {
-  const int64_t m = M > 0 ? M : 1;
-  const cudaError_t err = dispatch_dtype(target_dtype, [&](auto zero) {
-    using T = decltype(zero);
-    count_float_kernel<T><<<num_blocks, kThreads, 0, stream>>>(static_cast<const T*>(target), mask, total, m, counts,
-                                                               loss);
-    return cudaSuccess;
-  });
-  return err != cudaSuccess ? err : cudaGetLastError();
+  if (target_dtype != DType::kFloat32 && target_dtype != DType::kFloat16 && target_dtype != DType::kBFloat16)
+    return cudaErrorInvalidValue;
+  CountTask task{};
+  task.target = target;
+  task.target_dtype = target_dtype;
+  task.mask = mask;
+  task.total = total;
+  task.M = M > 0 ? M : 1;
+  task.loss = loss;
+  return launch_count(task, counts, num_blocks, stream);
 }
 
 cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
