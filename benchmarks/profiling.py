@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from fastmtl.autotune import enqueue_ms
 
 
 def profile_step(step, steps: int, warmup: int = 3):
@@ -13,14 +13,7 @@ def profile_step(step, steps: int, warmup: int = 3):
     host_us: host time per step with the launches queued behind each other (no waiting for the device).
     rows: ``(device_us_per_step, launches_per_step, kernel_name)``, slowest first, from ``torch.profiler``.
     """
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    host_us = (time.perf_counter() - start) / steps * 1e6
-    torch.cuda.synchronize()
+    host_us = enqueue_ms(step, warmup, steps) / steps * 1e3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()

@@ -153,13 +153,9 @@ def _sleep_cycles_per_ms() -> float:
     return _cycles_per_ms
 
 
-def device_time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, calls: int = 5) -> float:
-    """Median GPU time per call of ``fn()`` in milliseconds, host overhead excluded.
-
-    Before each sample a sleep kernel holds the stream for about twice the host time of enqueuing ``calls`` calls
-    (measured after the warm-up), and the start event is recorded behind it. By the time the GPU reaches the
-    event, every call of the sample is queued, so the events time the kernels back to back with no host gaps.
-    """
+def enqueue_ms(fn: Callable[[], object], warmup: int, calls: int) -> float:
+    """Host time in milliseconds to queue ``calls`` calls of ``fn()`` after ``warmup`` calls, the GPU drained before
+    and after (the launches are not waited for, so this is the host's cost of a step)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -168,6 +164,17 @@ def device_time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, 
         fn()
     host_ms = (time.perf_counter() - begin) * 1e3
     torch.cuda.synchronize()
+    return host_ms
+
+
+def device_time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, calls: int = 5) -> float:
+    """Median GPU time per call of ``fn()`` in milliseconds, host overhead excluded.
+
+    Before each sample a sleep kernel holds the stream for about twice the host time of enqueuing ``calls`` calls
+    (measured after the warm-up), and the start event is recorded behind it. By the time the GPU reaches the
+    event, every call of the sample is queued, so the events time the kernels back to back with no host gaps.
+    """
+    host_ms = enqueue_ms(fn, warmup, calls)
     # at least 1 ms of cover, at most 100 ms (a host that slow is timed partly: the sample still counts the GPU time)
     cover_ms = min(max(2.0 * host_ms, 1.0), 100.0)
     cycles = int(cover_ms * _sleep_cycles_per_ms())
