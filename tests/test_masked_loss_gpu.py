@@ -568,7 +568,7 @@ def test_triton_kernels_compile_for_sm90():
 
 
 _VECTOR_LOADS_SCRIPT = r"""
-import collections, re, sys
+import collections, json, re, sys
 sys.path.insert(0, sys.argv[1])
 import triton_compile_check
 triton_compile_check.install_compile_only_driver(90)
@@ -585,7 +585,7 @@ for fn in (K._ce_kernel_chained, K._elementwise_kernel_chained):
     for cache in fn.device_caches.values():
         for kernel in cache[0].values():
             ops = collections.Counter(re.findall(r"ld\.global[.\w]*", kernel.asm["ptx"]))
-            print(fn.__name__, dict(ops))
+            print(fn.__name__, json.dumps(ops))
 """
 
 
@@ -594,6 +594,7 @@ def test_triton_loss_kernels_load_in_vectors():
     """On sm_90 the NCHW cross-entropy kernel reads each thread's neighbouring logits as 16-byte vectors (a load
     predicate that changed from pixel to pixel made them 16 scalar 2-byte loads), and the elementwise kernel reads a
     block's sample mask with two scalar loads instead of a gathered byte per element."""
+    import json
     import os
     import pathlib
     import subprocess
@@ -608,7 +609,7 @@ def test_triton_loss_kernels_load_in_vectors():
     loads = {}
     for line in proc.stdout.splitlines():
         name, ops = line.split(" ", 1)
-        loads[name] = eval(ops)  # noqa: S307  (a dict literal printed by the script above)
+        loads[name] = json.loads(ops)
     ce, elementwise = loads["_ce_kernel_chained"], loads["_elementwise_kernel_chained"]
     narrow = {"ld.global.b16", "ld.global.b32", "ld.global.v2.b16", "ld.global.v2.b32", "ld.global.v4.b16"}
     assert ce.get("ld.global.v4.b32", 0) >= 2 and not narrow & set(ce), ce
