@@ -1,20 +1,22 @@
 """The CUDA kernels of csrc/cuda on the CPU: a .cu file compiled by g++ against a small emulation of CUDA (tests only).
 
 Without a GPU the .cu kernels would otherwise only be compiled. The emulation runs each block's threads as
-std::threads, blocks one after another: ``__syncthreads`` is a block-wide barrier, warp shuffles a barrier of the
-warp's 32 threads. Shared memory starts as 0xFF bytes (``extern __shared__`` arrays point at a buffer of the launch's
-dynamic size; each ``__shared__`` array is poisoned where it is declared), so a read before a write shows. A launch
-configuration CUDA refuses (block over 1024 threads, an empty grid, grid y or z over 65535, over 48 KiB of dynamic
-shared memory) does not run and ``cudaGetLastError`` reports it; a launch that does not finish in
-``FASTMTL_EMU_WATCHDOG_S`` seconds (300) aborts the process with a message instead of hanging the run. It checks the
-kernels' arithmetic, indexing, masking and reductions (and the launchers' choice of kernel), not memory-model or
-timing behaviour, and not the ATen glue (the ``@pytest.mark.cuda`` tests do).
+std::threads, blocks one after another (by index, or in a seeded random order: ``emu_set_block_order``):
+``__syncthreads`` is a block-wide barrier, warp shuffles a barrier of the warp's 32 threads. Shared memory starts as
+0xFF bytes (``extern __shared__`` arrays point at a buffer of the launch's dynamic size; each ``__shared__`` array is
+poisoned where it is declared), so a read before a write shows. A launch configuration CUDA refuses (block over 1024
+threads, an empty grid, grid y or z over 65535, over 48 KiB of dynamic shared memory) does not run and
+``cudaGetLastError`` reports it; a launch that does not finish in ``FASTMTL_EMU_WATCHDOG_S`` seconds (300) aborts the
+process with a message instead of hanging the run. It checks the kernels' arithmetic, indexing, masking and
+reductions (and the launchers' choice of kernel), and with a random block order whether a result depends on the order
+blocks run in; not memory-model or timing behaviour, and not the ATen glue (the ``@pytest.mark.cuda`` tests do).
 
 Limits, which the kernels under test respect: a thread that returns early must not leave others waiting at a
 ``__syncthreads`` of the same block after it (its end-of-block arrival stands in for one), the threads of a warp call
 a shuffle together (a full-warp mask; a power-of-two width), and ``__shared__`` arrays are declared where every
-thread of the block passes. ``build`` returns the library loaded with ctypes: the test shim's functions, and
-``emu_take_launches()`` (kernel launches since its last call).
+thread of the block passes. ``build`` returns the library loaded with ctypes: the test shim's functions,
+``emu_take_launches()`` (kernel launches since its last call) and ``emu_set_block_order(seed)`` (0: blocks by index;
+else each launch runs its blocks in a random order drawn from the seed and the launch count).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ HEADER = r"""
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -139,6 +143,10 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <typename T>
+T __ldcg(const T* p) { return *p; }
 
 struct __half { _Float16 v; __half() = default; };
 inline float __half2float(__half h) { return static_cast<float>(h.v); }
@@ -160,6 +168,10 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 }
 
 inline int emu_launches = 0;  // kernel launches so far (emu_take_launches reads and resets it)
+// The order the blocks of a launch run in: 0 = by index (x fastest, then y, z); any other value = a random
+// permutation drawn from that seed, so that a result that depends on the order blocks finish in (a floating-point
+// atomicAdd, a block that assumes it runs last) shows (emu_set_block_order).
+inline unsigned emu_block_order_seed = 0;
 
 inline dim3 emu_dim3(dim3 d) { return d; }
 inline dim3 emu_dim3(long long n) { return n < 1 || n > 0x7fffffffLL ? dim3(0) : dim3(static_cast<unsigned>(n)); }
@@ -198,17 +210,21 @@ void emu_launch(G grid_arg, B block_arg, size_t smem_bytes, F&& body) {
     if (!finished.wait_for(lock, std::chrono::seconds(emu_watchdog_seconds()), [&] { return done; }))
       emu_fail("a kernel launch did not finish: a __syncthreads or shuffle that not every thread reaches?");
   });
+  std::vector<unsigned long long> order(1ULL * grid.x * grid.y * grid.z);
+  std::iota(order.begin(), order.end(), 0ULL);
+  if (emu_block_order_seed != 0) {
+    std::mt19937_64 rng(emu_block_order_seed + static_cast<unsigned>(emu_launches));
+    std::shuffle(order.begin(), order.end(), rng);
+  }
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
       threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-          for (unsigned x = 0; x < grid.x; ++x) {  // blocks one after another, all threads of a block together
-            blockIdx = dim3(x, y, z);
-            body();
-            bar.arrive_and_wait();
-          }
+      for (const unsigned long long b : order) {  // blocks one after another, all threads of a block together
+        blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (1ULL * grid.x * grid.y));
+        body();
+        bar.arrive_and_wait();
+      }
     });
   for (auto& th : pool) th.join();
   {
@@ -268,6 +284,7 @@ extern "C" int emu_take_launches() {
   emu_launches = 0;
   return n;
 }
+extern "C" void emu_set_block_order(unsigned seed) { emu_block_order_seed = seed; }
 """
 
 

@@ -1,8 +1,8 @@
 """The CPU emulation of CUDA (tests/cuda_emulation.py) itself: what it must catch for the kernel tests to mean something.
 
 Small kernels in the shim: shared memory read before it is written shows 0xFF bytes, a launch CUDA refuses reports
-an error and runs nothing, shuffles follow CUDA's lane rules (width segments), 2-D blocks index as CUDA's, and a
-barrier that not every thread reaches aborts the process with a message rather than hanging the test run.
+an error and runs nothing, shuffles follow CUDA's lane rules (width segments), 2-D blocks index as CUDA's, blocks
+run by index or in a seeded random order, and a barrier that not every thread reaches aborts the process with a message rather than hanging the test run.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ __global__ void index_2d(int* out) {
   out[(blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x * blockDim.y + threadIdx.y * blockDim.x + threadIdx.x] =
       static_cast<int>(threadIdx.x + 100 * threadIdx.y + 10000 * blockIdx.x + 1000000 * blockIdx.y);
 }
+__global__ void block_order(unsigned* ticket, unsigned* order) {
+  if (threadIdx.x == 0) order[atomicAdd(ticket, 1u)] = blockIdx.y * gridDim.x + blockIdx.x;
+}
 __global__ void divergent_barrier() {
   if (threadIdx.x < 16) __syncthreads();
 }
@@ -60,6 +63,10 @@ int emu_index_2d(int* out) {
 }
 int emu_launch_config(int blocks, int threads, int smem) {
   read_dynamic<<<blocks, threads, smem>>>(nullptr);
+  return cudaGetLastError();
+}
+int emu_block_order(unsigned* ticket, unsigned* order) {
+  block_order<<<dim3(40, 3), 32>>>(ticket, order);
   return cudaGetLastError();
 }
 void emu_divergent_barrier() { divergent_barrier<<<1, 32>>>(); }
@@ -115,6 +122,27 @@ def test_two_dimensional_grid_and_block_indices(emu):
     expect = [tx + 100 * ty + 10000 * bx + 1000000 * by for by in range(2) for bx in range(3) for ty in range(2)
               for tx in range(4)]  # fmt: skip
     assert out.tolist() == expect
+
+
+def _block_order(emu, seed):
+    emu.emu_set_block_order(seed)
+    try:
+        ticket = torch.zeros(1, dtype=torch.int32)
+        order = torch.full((120,), -1, dtype=torch.int32)
+        assert emu.emu_block_order(ptr(ticket), ptr(order)) == 0
+    finally:
+        emu.emu_set_block_order(0)
+    assert ticket.item() == 120
+    return order.tolist()
+
+
+def test_blocks_run_by_index_or_in_a_seeded_random_order(emu):
+    """Seed 0: by index (x fastest); a seed: a permutation of every block, a different one per seed."""
+    assert _block_order(emu, 0) == list(range(120))
+    shuffled = [_block_order(emu, seed) for seed in (1, 2)]
+    for order in shuffled:
+        assert sorted(order) == list(range(120)) and order != list(range(120))
+    assert shuffled[0] != shuffled[1]
 
 
 def test_divergent_barrier_aborts_with_a_message_instead_of_hanging(emu):

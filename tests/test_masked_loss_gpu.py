@@ -1073,6 +1073,50 @@ def test_cuda_kernels_emulated_multitask_forward_over_16_tasks(emu):
     _check_multitask(tasks, weights, *out, lead=1)  # the first 3x4x2x4 ce task: the smallest gradient
 
 
+def _in_block_order(lib, seed, run):
+    """``run()`` with the emulation running every launch's blocks in the order drawn from ``seed`` (0: by index)."""
+    lib.emu_set_block_order(seed)
+    try:
+        return run()
+    finally:
+        lib.emu_set_block_order(0)
+
+
+def _assert_bitwise_equal(a, b):
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, (list, tuple)):
+            _assert_bitwise_equal(x, y)
+        elif x is not None or y is not None:
+            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), "depends on the block order"
+
+
+@pytest.mark.parametrize("case", ["chain", "one task with elements", "masked_loss ce", "masked_loss l1"])
+def test_cuda_kernels_emulated_results_do_not_depend_on_block_order(emu, case):
+    """Losses, total, factors and gradients are bitwise the same whatever order the blocks run in: no floating-point
+    sum depends on which block finishes first (run-to-run determinism on the GPU), for the chain, the one-task
+    forward and the one-task op (fastmtl::masked_loss)."""
+    torch.manual_seed(4)
+    seg, seg_t = make_ce((8, 13, 32, 32), "contiguous", torch.float32, device="cpu")  # 4 pixels per thread
+    cls, cls_t = make_ce((300, 10), "contiguous", torch.float32, device="cpu")  # rows kernel
+    depth, depth_t = make_dense("l1", (8, 1, 64, 64), "contiguous", torch.float32, device="cpu")
+    masks = [make_mask(n, "random", device="cpu") for n in (8, 300, 8)]
+    weights = torch.rand(3) + 0.5
+    if case == "chain":
+        tasks = [(seg, seg_t, masks[0], "ce"), (cls, cls_t, masks[1], "ce"), (depth, depth_t, masks[2], "l1")]
+        run = lambda: _emu_multitask_forward(emu, tasks, weights)  # noqa: E731
+    elif case == "one task with elements":
+        none, none_t = make_ce((0, 5), "contiguous", torch.float32, device="cpu")
+        tasks = [(none, none_t, None, "ce"), (depth, depth_t, masks[2], "l1")]
+        run = lambda: _emu_multitask_forward(emu, tasks, weights[:2])  # noqa: E731
+    elif case == "masked_loss ce":
+        run = lambda: _emu_ce(emu, seg, seg_t, masks[0])  # noqa: E731
+    else:
+        run = lambda: _emu_elementwise(emu, depth, depth_t, masks[2], "l1")  # noqa: E731
+    by_index = _in_block_order(emu, 0, run)
+    for seed in (1, 2, 3):
+        _assert_bitwise_equal(by_index, _in_block_order(emu, seed, run))
+
+
 def test_cuda_kernels_emulated_float16_gradients_keep_their_precision(emu):
     """float16 logits with a large valid count: gradient / count would be float16 subnormals (about 1e-5), so the
     gradient is stored undivided with its factor; scaled by a loss scaler's 65536 it matches the reference."""
