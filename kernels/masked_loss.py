@@ -21,11 +21,15 @@ One task (``masked_loss``, the op ``fastmtl::masked_loss_triton``), two launches
 
 1. ``_count_kernel``: a capped grid (at most ``COUNT_PROGRAMS`` programs) counts the valid elements (sample mask AND
    element valid); each program writes its partial count, so no buffer needs zeroing. Program 0 also zeroes the
-   float32 loss accumulator.
-2. ``_ce_kernel`` / ``_elementwise_kernel``: every program sums the partial counts (one small vector load), then
-   computes the element losses and the gradient, already scaled by ``1 / count``, in one sweep over the data, and adds
-   its partial loss times ``1 / count`` to the accumulator with one atomic add. With no valid element the count is 0,
-   every element loss and gradient is masked to 0 and the loss stays exactly 0.0.
+   ticket counter of the next launch.
+2. ``_ce_kernel_chained`` / ``_elementwise_kernel_chained``: every program sums the partial counts (one small vector
+   load), then computes the element losses and the gradient, already scaled by ``1 / count``, in one sweep over the
+   data, and writes its (loss sum, valid count) partial; the program that takes the last ticket sums the partials
+   into the loss (``_ticket``). With no valid element the count is 0, every element loss and gradient is masked to 0
+   and the loss is exactly 0.0.
+
+No floating-point atomics anywhere: every sum over programs is taken by one program in a fixed order, so the results
+do not depend on the order programs run in (run-to-run deterministic).
 
 Cross entropy views the logits as ``[N, C, S]`` with three strides (``S`` = product of the spatial dims; an
 ``[N, C]`` input is viewed as ``[1, C, N]``), so NCHW (pixels contiguous) and channels_last / ``[N, C]`` (classes
@@ -110,14 +114,11 @@ def _inv_count(counts_ptr, num_counts, PARTIALS: tl.constexpr, COUNTS_P2: tl.con
 
 
 @triton.jit
-def _finish(loss_ptr, psum_ptr, pcount_ptr, slot, loss_sum, valid, inv_count, PARTIALS: tl.constexpr):
-    """A program's end: its (loss sum, valid count) partial in slot ``slot``, or loss_sum / count added to the
-    loss."""
-    if PARTIALS:
-        tl.store(psum_ptr + slot, loss_sum)
-        tl.store(pcount_ptr + slot, valid)
-    else:
-        tl.atomic_add(loss_ptr, loss_sum * inv_count)
+def _finish(psum_ptr, pcount_ptr, slot, loss_sum, valid):
+    """A program's end: its (loss sum, valid count) partial in slot ``slot`` (no atomics: a finalize sums the slots
+    in a fixed order, so the loss does not depend on the order programs run in)."""
+    tl.store(psum_ptr + slot, loss_sum)
+    tl.store(pcount_ptr + slot, valid)
 
 
 @triton.jit
@@ -132,11 +133,12 @@ def _log1p(z):
 
 @triton.jit
 def _count_kernel(
-    target_ptr, mask_ptr, counts_ptr, loss_ptr,
+    target_ptr, mask_ptr, counts_ptr, ticket_ptr,
     total, iters, S, t_sn, t_ss, m_sn, m_ss, C, ignore_index,
     IS_CE: tl.constexpr, HAS_MASK: tl.constexpr, BIG_S: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Partial valid counts over the ``[N, S]`` index space of the targets; program 0 zeroes the loss."""
+    """Partial valid counts over the ``[N, S]`` index space of the targets; program 0 zeroes the ticket counter of
+    the loss launch that follows."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
@@ -156,12 +158,12 @@ def _count_kernel(
         acc += ok.to(tl.int32)
     tl.store(counts_ptr + pid, tl.sum(acc, axis=0))
     if pid == 0:
-        tl.store(loss_ptr, 0.0)
+        tl.store(ticket_ptr, 0)
 
 
 @triton.jit
 def _ce_body(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr,
     S, C, num_s_blocks, num_counts, first_slot, ignore_index,
     p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
     ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
@@ -172,7 +174,7 @@ def _ce_body(
     MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Cross entropy of a tile of BLOCK_S pixels of one sample: online softmax over C, loss and gradient (scaled by
-    1/count, or with PARTIALS the element gradient and this program's (loss sum, valid count) partial).
+    1/count, or with PARTIALS the element gradient), and this program's (loss sum, valid count) partial.
 
     Which logits are read: with ROWS (classes contiguous) only the valid pixels' rows, a predicate that is the same
     along each row's vector. Otherwise (pixels contiguous) every pixel of a labelled sample, valid or not (ignored
@@ -240,34 +242,33 @@ def _ce_body(
                 tl.store(row_g[:, None] + cc[None, :] * g_sc, g.to(grad_ptr.dtype.element_ty),
                          mask=s_ok[:, None] & c_ok[None, :])  # fmt: skip
     row_loss = tl.where(ok, m + tl.log(lsum) - x_t, 0.0)
-    _finish(loss_ptr, psum_ptr, pcount_ptr, first_slot + pid, tl.sum(row_loss, axis=0),
-            tl.sum(ok.to(tl.int32), axis=0), inv_count, PARTIALS)  # fmt: skip
+    _finish(psum_ptr, pcount_ptr, first_slot + pid, tl.sum(row_loss, axis=0), tl.sum(ok.to(tl.int32), axis=0))
     _ticket(ticket_ptr, pid, psum_ptr, pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
             l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["first_slot"])
 def _ce_kernel(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
     num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
     HAS_MASK: tl.constexpr, MASK_PER_PIXEL: tl.constexpr, ROWS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     SINGLE_C: tl.constexpr, PARTIALS: tl.constexpr, COUNTS_P2: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """One task's cross entropy (``_ce_body``): ``masked_loss``, and the multi-task forward's launches between its
-    first and last."""
+    """One task's cross entropy (``_ce_body``) without a tail: the multi-task forward's launches between its first
+    and last. (psum_ptr fills the tail's unused pointer arguments.)"""
     _ce_body(
-        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
-        num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, loss_ptr,
-        loss_ptr, loss_ptr, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0,
-        loss_ptr, 0, loss_ptr, HAS_MASK, MASK_PER_PIXEL, ROWS, COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S,
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+        num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, psum_ptr,
+        psum_ptr, psum_ptr, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0,
+        psum_ptr, 0, psum_ptr, HAS_MASK, MASK_PER_PIXEL, ROWS, COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S,
         BLOCK_C, 0, 1, False, 0, 16,
     )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_VARYING)
 def _ce_kernel_chained(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
     num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss,
     ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
     HAS_MASK: tl.constexpr, MASK_PER_PIXEL: tl.constexpr, ROWS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -275,9 +276,10 @@ def _ce_kernel_chained(
     BLOCK_C: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``_ce_kernel`` with the multi-task forward's tail (``_ticket``): its first or last, finalizing, launch."""
+    """``_ce_kernel`` with a tail (``_ticket``): the multi-task forward's first or last, finalizing, launch, and
+    ``masked_loss``'s loss launch (finalizing)."""
     _ce_body(
-        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, S, C, num_s_blocks,
         num_counts, first_slot, ignore_index, p_sn, p_sc, p_ss, g_sn, g_sc, g_ss, t_sn, t_ss, m_sn, m_ss, ticket_ptr,
         fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, HAS_MASK,
         MASK_PER_PIXEL, ROWS, COMPUTE_GRAD, SINGLE_C, PARTIALS, COUNTS_P2, BLOCK_S, BLOCK_C, TICKET, NUM, HAS_WEIGHTS,
@@ -287,7 +289,7 @@ def _ce_kernel_chained(
 
 @triton.jit
 def _elementwise_body(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr,
     total, M, num_counts, first_slot,
     ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr,
     n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
@@ -322,8 +324,8 @@ def _elementwise_body(
         d = p - t
         loss = d * d
         g = d if PARTIALS else 2.0 * d
-    _finish(loss_ptr, psum_ptr, pcount_ptr, first_slot + pid, tl.sum(tl.where(ok, loss, 0.0), axis=0),
-            tl.sum(ok.to(tl.int32), axis=0), inv_count, PARTIALS)  # fmt: skip
+    _finish(psum_ptr, pcount_ptr, first_slot + pid, tl.sum(tl.where(ok, loss, 0.0), axis=0),
+            tl.sum(ok.to(tl.int32), axis=0))  # fmt: skip
     if COMPUTE_GRAD:
         tl.store(grad_ptr + offs, tl.where(ok, g * inv_count, 0.0).to(grad_ptr.dtype.element_ty), mask=inb)
     _ticket(ticket_ptr, pid, psum_ptr, pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
@@ -332,34 +334,34 @@ def _elementwise_body(
 
 @triton.jit(do_not_specialize=["first_slot"])
 def _elementwise_kernel(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
     first_slot,
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr, PARTIALS: tl.constexpr,
     COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One task's bce / l1 / mse (``_elementwise_body``): ``masked_loss``, and the multi-task forward's launches
-    between its first and last."""
+    """One task's bce / l1 / mse (``_elementwise_body``) without a tail: the multi-task forward's launches between its
+    first and last."""
     _elementwise_body(
-        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
-        first_slot, loss_ptr, loss_ptr, loss_ptr, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, 0,
-        loss_ptr, 0, loss_ptr, 0, loss_ptr, 0, loss_ptr, KIND, HAS_MASK, COMPUTE_GRAD, BIG_S, PARTIALS, COUNTS_P2,
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+        first_slot, psum_ptr, psum_ptr, psum_ptr, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0, psum_ptr, 0,
+        psum_ptr, 0, psum_ptr, 0, psum_ptr, 0, psum_ptr, KIND, HAS_MASK, COMPUTE_GRAD, BIG_S, PARTIALS, COUNTS_P2,
         BLOCK, 0, 1, False, 0, 16,
     )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_VARYING)
 def _elementwise_kernel_chained(
-    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+    pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
     first_slot,
     ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BIG_S: tl.constexpr, PARTIALS: tl.constexpr,
     COUNTS_P2: tl.constexpr, BLOCK: tl.constexpr, TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     MSE_MASK: tl.constexpr, FIN_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``_elementwise_kernel`` with the multi-task forward's tail (``_ticket``): its first or last, finalizing,
-    launch."""
+    """``_elementwise_kernel`` with a tail (``_ticket``): the multi-task forward's first or last, finalizing, launch,
+    and ``masked_loss``'s loss launch (finalizing)."""
     _elementwise_body(
-        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, loss_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
+        pred_ptr, target_ptr, mask_ptr, grad_ptr, counts_ptr, psum_ptr, pcount_ptr, total, M, num_counts,
         first_slot, ticket_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5,
         n6, l6, n7, l7, KIND, HAS_MASK, COMPUTE_GRAD, BIG_S, PARTIALS, COUNTS_P2, BLOCK, TICKET, NUM, HAS_WEIGHTS,
         MSE_MASK, FIN_BLOCK,
@@ -612,10 +614,9 @@ class _TaskPlan:
 
     ``grad`` is the output (pred's layout, as the fakes say); ``work_grad`` is where the kernel writes it (``grad``
     unless that layout does not fit the kernel: rare, then ``finish`` copies). ``blocks`` is the loss kernel's grid
-    (= the number of partials in partials mode). ``kernels`` is the loss kernel and its form with the multi-task
-    forward's tail; their arguments are ``tensors`` (pred, target, mask, gradient), then the four reduction pointers
-    (counts, loss, psum, pcount), ``sizes``, ``num_counts``, the first partial slot, ``strides`` (then the tail) and
-    the ``constexprs``.
+    (= the number of partials it writes). ``kernels`` is the loss kernel and its form with a tail (``_ticket``);
+    their arguments are ``tensors`` (pred, target, mask, gradient), then the three reduction pointers (counts, psum,
+    pcount), ``sizes``, ``num_counts``, the first partial slot, ``strides`` (then the tail) and the ``constexprs``.
     """
 
     def __init__(self, grad, work_grad, blocks, count_args, kernels, tensors, sizes, strides, constexprs):
@@ -623,22 +624,21 @@ class _TaskPlan:
         self._count_args, self._kernels = count_args, kernels
         self._tensors, self._sizes, self._strides, self._constexprs = tensors, sizes, strides, constexprs
 
-    def count(self, launch, counts, loss) -> int:
-        """Normalised mode, first launch: partial valid counts into ``counts``; returns how many."""
-        return _launch_count(launch, counts=counts, loss=loss, **self._count_args)
+    def count(self, launch, counts, ticket) -> int:
+        """Normalised mode, first launch: partial valid counts into ``counts`` (and ``ticket`` zeroed); returns how
+        many."""
+        return _launch_count(launch, counts=counts, ticket=ticket, **self._count_args)
 
-    def run(self, launch, counts=None, loss=None, num_counts=0, psum=None, pcount=None, first_slot=0,
-            tail=None) -> None:  # fmt: skip
-        """The loss kernel: normalised (``counts``, ``loss``) or, given ``psum`` / ``pcount``, partials mode (this
-        task's partials from slot ``first_slot`` on), where ``tail`` = ``(ticket, mode, (finalize args, finalize
-        constexprs))`` makes it the multi-task forward's first (mode 1) or last, finalizing (mode 2), launch (see
-        ``_ticket``). The pointers a mode does not use are given pred (never read: the kernel branches on PARTIALS
-        and TICKET at compile time)."""
+    def run(self, launch, psum, pcount, counts=None, num_counts=0, first_slot=0, tail=None) -> None:
+        """The loss kernel, writing this task's partials from slot ``first_slot`` on: normalised (gradient divided
+        by the count the ``counts`` pass found) or, without ``counts``, partials mode (gradient undivided).
+        ``tail`` = ``(ticket, mode, (finalize args, finalize constexprs))`` makes it a first (mode 1: zeroes the
+        ticket) or last, finalizing (mode 2), launch (see ``_ticket``). Without counts, pred stands in for the
+        pointer (never read: the kernel branches on PARTIALS at compile time)."""
         if self.blocks == 0:
             return
-        partials = psum is not None
-        unused = self._tensors[0]
-        reduction = (counts, loss, unused, unused) if not partials else (unused, unused, psum, pcount)
+        partials = counts is None
+        reduction = (self._tensors[0] if partials else counts, psum, pcount)
         args = (*self._tensors, *reduction, *self._sizes, num_counts, first_slot, *self._strides)
         if tail is None:  # the lean kernel: fewer arguments, less host time per launch
             launch(self._kernels[0])[(self.blocks,)](*args, PARTIALS=partials, **self._constexprs)
@@ -654,13 +654,13 @@ class _TaskPlan:
             self.grad.copy_(self.work_grad)  # rare: the kernel could not write pred's own layout
 
 
-def _launch_count(launch, target, mask_u8, has_mask, counts_total, counts, loss, S, t_sn, t_ss, m_sn, m_ss, C,
+def _launch_count(launch, target, mask_u8, has_mask, counts_total, counts, ticket, S, t_sn, t_ss, m_sn, m_ss, C,
                   ignore_index, is_ce):  # fmt: skip
     blocks = triton.cdiv(counts_total, COUNT_BLOCK)
     programs = max(1, min(COUNT_PROGRAMS, blocks))
     if launch is not None:
         launch(_count_kernel)[(programs,)](
-            target, mask_u8, counts, loss, counts_total, triton.cdiv(blocks, programs),
+            target, mask_u8, counts, ticket, counts_total, triton.cdiv(blocks, programs),
             S, t_sn, t_ss, m_sn, m_ss, C, ignore_index,
             IS_CE=is_ce, HAS_MASK=has_mask, BIG_S=bool(S >= COUNT_BLOCK), BLOCK=COUNT_BLOCK, num_warps=8,
         )  # fmt: skip
@@ -683,7 +683,8 @@ def masked_loss(pred, target, mask, kind, ignore_index=-100, compute_grad=True, 
 
     Returns:
         ``(loss, grad)``: float32 0-dim loss, gradient with pred's shape, dtype and (dense) strides, or an empty
-        tensor when ``compute_grad`` is false. Two launches: the valid count, then loss and gradient in one sweep.
+        tensor when ``compute_grad`` is false. Two launches: the valid count, then loss and gradient in one sweep,
+        each program writing its partial, the program that finishes last summing them (``_ticket``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -691,9 +692,19 @@ def masked_loss(pred, target, mask, kind, ignore_index=-100, compute_grad=True, 
     plan = _plan(pred, target, mask, kind, ignore_index, compute_grad, grad)
     if launch is None:
         return loss, plan.grad
-    counts = torch.empty(COUNT_PROGRAMS, dtype=torch.int32, device=pred.device)
-    num_counts = plan.count(launch, counts, loss)
-    plan.run(launch, counts=counts, loss=loss, num_counts=num_counts)
+    device = pred.device
+    counts = torch.empty(COUNT_PROGRAMS, dtype=torch.int32, device=device)
+    psum = torch.empty(max(plan.blocks, 1), dtype=torch.float32, device=device)
+    pcount = torch.empty(max(plan.blocks, 1), dtype=torch.int32, device=device)
+    ticket = _alloc_ticket(device)
+    if plan.blocks == 0:  # no elements: no loss launch to finalize
+        loss.zero_()
+    num_counts = plan.count(launch, counts, ticket)
+    # The finalize also writes a gradient factor and a total, which the one-task op has no use for.
+    unused = torch.empty(2, dtype=torch.float32, device=device)
+    first = [0, plan.blocks]
+    finalize = _finalize_args([0], first, unused[:1], None, unused[1:], [loss], [kind])
+    plan.run(launch, psum, pcount, counts=counts, num_counts=num_counts, tail=(ticket, 2, finalize))
     plan.finish()
     return loss, plan.grad
 
@@ -825,7 +836,7 @@ def multitask_forward(preds, targets, masks, kinds, ignore_index, weights, compu
         if fused and t in (launched[0], launched[-1]):
             tail = (ticket, 1 if t == launched[0] else 2, finalize[0])
         # every launch takes the whole psum / pcount (the last one reads all of them) and its first slot
-        plan.run(launch, psum=psum, pcount=pcount, first_slot=first[t], tail=tail)
+        plan.run(launch, psum, pcount, first_slot=first[t], tail=tail)
         plan.finish()
     if not fused:
         for g, (group, (args, consts)) in enumerate(zip(groups, finalize)):

@@ -17,9 +17,9 @@
 //                                          tasks' chunks and skips a task scaled in place by exactly 1 (no memory
 //                                          traffic)
 // Every loss kernel starts with its chain links (ChainLinks: count blocks for the next task of the multi-task
-// forward, the lead task's finalize), then sums the partial counts (one per thread, blockDim == kMaxCountBlocks), and
-// ends with a block reduction and one atomicAdd of its loss partial times 1/count (and one into the weighted total),
-// or in partials mode its loss sum and valid count in its own slot.
+// forward, the previous task's finalize), then sums the partial counts (one per thread, blockDim == kMaxCountBlocks),
+// and ends with a block reduction writing its loss sum and valid count to its own slot; in the op's last launch each
+// block then takes a ticket and the last one finalizes (LaunchEnd). No floating-point atomics: deterministic.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -52,36 +52,46 @@ struct CountTask {
   CeGeometry geom;     // ce
   int64_t ignore_index;  // ce
   int64_t total, M;    // bce / l1 / mse: elements, elements per sample
-  float* loss;         // zeroed by the count pass
+  float* loss;         // zeroed by the count pass (a finalize overwrites it; a task without elements keeps 0)
   float* grad_scale;   // or nullptr; set to 1 by the count pass (a loss kernel may then overwrite it, LossReduction)
 };
 
-// The lead task's slots, turned into its loss and factor by block 0 of the next launch (ChainLinks::lead).
-struct LeadSlots {
+// What the op's first launch resets (block 0 of its count pass, when ticket != nullptr): the ticket counter, the
+// [num_tasks] loss copies and, when no loss launch follows (no task has elements), *total = sum_t weights[t] * 0.
+struct OpStart {
+  unsigned* ticket = nullptr;
+  float* losses = nullptr;
+  int num_tasks = 0;
+  float* total = nullptr;
+  const float* weights = nullptr;
+};
+
+// A task's slots and where their finalize writes: loss = sum(psum) / sum(pcount) (0 without a valid element) to *loss
+// and *loss_copy (when given); with grad_scale (the lead, partials mode) also the gradient's factor
+// 1 / (stored * count), `stored` being the factor its gradient was stored with (mse 0.5).
+struct TaskSlots {
   const float* psum = nullptr;  // nullptr: nothing to finalize
   const int32_t* pcount = nullptr;
   int64_t num = 0;
   float* loss = nullptr;
-  float* grad_scale = nullptr;  // 1 / (stored * count), 0 without a valid element
-  float stored = 1.0f;          // the factor the partials-mode gradient was stored with (mse 0.5)
-  const float* weight = nullptr;
+  float* loss_copy = nullptr;
+  float* grad_scale = nullptr;
+  float stored = 1.0f;
 };
 
-// What a loss launch of the multi-task forward does besides its own task (all off for masked_loss).
+// What a loss launch does besides its own task.
 struct ChainLinks {
-  // Partials mode: the gradient stored undivided (mse: halved) and each loss block writing its loss sum and valid
-  // count to psum[b] / pcount[b] instead of adding to the loss and the total.
-  float* psum = nullptr;
-  int32_t* pcount = nullptr;
-  // Count blocks: blocks [loss_blocks, loss_blocks + next_blocks) count `next` into next_counts[b]; the first of
-  // them zeroes next.loss, sets *next.grad_scale to 1 and zeroes *zero_total when given.
+  // Count blocks: blocks [loss_blocks, loss_blocks + next_blocks) count `next` into next_counts[b]; the first of them
+  // zeroes next.loss, sets *next.grad_scale to 1 and resets `start` (the op's first launch).
   int64_t loss_blocks = 0;
   int next_blocks = 0;
   CountTask next{};
   int32_t* next_counts = nullptr;
-  float* zero_total = nullptr;
-  // Block 0 finalizes the lead task (its weighted loss added to LossReduction::total).
-  LeadSlots lead{};
+  OpStart start{};
+  // Block 0 finalizes the previous launch's task.
+  TaskSlots prev{};
+  // The op's last launch (end.ticket != nullptr, no count blocks): the last block finalizes this task and the total.
+  LaunchEnd end{};
 };
 
 // ---- reductions ------------------------------------------------------------------------------------------------
@@ -121,8 +131,8 @@ __device__ __forceinline__ int64_t div_index(int64_t i, int64_t d) {
 
 // The gradient's factor: 1 / (the task's valid count), from the count pass's partial counts; 1 in partials mode
 // (the count is not known yet).
-__device__ __forceinline__ float reduction_inv(const LossReduction& red, const ChainLinks& links) {
-  if (links.psum != nullptr) return 1.0f;
+__device__ __forceinline__ float reduction_inv(const LossReduction& red) {
+  if (red.counts == nullptr) return 1.0f;
   return block_inv_count(red.counts, red.num_counts);
 }
 
@@ -130,36 +140,65 @@ __device__ __forceinline__ float reduction_inv(const LossReduction& red, const C
 // overflow) in partials mode, and when red.grad_scale is set (float16 predictions, whose range cannot hold g / count
 // for large counts: it would round to subnormals and zeros), block 0 then writing the rest of the factor,
 // inv / stored, to *red.grad_scale for the backward.
-__device__ __forceinline__ float reduction_grad_factor(const LossReduction& red, const ChainLinks& links, float inv,
-                                                       float stored) {
-  if (links.psum != nullptr) return stored;
+__device__ __forceinline__ float reduction_grad_factor(const LossReduction& red, float inv, float stored) {
+  if (red.counts == nullptr) return stored;
   if (red.grad_scale == nullptr) return inv;
   if (blockIdx.x == 0 && threadIdx.x == 0) *red.grad_scale = inv / stored;
   return stored;
 }
 
-// The block's end: its loss partial / count is added to *loss and, weighted, to *total (no atomic for a zero sum,
-// except that block 0 adds a NaN or infinite weight times 0, so the total is NaN as weight * L_t is on the other
-// backends); in partials mode its loss sum and valid count go to its own slot.
-__device__ __forceinline__ void reduction_finish(const LossReduction& red, const ChainLinks& links, float row_loss,
-                                                 int valid, float inv) {
-  const float sum = block_sum(row_loss);
-  if (links.psum != nullptr) {
-    const int count = block_sum(valid);
-    if (threadIdx.x == 0) {
-      links.psum[blockIdx.x] = sum;
-      links.pcount[blockIdx.x] = count;
-    }
-    return;
+// A task's loss (and, with grad_scale, its factor) from its slots, in a fixed order (every thread of the block takes
+// part; TaskSlots documents the arguments). The slots may have been written by other blocks of this launch: read
+// through L2. Not inlined, and given scalars rather than the kernel's parameter struct: inlined, its float64 sums
+// made the lighter loss kernels spill registers in their main loop.
+__device__ __noinline__ void finalize_slots(const float* psum, const int32_t* pcount, int64_t num, float* loss_out,
+                                            float* loss_copy, float* grad_scale, float stored) {
+  double sum = 0.0;
+  long long count = 0;
+  for (int64_t i = threadIdx.x; i < num; i += kThreads) {
+    sum += __ldcg(psum + i);
+    count += __ldcg(pcount + i);
   }
+  sum = block_sum(sum);
+  count = block_sum(count);
   if (threadIdx.x != 0) return;
-  const float weight = red.weight != nullptr ? *red.weight : 1.0f;
-  if (sum != 0.0f) {
-    atomicAdd(red.loss, sum * inv);
-    if (red.total != nullptr) atomicAdd(red.total, sum * inv * weight);
-  } else if (blockIdx.x == 0 && red.total != nullptr && !isfinite(weight)) {
-    atomicAdd(red.total, weight * 0.0f);
+  const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
+  *loss_out = loss;
+  if (loss_copy != nullptr) *loss_copy = loss;
+  if (grad_scale != nullptr)
+    *grad_scale = count > 0 ? static_cast<float>(1.0 / (static_cast<double>(stored) * count)) : 0.0f;
+}
+
+// sum_t weights[t] * losses[t] in task order (weights == nullptr: 1 each), so that a NaN or infinite weight makes the
+// total NaN even for a task without a valid element (weight * 0), as on the other backends.
+__device__ __noinline__ void write_total(float* total, const float* losses, const float* weights, int num_tasks) {
+  float sum = 0.0f;
+  for (int t = 0; t < num_tasks; ++t) sum += (weights != nullptr ? weights[t] : 1.0f) * __ldcg(losses + t);
+  *total = sum;
+}
+
+// The block's end: its loss sum and valid count in its own slot. In the op's last launch (end.ticket set) the block
+// then takes a ticket, and the block that takes the last one (all slots written) finalizes the launch's task and
+// writes the total.
+__device__ __forceinline__ void reduction_finish(const LossReduction& red, const LaunchEnd& end, float row_loss,
+                                                 int valid) {
+  const float sum = block_sum(row_loss);
+  const int count = block_sum(valid);
+  __shared__ unsigned last_block[1];
+  if (threadIdx.x == 0) {
+    red.psum[blockIdx.x] = sum;
+    red.pcount[blockIdx.x] = count;
+    if (end.ticket != nullptr) {
+      __threadfence();  // the slot is visible device-wide before the ticket is taken
+      last_block[0] = atomicAdd(end.ticket, 1u) == gridDim.x - 1 ? 1u : 0u;
+    }
   }
+  if (end.ticket == nullptr) return;
+  __syncthreads();
+  if (last_block[0] == 0u) return;
+  __threadfence();
+  finalize_slots(red.psum, red.pcount, gridDim.x, end.loss, end.loss_copy, nullptr, 1.0f);
+  if (threadIdx.x == 0 && end.total != nullptr) write_total(end.total, end.losses, end.weights, end.num_tasks);
 }
 
 // ---- count kernels ---------------------------------------------------------------------------------------------
@@ -241,63 +280,54 @@ __device__ int count_task_block(const CountTask& task, int64_t b, int64_t blocks
   return count_float_block(static_cast<const float*>(task.target), task.mask, task.total, task.M, b, blocks);
 }
 
-// Thread 0 stores block b's count; block 0 zeroes the task's loss, sets its factor to 1 (a loss kernel storing
-// undivided gradients overwrites it) and zeroes *total when given.
+// The op's first reset (OpStart), by one thread.
+__device__ __noinline__ void reset_op(unsigned* ticket, float* losses, int num_tasks, float* total,
+                                      const float* weights) {
+  *ticket = 0u;
+  float sum = 0.0f;
+  for (int t = 0; t < num_tasks; ++t) {
+    if (losses != nullptr) losses[t] = 0.0f;
+    sum += (weights != nullptr ? weights[t] : 1.0f) * 0.0f;
+  }
+  if (total != nullptr) *total = sum;
+}
+
+// Thread 0 stores block b's count; block 0 zeroes the task's loss and sets its factor to 1 (a loss kernel storing
+// undivided gradients overwrites it), and with `reset` resets the op (start.ticket set).
 __device__ __forceinline__ void count_task_store(const CountTask& task, int32_t* counts, int64_t b, int sum,
-                                                 float* total) {
+                                                 const OpStart& start, bool reset) {
   if (threadIdx.x != 0) return;
   counts[b] = sum;
   if (b == 0) {
     *task.loss = 0.0f;
     if (task.grad_scale != nullptr) *task.grad_scale = 1.0f;
-    if (total != nullptr) *total = 0.0f;
   }
+  if (reset && start.ticket != nullptr)
+    reset_op(start.ticket, start.losses, start.num_tasks, start.total, start.weights);
 }
 
 // All tasks' count passes in one launch: block x counts for task x / blocks; the first block of each task zeroes its
-// loss, block 0 the total (when given).
+// loss, block 0 resets the op (`start`).
 __global__ void __launch_bounds__(kThreads)
-    count_tasks_kernel(CountTable table, int32_t* __restrict__ counts, float* __restrict__ total) {
+    count_tasks_kernel(CountTable table, int32_t* __restrict__ counts, OpStart start) {
   const int t = blockIdx.x / table.blocks;
   const int b = blockIdx.x - t * table.blocks;
   const int sum = count_task_block(table.task[t], b, table.blocks);
-  count_task_store(table.task[t], counts + t * kMaxCountBlocks, b, sum, blockIdx.x == 0 ? total : nullptr);
+  count_task_store(table.task[t], counts + t * kMaxCountBlocks, b, sum, start, blockIdx.x == 0);
 }
 
-// The lead task's loss (sum / count, 0 without a valid element), gradient factor and weighted share of *total, from
-// the slots its partials-mode launch wrote (every thread of the block takes part; LeadSlots documents the
-// arguments). Not inlined, and given scalars rather than the kernel's parameter struct: inlined, its float64 sums
-// made the lighter loss kernels spill registers in their main loop.
-__device__ __noinline__ void finalize_lead(const float* psum, const int32_t* pcount, int64_t num, float* loss_out,
-                                           float* grad_scale, float stored, const float* weight, float* total) {
-  double sum = 0.0;
-  long long count = 0;
-  for (int64_t i = threadIdx.x; i < num; i += kThreads) {
-    sum += psum[i];
-    count += pcount[i];
-  }
-  sum = block_sum(sum);
-  count = block_sum(count);
-  if (threadIdx.x != 0) return;
-  const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
-  *loss_out = loss;
-  *grad_scale = count > 0 ? static_cast<float>(1.0 / (static_cast<double>(stored) * count)) : 0.0f;
-  const float w = weight != nullptr ? *weight : 1.0f;
-  if (total != nullptr && (loss != 0.0f || !isfinite(w))) atomicAdd(total, loss * w);  // NaN weight: NaN total
-}
-
-// A loss kernel's start: a count block of the next task does its count and the kernel returns true; block 0 of the
-// launch after the lead's finalizes it.
-__device__ __forceinline__ bool chain_prologue(const ChainLinks& links, const LossReduction& red) {
+// A loss kernel's start: a count block of the next task does its count and the kernel returns true; block 0
+// finalizes the previous launch's task.
+__device__ __forceinline__ bool chain_prologue(const ChainLinks& links) {
   if (links.next_blocks > 0 && blockIdx.x >= links.loss_blocks) {
     const int64_t b = blockIdx.x - links.loss_blocks;
     const int sum = count_task_block(links.next, b, links.next_blocks);
-    count_task_store(links.next, links.next_counts, b, sum, links.zero_total);
+    count_task_store(links.next, links.next_counts, b, sum, links.start, b == 0);
     return true;
   }
-  const LeadSlots& lead = links.lead;
-  if (lead.psum != nullptr && blockIdx.x == 0)
-    finalize_lead(lead.psum, lead.pcount, lead.num, lead.loss, lead.grad_scale, lead.stored, lead.weight, red.total);
+  const TaskSlots& prev = links.prev;
+  if (prev.psum != nullptr && blockIdx.x == 0)
+    finalize_slots(prev.psum, prev.pcount, prev.num, prev.loss, prev.loss_copy, prev.grad_scale, prev.stored);
   return false;
 }
 
@@ -322,9 +352,9 @@ __global__ void __launch_bounds__(kThreads)
     ce_pixel_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                     P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
                     LossReduction red, ChainLinks links) {
-  if (chain_prologue(links, red)) return;
-  const float inv = reduction_inv(red, links);
-  const float gi = reduction_grad_factor(red, links, inv, 1.0f);
+  if (chain_prologue(links)) return;
+  const float inv = reduction_inv(red);
+  const float gi = reduction_grad_factor(red, inv, 1.0f);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kThreads + threadIdx.x;
   float row_loss = 0.0f;
@@ -378,7 +408,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, links, row_loss, valid, inv);
+  reduction_finish(red, links.end, row_loss, valid);
 }
 
 // NCHW logits with contiguous pixels (p_ss == g_ss == 1): PIX neighbouring pixels per thread, so every load and store
@@ -390,9 +420,9 @@ __global__ void __launch_bounds__(kThreads)
                         P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
                         LossReduction red, ChainLinks links) {
   using Vec = Pack<P, PIX>;
-  if (chain_prologue(links, red)) return;
-  const float inv = reduction_inv(red, links);
-  const float gi = reduction_grad_factor(red, links, inv, 1.0f);
+  if (chain_prologue(links)) return;
+  const float inv = reduction_inv(red);
+  const float gi = reduction_grad_factor(red, inv, 1.0f);
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s0 = ((blockIdx.x - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   float row_loss = 0.0f;
@@ -471,7 +501,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, links, row_loss, valid, inv);
+  reduction_finish(red, links.end, row_loss, valid);
 }
 
 // TPR threads per row of C contiguous logits (p_sc == 1); VPL > 0 caches VPL logits per lane (C <= TPR * VPL).
@@ -481,9 +511,9 @@ __global__ void __launch_bounds__(kThreads)
                    P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
                    LossReduction red, ChainLinks links) {
   constexpr int kRows = kThreads / TPR;
-  if (chain_prologue(links, red)) return;
-  const float inv = reduction_inv(red, links);
-  const float gi = reduction_grad_factor(red, links, inv, 1.0f);
+  if (chain_prologue(links)) return;
+  const float inv = reduction_inv(red);
+  const float gi = reduction_grad_factor(red, inv, 1.0f);
   const int lane = threadIdx.x % TPR;
   const int64_t n = blockIdx.x / s_blocks;
   const int64_t s = (blockIdx.x - n * s_blocks) * kRows + threadIdx.x / TPR;
@@ -547,7 +577,7 @@ __global__ void __launch_bounds__(kThreads)
         gx[c * g.g_sc] = from_float<P>(expf(to_acc(x[c]) - m) * scale - (c == row.t ? gi : 0.0f));
     }
   }
-  reduction_finish(red, links, row_loss, valid, inv);
+  reduction_finish(red, links.end, row_loss, valid);
 }
 
 // ---- bce / l1 / mse --------------------------------------------------------------------------------------------
@@ -573,10 +603,10 @@ template <int KIND, typename P, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
                        P* __restrict__ grad, int64_t total, int64_t M, LossReduction red, ChainLinks links) {
-  if (chain_prologue(links, red)) return;
-  const float inv = reduction_inv(red, links);
+  if (chain_prologue(links)) return;
+  const float inv = reduction_inv(red);
   const float gi =
-      reduction_grad_factor(red, links, inv, KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f);
+      reduction_grad_factor(red, inv, KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f);
   float acc = 0.0f;
   int valid = 0;
   const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
@@ -637,7 +667,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduction_finish(red, links, acc, valid, inv);
+  reduction_finish(red, links.end, acc, valid);
 }
 
 // ---- grouped scaling -------------------------------------------------------------------------------------------
@@ -873,6 +903,7 @@ cudaError_t launch_ce(const void* pred, DType dtype, const int64_t* target, cons
                       cudaStream_t stream) {
   links.loss_blocks = ce_loss_blocks(pred, dtype, grad, g);
   if (links.loss_blocks == 0) return cudaSuccess;
+  if (links.end.ticket != nullptr && links.next_blocks > 0) return cudaErrorInvalidValue;  // the end counts loss blocks
   if (links.loss_blocks + links.next_blocks > std::numeric_limits<int32_t>::max())
     return cudaErrorInvalidConfiguration;  // a 32-bit grid
   const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
@@ -919,6 +950,7 @@ cudaError_t launch_elementwise_task(ElementwiseKind kind, const void* pred, DTyp
   if (target_dtype != dtype && target_dtype != DType::kFloat32) return cudaErrorInvalidValue;
   links.loss_blocks = elementwise_loss_blocks(pred, dtype, target, target_dtype, grad, total);
   if (links.loss_blocks == 0) return cudaSuccess;
+  if (links.end.ticket != nullptr && links.next_blocks > 0) return cudaErrorInvalidValue;  // the end counts loss blocks
   if (links.loss_blocks + links.next_blocks > std::numeric_limits<int32_t>::max())
     return cudaErrorInvalidConfiguration;  // a 32-bit grid
   const cudaError_t err = dispatch_dtype(dtype, [&](auto zero) {
@@ -990,9 +1022,33 @@ std::vector<int> chain_order(const LossTask* tasks, int n) {
   return order;
 }
 
-// Fewer than two tasks with elements: the count passes of every task (kMaxCountTasks per launch; they zero the losses
-// and the total and set the factors to 1), then the loss kernels (only a task with elements launches one).
+// Each task's first slot in buf.psum / buf.pcount (task t owns loss_blocks(t) slots after those of tasks < t).
+std::vector<int64_t> first_slots(const LossTask* tasks, int n) {
+  std::vector<int64_t> first(n + 1, 0);
+  for (int t = 0; t < n; ++t) first[t + 1] = first[t] + loss_blocks(tasks[t]);
+  return first;
+}
+
+// The last launch's end: finalize task t (its loss and its copy) and write the total over every task.
+LaunchEnd op_end(const LossTask* tasks, int n, const MultitaskBuffers& buf, int t) {
+  LaunchEnd end;
+  end.ticket = buf.ticket;
+  end.loss = tasks[t].loss;
+  end.loss_copy = buf.losses + t;
+  end.total = buf.total;
+  end.losses = buf.losses;
+  end.weights = buf.weights;
+  end.num_tasks = n;
+  return end;
+}
+
+// Fewer than two tasks with elements: the count passes of every task (kMaxCountTasks per launch; they zero the losses,
+// set the factors to 1 and reset the op), then the loss kernel of the task with elements, if any, which ends the op.
+// Without one, the count pass writes the total (sum_t weights[t] * 0).
 cudaError_t forward_unchained(const LossTask* tasks, int n, const MultitaskBuffers& buf, cudaStream_t stream) {
+  int with_elements = -1;
+  for (int t = 0; t < n; ++t)
+    if (count_items(tasks[t]) > 0) with_elements = t;
   std::vector<int> blocks_of(n);
   for (int begin = 0; begin < n; begin += kMaxCountTasks) {
     const int end = std::min(n, begin + kMaxCountTasks);
@@ -1003,32 +1059,43 @@ cudaError_t forward_unchained(const LossTask* tasks, int n, const MultitaskBuffe
       table.blocks = std::max(table.blocks, masked_loss_count_blocks(count_items(tasks[t])));
     }
     for (int t = begin; t < end; ++t) blocks_of[t] = table.blocks;
+    OpStart start;
+    if (begin == 0) start = {buf.ticket, buf.losses, n, with_elements < 0 ? buf.total : nullptr, buf.weights};
     count_tasks_kernel<<<static_cast<unsigned>((end - begin) * table.blocks), kThreads, 0, stream>>>(
-        table, buf.counts + begin * kMaxCountBlocks, begin == 0 ? buf.total : nullptr);
+        table, buf.counts + begin * kMaxCountBlocks, start);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  for (int t = 0; t < n; ++t) {
-    LossReduction red;
-    red.counts = buf.counts + t * kMaxCountBlocks;
-    red.num_counts = blocks_of[t];
-    red.loss = tasks[t].loss;
-    red.total = buf.total;
-    red.weight = buf.weights != nullptr ? buf.weights + t : nullptr;
-    red.grad_scale = tasks[t].grad != nullptr && tasks[t].dtype == DType::kFloat16 ? buf.grad_scale + t : nullptr;
-    const cudaError_t err = launch_task(tasks[t], red, ChainLinks{}, stream);
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  if (with_elements < 0) return cudaSuccess;
+  const int t = with_elements;
+  LossReduction red;
+  red.counts = buf.counts + t * kMaxCountBlocks;
+  red.num_counts = blocks_of[t];
+  red.grad_scale = tasks[t].grad != nullptr && tasks[t].dtype == DType::kFloat16 ? buf.grad_scale + t : nullptr;
+  red.psum = buf.psum;  // the only task with slots
+  red.pcount = buf.pcount;
+  ChainLinks links;
+  links.end = op_end(tasks, n, buf, t);
+  return launch_task(tasks[t], red, links, stream);
 }
 
-// One task's count pass (masked_loss's first launch): count_tasks_kernel with a table of one.
-cudaError_t launch_count(const CountTask& task, int32_t* counts, int num_blocks, cudaStream_t stream) {
+// One task's count pass (masked_loss's first launch): count_tasks_kernel with a table of one; it zeroes the ticket.
+cudaError_t launch_count(const CountTask& task, int32_t* counts, int num_blocks, unsigned* ticket,
+                         cudaStream_t stream) {
   CountTable table{};
   table.task[0] = task;
   table.blocks = num_blocks;
-  count_tasks_kernel<<<num_blocks, kThreads, 0, stream>>>(table, counts, nullptr);
+  OpStart start;
+  start.ticket = ticket;
+  count_tasks_kernel<<<num_blocks, kThreads, 0, stream>>>(table, counts, start);
   return cudaGetLastError();
+}
+
+// One task's loss launch (masked_loss's second), ended by `end`.
+ChainLinks single(const LaunchEnd& end) {
+  ChainLinks links;
+  links.end = end;
+  return links;
 }
 
 }  // namespace
@@ -1036,7 +1103,7 @@ cudaError_t launch_count(const CountTask& task, int32_t* counts, int num_blocks,
 // ---- public launchers ------------------------------------------------------------------------------------------
 
 cudaError_t masked_loss_count_ce(const int64_t* target, const bool* mask, const CeGeometry& geom, int64_t ignore_index,
-                                 int32_t* counts, int num_blocks, float* loss, cudaStream_t stream) {
+                                 int32_t* counts, int num_blocks, float* loss, unsigned* ticket, cudaStream_t stream) {
   CountTask task{};
   task.is_ce = true;
   task.target = target;
@@ -1044,11 +1111,12 @@ cudaError_t masked_loss_count_ce(const int64_t* target, const bool* mask, const 
   task.geom = geom;
   task.ignore_index = ignore_index;
   task.loss = loss;
-  return launch_count(task, counts, num_blocks, stream);
+  return launch_count(task, counts, num_blocks, ticket, stream);
 }
 
 cudaError_t masked_loss_count_float(const void* target, DType target_dtype, const bool* mask, int64_t total,
-                                    int64_t M, int32_t* counts, int num_blocks, float* loss, cudaStream_t stream) {
+                                    int64_t M, int32_t* counts, int num_blocks, float* loss, unsigned* ticket,
+                                    cudaStream_t stream) {
   if (target_dtype != DType::kFloat32 && target_dtype != DType::kFloat16 && target_dtype != DType::kBFloat16)
     return cudaErrorInvalidValue;
   CountTask task{};
@@ -1058,25 +1126,26 @@ cudaError_t masked_loss_count_float(const void* target, DType target_dtype, cons
   task.total = total;
   task.M = M > 0 ? M : 1;
   task.loss = loss;
-  return launch_count(task, counts, num_blocks, stream);
+  return launch_count(task, counts, num_blocks, ticket, stream);
 }
 
 cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
-                           const CeGeometry& g, int64_t ignore_index, const LossReduction& red,
+                           const CeGeometry& g, int64_t ignore_index, const LossReduction& red, const LaunchEnd& end,
                            cudaStream_t stream) {
-  return launch_ce(pred, dtype, target, mask, grad, g, ignore_index, red, ChainLinks{}, stream);
+  return launch_ce(pred, dtype, target, mask, grad, g, ignore_index, red, single(end), stream);
 }
 
 cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
                                     DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
-                                    const LossReduction& red, cudaStream_t stream) {
-  return launch_elementwise_task(kind, pred, dtype, target, target_dtype, mask, grad, total, M, red, ChainLinks{},
+                                    const LossReduction& red, const LaunchEnd& end, cudaStream_t stream) {
+  return launch_elementwise_task(kind, pred, dtype, target, target_dtype, mask, grad, total, M, red, single(end),
                                  stream);
 }
 
-int64_t masked_loss_multitask_partials(const LossTask* tasks, int num_tasks) {
-  const std::vector<int> order = chain_order(tasks, num_tasks);
-  return order.empty() ? 0 : loss_blocks(tasks[order[0]]);
+int64_t masked_loss_slots(const LossTask& task) { return loss_blocks(task); }
+
+int64_t masked_loss_multitask_slots(const LossTask* tasks, int num_tasks) {
+  return first_slots(tasks, num_tasks)[num_tasks];
 }
 
 cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, const MultitaskBuffers& buf,
@@ -1090,33 +1159,31 @@ cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, 
     if (err == cudaSuccess) err = cudaMemsetAsync(buf.grad_scale + t, 0, sizeof(float), stream);
     if (err != cudaSuccess) return err;
   }
-  const int lead = order[0];
-  const auto weight_of = [&](int t) { return buf.weights != nullptr ? buf.weights + t : nullptr; };
+  const std::vector<int64_t> first = first_slots(tasks, num_tasks);
   std::vector<int> count_blocks(num_tasks, 0);
   for (size_t i = 0; i < order.size(); ++i) {
     const int t = order[i];
     LossReduction red;
-    red.loss = tasks[t].loss;
-    red.total = buf.total;
-    red.weight = weight_of(t);
+    red.psum = buf.psum + first[t];
+    red.pcount = buf.pcount + first[t];
     ChainLinks links;
-    if (i == 0) {  // the lead, in partials mode; its count blocks zero the total
-      links.psum = buf.psum;
-      links.pcount = buf.pcount;
-      links.zero_total = buf.total;
-    } else {  // normalised by the counts the previous launch wrote
+    if (i == 0) {  // the lead, in partials mode; its count blocks reset the op
+      links.start = {buf.ticket, buf.losses, num_tasks, nullptr, nullptr};
+    } else {  // normalised by the counts the previous launch wrote; block 0 finalizes the previous task
       red.counts = buf.counts + t * kMaxCountBlocks;
       red.num_counts = count_blocks[t];
       red.grad_scale = tasks[t].grad != nullptr && tasks[t].dtype == DType::kFloat16 ? buf.grad_scale + t : nullptr;
-    }
-    if (i == 1) {  // the lead's launch is complete: its slots become its loss, factor and share of the total
-      links.lead.psum = buf.psum;
-      links.lead.pcount = buf.pcount;
-      links.lead.num = loss_blocks(tasks[lead]);
-      links.lead.loss = tasks[lead].loss;
-      links.lead.grad_scale = buf.grad_scale + lead;
-      links.lead.stored = !tasks[lead].is_ce && tasks[lead].kind == ElementwiseKind::kMSE ? 0.5f : 1.0f;
-      links.lead.weight = weight_of(lead);
+      const int prev = order[i - 1];
+      TaskSlots& slots = links.prev;
+      slots.psum = buf.psum + first[prev];
+      slots.pcount = buf.pcount + first[prev];
+      slots.num = first[prev + 1] - first[prev];
+      slots.loss = tasks[prev].loss;
+      slots.loss_copy = buf.losses + prev;
+      if (i == 1) {  // the lead's gradient was stored undivided: its factor
+        slots.grad_scale = buf.grad_scale + prev;
+        slots.stored = !tasks[prev].is_ce && tasks[prev].kind == ElementwiseKind::kMSE ? 0.5f : 1.0f;
+      }
     }
     if (i + 1 < order.size()) {  // count the next task
       const int next = order[i + 1];
@@ -1124,6 +1191,8 @@ cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, 
       links.next = count_task(tasks[next], buf.grad_scale + next);
       links.next_blocks = count_blocks[next];
       links.next_counts = buf.counts + next * kMaxCountBlocks;
+    } else {  // the last launch ends the op
+      links.end = op_end(tasks, num_tasks, buf, t);
     }
     const cudaError_t err = launch_task(tasks[t], red, links, stream);
     if (err != cudaSuccess) return err;

@@ -2,28 +2,31 @@
 // and the grouped gradient scaling (fastmtl::masked_loss_scale_grads, masked_multitask_loss_backward). Raw pointers
 // only: csrc/cuda/masked_loss_aten.cpp prepares the tensors.
 //
-// On the caller's stream, with no host synchronisation:
+// On the caller's stream, with no host synchronisation, and deterministic: no floating-point atomics. Every loss block
+// writes its loss sum and valid count to its own slot; a task's loss is the sum of its slots in a fixed order, taken
+// by one block (a finalize), so no result depends on the order blocks run or finish in.
 //
 // One task (fastmtl::masked_loss), two launches:
 //   1. masked_loss_count_*: at most kMaxCountBlocks blocks write their partial valid counts (no buffer needs zeroing);
-//      block 0 zeroes the float32 loss accumulator.
+//      block 0 zeroes the ticket counter.
 //   2. masked_loss_ce / masked_loss_elementwise: every block sums the partial counts, computes the element losses and
-//      the gradient already scaled by 1/count in one sweep, and adds its loss partial times 1/count to the
-//      accumulator with one atomicAdd. No valid element: count 0, loss stays 0.0, the gradient is all zeros.
+//      the gradient already scaled by 1/count in one sweep and writes its slot, then takes a ticket (LaunchEnd); the
+//      block that takes the last one finalizes the loss. No valid element: count 0, loss 0.0, an all-zero gradient.
 //
 // T tasks (fastmtl::masked_multitask_loss_forward, masked_loss_multitask_forward below), T launches when at least two
 // tasks have elements (a chain; T >= 2):
-//   1. the lead task (the one with the fewest gradient elements) in partials mode: its gradient undivided, each block
-//      writing its loss sum and valid count to its own slot; extra blocks count the next task's valid elements and
-//      zero its loss and the total.
+//   1. the lead task (the one with the fewest gradient elements) in partials mode: its gradient undivided; extra
+//      blocks count the next task's valid elements, and the first of them zeroes the ticket and the loss copies.
 //   2. each other task in turn, normalised as above (its gradient already divided by the count the previous launch
-//      wrote), its extra blocks counting the task after it; the second launch's block 0 also turns the lead's slots
-//      into its loss, gradient factor (grad_scale) and weighted share of the total.
+//      wrote), its extra blocks counting the task after it; block 0 finalizes the previous launch's task (the lead:
+//      also its gradient factor, grad_scale); the last launch's last block finalizes its own task and writes the
+//      weighted total, sum_t weights[t] * L_t, over every task.
 // The gradients are final up to the upstream gradient except the lead's (a factor), so the backward
 // (masked_loss_scale_grads_by) is one launch that skips every task whose scale is exactly 1 in place, and
 // moves only the lead's (smallest) gradient otherwise: the bytes moved are about those the op must move (preds,
 // targets and gradients once, plus the targets again in the count blocks). Float16 predictions keep undivided
-// gradients and a factor (LossReduction). Fewer than two tasks with elements: one count launch, then the loss kernel.
+// gradients and a factor (LossReduction). Fewer than two tasks with elements: one count launch, then the loss kernel
+// of the task with elements (if any), which finishes the op.
 #pragma once
 
 #include <cstdint>
@@ -40,18 +43,33 @@ constexpr int kMaxCountBlocks = 256;  // = the block size of the loss kernels, w
 constexpr int kCountElemsPerBlock = 256 * 8;
 constexpr int kMaxScaleTasks = 32;  // tasks per masked_loss_scale_grads launch (the table is a kernel argument)
 
-// Where a loss kernel's result goes: the gradient is divided by the valid count (the sum of the num_counts partial
-// counts of the count pass) and each block adds loss partial / count to *loss and, when total != nullptr,
-// weight * loss partial / count to *total (weight == nullptr: 1). With grad_scale != nullptr (float16 predictions,
-// whose range cannot hold gradient / count for large counts) the gradient is stored undivided (mse: halved) and
-// block 0 writes the remaining factor (1 / count, mse 2 / count) to *grad_scale.
+// A loss launch's own task: the gradient is divided by the valid count (the sum of the num_counts partial counts of the
+// count pass), or, with counts == nullptr (partials mode), stored undivided (mse: halved) for a factor the finalize
+// computes. With grad_scale != nullptr (float16 predictions, whose range cannot hold gradient / count for large
+// counts) a normalised gradient is stored undivided too and block 0 writes the remaining factor (1 / count, mse
+// 2 / count) to *grad_scale. Loss block b writes its loss sum to psum[b] and its valid count to pcount[b].
 struct LossReduction {
   const int32_t* counts = nullptr;
   int num_counts = 0;
-  float* loss = nullptr;
-  float* total = nullptr;
-  const float* weight = nullptr;
   float* grad_scale = nullptr;
+  float* psum = nullptr;
+  int32_t* pcount = nullptr;
+};
+
+// The end of an op's last launch (ticket != nullptr; its grid is its loss blocks alone): after writing its slot each
+// block takes a ticket, and the block that takes the last one turns the launch's slots into the task's loss (sum /
+// count, 0 without a valid element), written to *loss and to *loss_copy when given, then, when total != nullptr,
+// writes *total = sum over t < num_tasks of weights[t] * losses[t] (weights == nullptr: 1 each; a task without a
+// valid element adds weights[t] * 0, NaN for a NaN or infinite weight, as on the other backends). The ticket counter
+// must be 0 when the launch starts (the count launches zero it).
+struct LaunchEnd {
+  unsigned* ticket = nullptr;
+  float* loss = nullptr;
+  float* loss_copy = nullptr;
+  float* total = nullptr;
+  const float* losses = nullptr;
+  const float* weights = nullptr;
+  int num_tasks = 0;
 };
 
 // Number of count blocks (= partial counts) for `total` targets.
@@ -70,24 +88,27 @@ struct CeGeometry {
   int64_t m_sn, m_ss;
 };
 
-// Partial counts of valid class targets (t != ignore_index and 0 <= t < C, and mask) into counts[0, num_blocks).
+// Partial counts of valid class targets (t != ignore_index and 0 <= t < C, and mask) into counts[0, num_blocks);
+// block 0 zeroes *loss (what a task without elements keeps: its loss launch has no blocks) and *ticket.
 cudaError_t masked_loss_count_ce(const int64_t* target, const bool* mask, const CeGeometry& geom, int64_t ignore_index,
-                                 int32_t* counts, int num_blocks, float* loss, cudaStream_t stream);
+                                 int32_t* counts, int num_blocks, float* loss, unsigned* ticket, cudaStream_t stream);
 
 // Partial counts of non-NaN float targets (contiguous storage order, sample n owns [n*M, (n+1)*M)).
 cudaError_t masked_loss_count_float(const void* target, DType target_dtype, const bool* mask, int64_t total,
-                                    int64_t M, int32_t* counts, int num_blocks, float* loss, cudaStream_t stream);
+                                    int64_t M, int32_t* counts, int num_blocks, float* loss, unsigned* ticket,
+                                    cudaStream_t stream);
 
-// Cross entropy: the loss as `red` says, the gradient (pred's dtype, geom's grad strides) when grad != nullptr.
-// Both launchers return cudaErrorInvalidConfiguration when their grid would not fit 32 bits.
+// Cross entropy: the slots and gradient as `red` says (pred's dtype, geom's grad strides; grad == nullptr: no
+// gradient), finished by `end`. Both launchers return cudaErrorInvalidConfiguration when their grid would not fit
+// 32 bits; masked_loss_slots gives the slots (= loss blocks) they write.
 cudaError_t masked_loss_ce(const void* pred, DType dtype, const int64_t* target, const bool* mask, void* grad,
-                           const CeGeometry& geom, int64_t ignore_index, const LossReduction& red,
+                           const CeGeometry& geom, int64_t ignore_index, const LossReduction& red, const LaunchEnd& end,
                            cudaStream_t stream);
 
 // bce / l1 / mse over flat storage: pred and target share one dense layout; grad != nullptr gets the gradient.
 cudaError_t masked_loss_elementwise(ElementwiseKind kind, const void* pred, DType dtype, const void* target,
                                     DType target_dtype, const bool* mask, void* grad, int64_t total, int64_t M,
-                                    const LossReduction& red, cudaStream_t stream);
+                                    const LossReduction& red, const LaunchEnd& end, cudaStream_t stream);
 
 // One task of masked_loss_multitask_forward.
 struct LossTask {
@@ -105,18 +126,23 @@ struct LossTask {
   float* loss = nullptr;       // output
 };
 
+// The slots (loss blocks) of one task's loss launch: 0 for a task without elements.
+int64_t masked_loss_slots(const LossTask& task);
+
 // Device buffers of masked_loss_multitask_forward (float32 / int32, on the tasks' device).
 struct MultitaskBuffers {
   float* total = nullptr;          // 0-dim output: sum_t weights[t] * L_t
   const float* weights = nullptr;  // [T], or nullptr (every weight 1)
   float* grad_scale = nullptr;     // [T] output: grads[t] * grad_scale[t] = d L_t / d pred_t
   int32_t* counts = nullptr;       // [T * kMaxCountBlocks] workspace
-  float* psum = nullptr;           // [masked_loss_multitask_partials(...)] workspace (or nullptr when that is 0)
+  float* psum = nullptr;           // [masked_loss_multitask_slots(...)] workspace (or nullptr when that is 0)
   int32_t* pcount = nullptr;       // same length
+  float* losses = nullptr;         // [T] workspace: a copy of every task's loss, for the total
+  unsigned* ticket = nullptr;      // [1] workspace
 };
 
-// The number of partial slots (psum / pcount) masked_loss_multitask_forward needs for these tasks.
-int64_t masked_loss_multitask_partials(const LossTask* tasks, int num_tasks);
+// The number of slots (psum / pcount) masked_loss_multitask_forward needs for these tasks: every task's loss blocks.
+int64_t masked_loss_multitask_slots(const LossTask* tasks, int num_tasks);
 
 // Every task's loss, gradient (up to grad_scale) and the weighted total, on `stream` without host synchronisation:
 // T launches when at least two tasks have elements (see the top of this file), else count launches (16 tasks

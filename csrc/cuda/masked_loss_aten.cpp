@@ -93,12 +93,12 @@ struct TaskLaunch {
   const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
   void* grad_ptr() const { return work_grad.defined() ? work_grad.data_ptr() : nullptr; }
 
-  // The count kernel of the normalised mode.
-  void count(int32_t* counts, int num_counts, float* loss, cudaStream_t stream) const {
+  // The count kernel of the normalised mode (it zeroes *loss and *ticket).
+  void count(int32_t* counts, int num_counts, float* loss, unsigned* ticket, cudaStream_t stream) const {
     check_cuda(is_ce ? cuda::masked_loss_count_ce(target.data_ptr<int64_t>(), mask_ptr(), geom, ignore_index, counts,
-                                                  num_counts, loss, stream)
+                                                  num_counts, loss, ticket, stream)
                      : cuda::masked_loss_count_float(target.data_ptr(), target_dtype, mask_ptr(), total, M, counts,
-                                                     num_counts, loss, stream),
+                                                     num_counts, loss, ticket, stream),
                "count kernel");
   }
 
@@ -123,11 +123,11 @@ struct TaskLaunch {
     return task;
   }
 
-  void run(const cuda::LossReduction& red, cudaStream_t stream) const {
+  void run(const cuda::LossReduction& red, const cuda::LaunchEnd& end, cudaStream_t stream) const {
     check_cuda(is_ce ? cuda::masked_loss_ce(pred.data_ptr(), pred_dtype, target.data_ptr<int64_t>(), mask_ptr(),
-                                            grad_ptr(), geom, ignore_index, red, stream)
+                                            grad_ptr(), geom, ignore_index, red, end, stream)
                      : cuda::masked_loss_elementwise(kind, pred.data_ptr(), pred_dtype, target.data_ptr(),
-                                                     target_dtype, mask_ptr(), grad_ptr(), total, M, red, stream),
+                                                     target_dtype, mask_ptr(), grad_ptr(), total, M, red, end, stream),
                is_ce ? "cross-entropy kernel" : "loss kernel");
   }
 
@@ -231,7 +231,27 @@ TaskLaunch prepare_task(const at::Tensor& pred, const at::Tensor& target, const 
   TORCH_CHECK(false, "masked_loss (CUDA): kind must be one of ce, bce, l1, mse, got '", k, "'");
 }
 
-// One task, normalised mode: the count kernel, then the loss kernel (gradient divided by the count).
+// The kernels' int32 / float32 scratch, carved from one int32 allocation (one call into the caching allocator).
+class Workspace {
+ public:
+  Workspace(const at::TensorOptions& options, int64_t words) : buffer_(at::empty({words}, options.dtype(at::kInt))) {}
+  int32_t* ints(int64_t n) { return take(n); }
+  float* floats(int64_t n) { return reinterpret_cast<float*>(take(n)); }  // 4-byte words either way
+  unsigned* ticket() { return reinterpret_cast<unsigned*>(take(1)); }
+
+ private:
+  int32_t* take(int64_t n) {
+    int32_t* p = buffer_.data_ptr<int32_t>() + used_;
+    used_ += n;
+    TORCH_INTERNAL_ASSERT(used_ <= buffer_.numel(), "masked_loss (CUDA): workspace too small");
+    return p;
+  }
+  at::Tensor buffer_;
+  int64_t used_ = 0;
+};
+
+// One task, normalised mode: the count kernel, then the loss kernel (gradient divided by the count), whose last
+// block finalizes the loss from the blocks' slots.
 std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
                                                     const c10::optional<at::Tensor>& mask, c10::string_view kind,
                                                     int64_t ignore_index, bool compute_grad) {
@@ -240,13 +260,19 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
   const TaskLaunch L = prepare_task(pred, target, mask, kind, ignore_index, compute_grad);
   at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
   const int num_counts = cuda::masked_loss_count_blocks(L.count_items());
-  at::Tensor counts = at::empty({num_counts}, pred.options().dtype(at::kInt));
-  L.count(counts.data_ptr<int32_t>(), num_counts, loss.data_ptr<float>(), stream);
+  const int64_t slots = cuda::masked_loss_slots(L.loss_task(loss.data_ptr<float>()));
+  Workspace work(pred.options(), num_counts + 2 * slots + 1);
+  int32_t* counts = work.ints(num_counts);
   cuda::LossReduction red;
-  red.counts = counts.data_ptr<int32_t>();
+  red.counts = counts;
   red.num_counts = num_counts;
-  red.loss = loss.data_ptr<float>();
-  L.run(red, stream);
+  red.psum = work.floats(slots);
+  red.pcount = work.ints(slots);
+  cuda::LaunchEnd end;
+  end.ticket = work.ticket();
+  end.loss = loss.data_ptr<float>();
+  L.count(counts, num_counts, loss.data_ptr<float>(), end.ticket, stream);
+  L.run(red, end, stream);
   L.finish();
   return {loss, L.grad};
 }
@@ -287,27 +313,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   std::vector<cuda::LossTask> tasks;
   for (size_t t = 0; t < n; ++t) tasks.push_back(launches[t].loss_task(losses[t].data_ptr<float>()));
   const int num_tasks = static_cast<int>(n);
-  const int64_t partials = cuda::masked_loss_multitask_partials(tasks.data(), num_tasks);
-  at::Tensor counts = at::empty({static_cast<int64_t>(n) * cuda::kMaxCountBlocks}, options.dtype(at::kInt));
-  at::Tensor psum = at::empty({partials}, options);
-  at::Tensor pcount = at::empty({partials}, options.dtype(at::kInt));
-  at::Tensor grad_scale = at::empty({static_cast<int64_t>(n)}, options);  // set by the kernels
+  const int64_t T = num_tasks;
+  const int64_t slots = cuda::masked_loss_multitask_slots(tasks.data(), num_tasks);
+  at::Tensor grad_scale = at::empty({T}, options);  // set by the kernels
+  Workspace work(options, T * cuda::kMaxCountBlocks + 2 * slots + T + 1);
   cuda::MultitaskBuffers buffers;
   buffers.total = total.data_ptr<float>();
   buffers.weights = weights_c.defined() ? weights_c.data_ptr<float>() : nullptr;
   buffers.grad_scale = grad_scale.data_ptr<float>();
-  buffers.counts = counts.data_ptr<int32_t>();
-  buffers.psum = partials > 0 ? psum.data_ptr<float>() : nullptr;
-  buffers.pcount = partials > 0 ? pcount.data_ptr<int32_t>() : nullptr;
+  buffers.counts = work.ints(T * cuda::kMaxCountBlocks);
+  buffers.psum = work.floats(slots);
+  buffers.pcount = work.ints(slots);
+  buffers.losses = work.floats(T);
+  buffers.ticket = work.ticket();
   check_cuda(cuda::masked_loss_multitask_forward(tasks.data(), num_tasks, buffers, stream), "multi-task forward");
   for (const TaskLaunch& launch : launches) launch.finish();
-  // A task without elements (an empty batch) launches no kernel, so its weight never met its loss of 0: add
-  // weight * 0, which is 0 unless the weight is NaN or infinite (then the total is NaN, as weight * L_t is on the
-  // other backends). Two small launches per such task, only when weights are given.
-  if (weights_c.defined()) {
-    for (size_t t = 0; t < n; ++t)
-      if (preds[t].numel() == 0) total.add_(weights_c.select(0, static_cast<int64_t>(t)).mul(0));
-  }
   return {total, losses, grad_scale, grads};
 }
 

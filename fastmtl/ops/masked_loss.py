@@ -4,13 +4,15 @@ Every backend implements the same two steps (``RUNNERS``), with no host synchron
 
 * forward (``masked_multitask_loss_forward``): each task's loss and its gradient, the gradient saved up to a
   per-task factor ``grad_scale[t]`` (empty: every factor 1), plus the weighted total. CUDA: a chain of one
-  kernel per task (``T`` launches): the first, for the task with the smallest gradient, stores it undivided with
-  per-block partials, and every launch counts the valid elements of the next task, so each later one writes its
-  gradient already divided by the valid count (float16 gradients stay undivided with their factor, as
-  gradient / count would fall into float16's subnormals); Triton: one kernel per task writing the element
-  gradient and per-program partials (each target read once), the last of them (for 2 to 8 tasks; else one more
-  launch) finalizing the losses, the total and the factors ``1 / count`` in the program that finishes last (``T``
-  launches); CPU and torch: the per-task op.
+  kernel per task (``T`` launches), each block writing its loss sum and valid count to a slot of its own: the
+  first kernel, for the task with the smallest gradient, stores that gradient undivided, and every launch counts
+  the valid elements of the next task, so each later one writes its gradient already divided by the valid count
+  (float16 gradients stay undivided with their factor, as gradient / count would fall into float16's subnormals);
+  each launch's block 0 sums the previous task's slots, and the last launch's last block its own and the total;
+  Triton: one kernel per task writing the element gradient and per-program partials (each target read once), the
+  last of them (for 2 to 8 tasks; else one more launch) finalizing the losses, the total and the factors
+  ``1 / count`` in the program that finishes last (``T`` launches); CPU and torch: the per-task op. No fastmtl
+  kernel adds floating-point values with atomics: the results are the same from run to run.
 * backward (``masked_multitask_loss_backward``): one grouped scaling of the saved gradients by
   ``(g_total * w_t + g_per_task[t]) * grad_scale[t]``, computed on the device (CUDA and Triton: inside the one
   scaling kernel; on CUDA a scale of exactly 1 in place moves no memory). When autograd frees the graph after the
