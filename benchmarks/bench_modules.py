@@ -19,7 +19,6 @@ import sys
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import fastmtl
@@ -27,6 +26,8 @@ from fastmtl import FusedConv2dReLU, FusedTrunk, backends
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines import compile_static  # noqa: E402  (beside this file)
+
+torchvision = pytest.importorskip("torchvision", reason="the module benchmarks time torchvision's ResNet-18")
 
 CUDA = torch.cuda.is_available()
 TRUNK_STAGES = [(32, 2), (64, 2), (128, 2)]

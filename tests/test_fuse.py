@@ -6,13 +6,14 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import fx, nn
 
 import fastmtl
 from fastmtl import FusedConv2dReLU
 from fastmtl.nn import fuse_report
 from fastmtl.testing import rel_err
+
+torchvision = pytest.importorskip("torchvision", reason="fuse() is tested on torchvision's ResNet-18 and VGG-11")
 
 
 def _fused_modules(model):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from fastmtl import FusedConv2dReLU, FusedTrunk
@@ -132,7 +131,12 @@ def test_torch_compile_under_autocast():
     assert rel_err(y, trunk(x)) <= 4 * TOLERANCES["conv"][torch.bfloat16]
 
 
+def _torchvision():
+    return pytest.importorskip("torchvision", reason="these cases wrap torchvision's VGG / ResNet trunks")
+
+
 def test_from_module_fuses_a_copy():
+    torchvision = _torchvision()
     torch.manual_seed(0)
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["A"])
     trunk = FusedTrunk.from_module(features)
@@ -145,6 +149,7 @@ def test_from_module_fuses_a_copy():
 
 
 def test_from_module_return_features_gives_pool_outputs():
+    torchvision = _torchvision()
     torch.manual_seed(0)
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["A"])
     trunk = FusedTrunk.from_module(features, return_features=True)
@@ -162,6 +167,7 @@ def test_from_module_return_features_gives_pool_outputs():
 
 
 def test_from_module_without_pooling_appends_nothing_and_resnet_trunk():
+    torchvision = _torchvision()
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(weights=None).eval()
     body = nn.Sequential(*list(resnet.children())[:-2])
