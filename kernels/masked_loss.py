@@ -461,11 +461,11 @@ def _ticket(
     n0, l0, n1, l1, n2, l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7,
     TICKET: tl.constexpr, NUM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MSE_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """A loss kernel's end in the multi-task forward (after its partial is stored): TICKET 1, the first launch,
-    program 0 zeroes the ticket counter; TICKET 2, the last launch, each program takes a ticket and the program that
-    takes the last one runs ``_finalize_tasks`` over every task's partials. The earlier launches are complete (same
-    stream), and this launch's partials are visible to the program that takes the last ticket through the ticket's
-    acquire-release."""
+    """A loss kernel's end (after its partial is stored): TICKET 1, the multi-task forward's first launch, program 0
+    zeroes the ticket counter; TICKET 2, its last launch (or ``masked_loss``'s loss launch, whose count launch zeroed
+    the counter), each program takes a ticket and the program that takes the last one runs ``_finalize_tasks`` over
+    every task's partials. The earlier launches are complete (same stream), and this launch's partials are visible to
+    the program that takes the last ticket through the ticket's acquire-release."""
     if TICKET == 1:
         if pid == 0:
             tl.store(ticket_ptr, 0)
@@ -604,8 +604,7 @@ def _alloc_outputs(pred, compute_grad):
 
 
 def _alloc_ticket(device):
-    """The multi-task forward's ticket counter, uninitialised: its first loss launch zeroes it (tests poison it
-    here)."""
+    """A ticket counter (``_ticket``), uninitialised: the first launch of the op zeroes it (tests poison it here)."""
     return torch.empty(1, dtype=torch.int32, device=device)
 
 
@@ -692,18 +691,17 @@ def masked_loss(pred, target, mask, kind, ignore_index=-100, compute_grad=True, 
     plan = _plan(pred, target, mask, kind, ignore_index, compute_grad, grad)
     if launch is None:
         return loss, plan.grad
+    if plan.blocks == 0:  # no elements (and an empty gradient): nothing to count or finalize
+        return loss.zero_(), plan.grad
     device = pred.device
-    counts = torch.empty(COUNT_PROGRAMS, dtype=torch.int32, device=device)
-    psum = torch.empty(max(plan.blocks, 1), dtype=torch.float32, device=device)
-    pcount = torch.empty(max(plan.blocks, 1), dtype=torch.int32, device=device)
+    ints = torch.empty(COUNT_PROGRAMS + plan.blocks, dtype=torch.int32, device=device)
+    counts, pcount = ints[:COUNT_PROGRAMS], ints[COUNT_PROGRAMS:]
+    # psum, then the gradient factor and total that the finalize also writes and the one-task op has no use for
+    floats = torch.empty(plan.blocks + 2, dtype=torch.float32, device=device)
+    psum, unused = floats[: plan.blocks], floats[plan.blocks :]
     ticket = _alloc_ticket(device)
-    if plan.blocks == 0:  # no elements: no loss launch to finalize
-        loss.zero_()
     num_counts = plan.count(launch, counts, ticket)
-    # The finalize also writes a gradient factor and a total, which the one-task op has no use for.
-    unused = torch.empty(2, dtype=torch.float32, device=device)
-    first = [0, plan.blocks]
-    finalize = _finalize_args([0], first, unused[:1], None, unused[1:], [loss], [kind])
+    finalize = _finalize_args([0], [0, plan.blocks], unused[:1], None, unused[1:], [loss], [kind])
     plan.run(launch, psum, pcount, counts=counts, num_counts=num_counts, tail=(ticket, 2, finalize))
     plan.finish()
     return loss, plan.grad

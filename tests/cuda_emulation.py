@@ -16,7 +16,8 @@ Limits, which the kernels under test respect: a thread that returns early must n
 a shuffle together (a full-warp mask; a power-of-two width), and ``__shared__`` arrays are declared where every
 thread of the block passes. ``build`` returns the library loaded with ctypes: the test shim's functions,
 ``emu_take_launches()`` (kernel launches since its last call) and ``emu_set_block_order(seed)`` (0: blocks by index;
-else each launch runs its blocks in a random order drawn from the seed and the launch count).
+else each launch runs its blocks in a random order drawn from the seed and the launches since it was set, so a seed
+gives the same orders again).
 """
 
 from __future__ import annotations
@@ -169,9 +170,11 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 
 inline int emu_launches = 0;  // kernel launches so far (emu_take_launches reads and resets it)
 // The order the blocks of a launch run in: 0 = by index (x fastest, then y, z); any other value = a random
-// permutation drawn from that seed, so that a result that depends on the order blocks finish in (a floating-point
-// atomicAdd, a block that assumes it runs last) shows (emu_set_block_order).
+// permutation drawn from that seed and the launch's index since the seed was set, so that a result that depends on
+// the order blocks finish in (a floating-point atomicAdd, a block that assumes it runs last) shows, and the same
+// orders come back for the same seed (emu_set_block_order).
 inline unsigned emu_block_order_seed = 0;
+inline unsigned emu_block_order_launches = 0;
 
 inline dim3 emu_dim3(dim3 d) { return d; }
 inline dim3 emu_dim3(long long n) { return n < 1 || n > 0x7fffffffLL ? dim3(0) : dim3(static_cast<unsigned>(n)); }
@@ -213,7 +216,7 @@ void emu_launch(G grid_arg, B block_arg, size_t smem_bytes, F&& body) {
   std::vector<unsigned long long> order(1ULL * grid.x * grid.y * grid.z);
   std::iota(order.begin(), order.end(), 0ULL);
   if (emu_block_order_seed != 0) {
-    std::mt19937_64 rng(emu_block_order_seed + static_cast<unsigned>(emu_launches));
+    std::mt19937_64 rng(1000003ULL * emu_block_order_seed + emu_block_order_launches++);
     std::shuffle(order.begin(), order.end(), rng);
   }
   std::vector<std::thread> pool;
@@ -284,7 +287,10 @@ extern "C" int emu_take_launches() {
   emu_launches = 0;
   return n;
 }
-extern "C" void emu_set_block_order(unsigned seed) { emu_block_order_seed = seed; }
+extern "C" void emu_set_block_order(unsigned seed) {
+  emu_block_order_seed = seed;
+  emu_block_order_launches = 0;
+}
 """
 
 

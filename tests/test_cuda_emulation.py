@@ -137,12 +137,14 @@ def _block_order(emu, seed):
 
 
 def test_blocks_run_by_index_or_in_a_seeded_random_order(emu):
-    """Seed 0: by index (x fastest); a seed: a permutation of every block, a different one per seed."""
+    """Seed 0: by index (x fastest); a seed: a permutation of every block, a different one per seed, the same one
+    again when the seed is set again (a failing order can be replayed)."""
     assert _block_order(emu, 0) == list(range(120))
     shuffled = [_block_order(emu, seed) for seed in (1, 2)]
     for order in shuffled:
         assert sorted(order) == list(range(120)) and order != list(range(120))
     assert shuffled[0] != shuffled[1]
+    assert _block_order(emu, 1) == shuffled[0]
 
 
 def test_divergent_barrier_aborts_with_a_message_instead_of_hanging(emu):

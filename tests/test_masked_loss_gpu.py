@@ -518,14 +518,16 @@ slots = {}
 for i in range(8):
     slots.update({f"n{i}": "i64", f"l{i}": "*fp32"})
 tail = {"ticket_ptr": "*i32", "fin_gs_ptr": "*fp32", "fin_w_ptr": "*fp32", "fin_total_ptr": "*fp32", **slots}
-def chained(ticket):  # the tail's arguments and constexprs (None: the lean kernel)
+def chained(ticket, num):  # the tail's arguments and constexprs (None: the lean kernel)
     if ticket is None:
         return {}, {}
-    return tail, {"TICKET": ticket, "NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 5, "FIN_BLOCK": 1024}
+    return tail, {"TICKET": ticket, "NUM": num, "HAS_WEIGHTS": num > 1, "MSE_MASK": 5, "FIN_BLOCK": 1024}
 
-for dt, single, bs, bc, part, ticket in (("bf16", False, 4, 1024, True, 2), ("fp16", True, 256, 16, True, 1),
-                                         ("fp32", True, 256, 16, False, None)):  # fmt: skip
-    tail_sig, tail_consts = chained(ticket)
+# (last launch of a multi-task forward, its first launch, a launch between them, masked_loss's loss launch)
+for dt, single, bs, bc, part, ticket, num in (("bf16", False, 4, 1024, True, 2, 8), ("fp16", True, 256, 16, True, 1, 8),
+                                              ("fp16", True, 256, 16, True, None, 0),
+                                              ("fp32", True, 256, 16, False, 2, 1)):  # fmt: skip
+    tail_sig, tail_consts = chained(ticket, num)
     ce = {"pred_ptr": "*" + dt, "target_ptr": "*i64", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
           **partials, "S": "i32", "C": "i32", "num_s_blocks": "i32", "num_counts": "i32",
           "first_slot": "i32", "ignore_index": "i32",
@@ -533,14 +535,15 @@ for dt, single, bs, bc, part, ticket in (("bf16", False, 4, 1024, True, 2), ("fp
     compile_one(K._ce_kernel_chained if ticket else K._ce_kernel, ce,
                 {"HAS_MASK": True, "MASK_PER_PIXEL": dt == "fp32", "ROWS": bc > 16, "COMPUTE_GRAD": True,
                  "SINGLE_C": single, "PARTIALS": part, "COUNTS_P2": 256, "BLOCK_S": bs, "BLOCK_C": bc, **tail_consts})
-for dt, kind, ticket in (("fp16", 0, 2), ("bf16", 1, 1), ("fp32", 2, None)):
-    tail_sig, tail_consts = chained(ticket)
+for dt, kind, part, ticket, num in (("fp16", 0, True, 2, 8), ("bf16", 1, True, 1, 8), ("fp32", 2, True, None, 0),
+                                    ("bf16", 2, False, 2, 1)):  # fmt: skip
+    tail_sig, tail_consts = chained(ticket, num)
     el = {"pred_ptr": "*" + dt, "target_ptr": "*fp32", "mask_ptr": "*u8", "grad_ptr": "*" + dt, "counts_ptr": "*i32",
           **partials, "total": "i64", "M": "i64", "num_counts": "i32", "first_slot": "i32",
           **tail_sig}
     compile_one(K._elementwise_kernel_chained if ticket else K._elementwise_kernel, el,
                 {"KIND": kind, "HAS_MASK": True, "COMPUTE_GRAD": True, "BIG_S": kind == 1,
-                 "PARTIALS": ticket is not None, "COUNTS_P2": 256, "BLOCK": 4096, **tail_consts})
+                 "PARTIALS": part, "COUNTS_P2": 256, "BLOCK": 4096, **tail_consts})
 fin = {"psum_ptr": "*fp32", "pcount_ptr": "*i32", "gs_ptr": "*fp32", "w_ptr": "*fp32", "total_ptr": "*fp32", **slots}
 compile_one(K._finalize_kernel, fin, {"NUM": 8, "HAS_WEIGHTS": True, "MSE_MASK": 130, "ACCUMULATE": True,
                                       "BLOCK": 1024})
@@ -643,7 +646,7 @@ for name in dir(K):
     for cache in getattr(fn, "device_caches", {}).values():
         for kernel in cache[0].values():
             compiled += 1
-            atomics = re.findall(r"\b(?:atom|red)\.[\w.]*\.(?:f16|bf16|f32|f64)\b", kernel.asm["ptx"])
+            atomics = re.findall(r"\b(?:atom|red)\.[\w.]*\.(?:f16|bf16|f32|f64)(?:x2)?\b", kernel.asm["ptx"])
             found.setdefault(name, set()).update(atomics)
 print(json.dumps({"compiled": compiled, "float_atomics": {k: sorted(v) for k, v in found.items() if v}}))
 """
@@ -1147,6 +1150,37 @@ def test_cuda_kernels_emulated_multitask_one_task_with_elements(emu):
     _check_multitask(tasks, weights, *out, lead=-1)
 
 
+@pytest.mark.parametrize("nan_weight", [False, True])
+def test_cuda_kernels_emulated_multitask_without_elements(emu, nan_weight):
+    """No task has elements (an empty batch): the count launch alone writes every loss (0), every factor and the
+    total, sum_t w_t * 0, which a NaN weight makes NaN as on the other backends."""
+    tasks = [(*make_ce((0, 5), "contiguous", torch.float32, device="cpu"), None, "ce") for _ in range(3)]
+    weights = torch.rand(3) + 0.5
+    if nan_weight:
+        weights[1] = float("nan")
+    emu.emu_take_launches()
+    total, losses, grad_scale, _ = _emu_multitask_forward(emu, tasks, weights)
+    assert emu.emu_take_launches() == 1
+    assert all(loss.item() == 0.0 for loss in losses) and not grad_scale.isnan().any()
+    assert total.isnan().item() if nan_weight else total.item() == 0.0
+
+
+@pytest.mark.parametrize("with_elements", [0, 17])
+def test_cuda_kernels_emulated_one_task_with_elements_among_18(emu, with_elements):
+    """18 tasks, one with elements, in the first or second group of the count launches: its loss launch ends the op
+    (loss and total); the tasks without elements keep loss 0 and an infinite weight still makes the total NaN."""
+    torch.manual_seed(0)
+    tasks = [(*make_ce((0, 5), "contiguous", torch.float32, device="cpu"), None, "ce") for _ in range(18)]
+    pred, target = make_dense("l1", (3, 1, 40, 90), "contiguous", torch.float16, device="cpu")
+    tasks[with_elements] = (pred, target, make_mask(3, "random", device="cpu"), "l1")
+    weights = torch.rand(18) + 0.5
+    out = _in_block_order(emu, 5, lambda: _emu_multitask_forward(emu, tasks, weights))
+    _check_multitask(tasks, weights, *out, lead=-1)
+    weights[3] = float("inf")
+    total = _in_block_order(emu, 5, lambda: _emu_multitask_forward(emu, tasks, weights))[0]
+    assert total.isnan().item()
+
+
 def test_cuda_kernels_emulated_multitask_forward_over_16_tasks(emu):
     """18 tasks: the chain has no task limit (each launch counts the next task)."""
     torch.manual_seed(0)
@@ -1511,17 +1545,21 @@ def test_gpu_large_shapes(tri, layout, dtype):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_results_are_bitwise_reproducible(tri, backend):
     """Repeated runs give bitwise the same losses, total and gradients (multi-task op, forward and backward) and the
-    same loss and gradient (one-task op): no sum depends on the order blocks finish in. Thousands of blocks per
-    task, so a floating-point atomicAdd would show."""
+    same loss and gradient (one-task op): no sum depends on the order blocks finish in. The NYUv2-like sizes give
+    hundreds of blocks per task (cuda: seg 864, depth 432, normals 648, cls 64), so a floating-point atomicAdd
+    would show; the float16 task keeps its gradient undivided with a factor."""
     import fastmtl
 
     torch.manual_seed(0)
-    seg, seg_t = make_ce((8, 13, 96, 128), "contiguous", torch.bfloat16, C_out_of_range=False, device="cuda")
-    depth, depth_t = make_dense("l1", (8, 1, 96, 128), "contiguous", torch.float32, device="cuda")
-    cls, cls_t = make_ce((64, 10), "contiguous", torch.float32, C_out_of_range=False, device="cuda")
-    preds = {"seg": seg.requires_grad_(), "depth": depth.requires_grad_(), "cls": cls.requires_grad_()}
-    targets = {"seg": seg_t, "depth": depth_t, "cls": cls_t}
-    kinds = {"seg": "ce", "depth": "l1", "cls": "ce"}
+    n, h, w = 8, 288, 384
+    seg, seg_t = make_ce((n, 13, h, w), "contiguous", torch.bfloat16, C_out_of_range=False, device="cuda")
+    depth, depth_t = make_dense("l1", (n, 1, h, w), "contiguous", torch.float32, device="cuda")
+    normals, normals_t = make_dense("mse", (n, 3, h, w), "contiguous", torch.float16, device="cuda")
+    cls, cls_t = make_ce((4096, 10), "contiguous", torch.float32, C_out_of_range=False, device="cuda")
+    preds = {"seg": seg.requires_grad_(), "depth": depth.requires_grad_(), "normals": normals.requires_grad_(),
+             "cls": cls.requires_grad_()}  # fmt: skip
+    targets = {"seg": seg_t, "depth": depth_t, "normals": normals_t, "cls": cls_t}
+    kinds = {"seg": "ce", "depth": "l1", "normals": "mse", "cls": "ce"}
     masks = {name: make_mask(p.shape[0], "random", device="cuda") for name, p in preds.items()}
     weights = {"seg": 0.7, "depth": torch.tensor(1.3, device="cuda")}
 

@@ -153,11 +153,23 @@ __device__ __forceinline__ float reduction_grad_factor(const LossReduction& red,
 // made the lighter loss kernels spill registers in their main loop.
 __device__ __noinline__ void finalize_slots(const float* psum, const int32_t* pcount, int64_t num, float* loss_out,
                                             float* loss_copy, float* grad_scale, float stored) {
+  constexpr int kUnroll = 4;  // loads in flight per thread: one block walks every slot (many for huge tasks)
   double sum = 0.0;
   long long count = 0;
-  for (int64_t i = threadIdx.x; i < num; i += kThreads) {
-    sum += __ldcg(psum + i);
-    count += __ldcg(pcount + i);
+  for (int64_t base = threadIdx.x; base < num; base += kThreads * kUnroll) {
+    float s[kUnroll];
+    int32_t c[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kThreads;
+      s[u] = i < num ? __ldcg(psum + i) : 0.0f;
+      c[u] = i < num ? __ldcg(pcount + i) : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      sum += s[u];
+      count += c[u];
+    }
   }
   sum = block_sum(sum);
   count = block_sum(count);
@@ -266,7 +278,7 @@ struct CountTable {
   CountTask task[kMaxCountTasks];
   int blocks;  // count blocks per task (each task's slots: counts[t * kMaxCountBlocks + b], b < blocks)
 };
-static_assert(sizeof(CountTable) + 2 * sizeof(void*) <= 4096, "kernel arguments are limited to 4 KB");
+static_assert(sizeof(CountTable) + sizeof(int32_t*) + sizeof(OpStart) <= 4096, "kernel arguments are limited to 4 KB");
 
 // Block b of `blocks` of one task's count pass: every thread returns the block's valid count.
 __device__ int count_task_block(const CountTask& task, int64_t b, int64_t blocks) {
