@@ -23,6 +23,10 @@ training cost; otherwise forward only.
 No measurement happens:
 
 * with ``FASTMTL_AUTOTUNE=0``: the fixed order decides (``cuda`` with its default algorithm, then triton, torch);
+* while ``torch.use_deterministic_algorithms(True)`` is on: likewise, a cached choice if there is one (from
+  ``FASTMTL_AUTOTUNE_CACHE``, say), else the fixed order, uncached. Every candidate is deterministic, but they round
+  differently, and a choice made by timing can change from run to run (and with it the results in their last
+  bits), as ``torch.backends.cudnn.benchmark`` can;
 * while ``torch.compile`` traces (tensors are fake there): a cached choice if there is one, else the fixed order;
 * while a CUDA graph is being captured (timing would synchronize inside the capture): likewise, and the
   uncached fallback is not remembered, so a later eager call still measures.
@@ -201,6 +205,11 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _reproducible_only() -> bool:
+    # A timed choice could differ between runs: no measuring while PyTorch is asked for deterministic algorithms.
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def choose(
     key: str,
     candidates: dict[str, Callable[[], object]],
@@ -210,8 +219,8 @@ def choose(
     """The fastest of ``candidates`` (name -> zero-argument runner) for ``key``, measured once and cached.
 
     ``fallback`` (default: the first candidate) is returned, and not cached, when measuring is off
-    (``FASTMTL_AUTOTUNE=0``), impossible (torch.compile tracing, CUDA graph capture) or when every candidate
-    raised. A candidate that raises is skipped: it cannot run this case. ``timer`` replaces the metric's timer
+    (``FASTMTL_AUTOTUNE=0``, ``torch.use_deterministic_algorithms(True)``), impossible (torch.compile tracing, CUDA
+    graph capture) or when every candidate raised. A candidate that raises is skipped: it cannot run this case. ``timer`` replaces the metric's timer
     (:func:`default_timer`; tests use it).
     """
     _load_disk()
@@ -219,7 +228,7 @@ def choose(
     cached = _cache.get(key)
     if cached is not None:
         return cached
-    if not enabled() or torch.compiler.is_compiling() or _capturing():
+    if not enabled() or _reproducible_only() or torch.compiler.is_compiling() or _capturing():
         return fallback
     timer = timer or default_timer()
     measured: dict[str, float] = {}

@@ -102,6 +102,23 @@ def test_autotune_off_uses_fixed_order(monkeypatch):
     assert autotune.cached_choices() == {}
 
 
+def test_deterministic_algorithms_use_cached_or_fixed_order_without_timing():
+    """With torch.use_deterministic_algorithms(True) a choice is never timed (it could change from run to run): a
+    cached one is kept, else the fallback, uncached; timing resumes when the flag is off."""
+    timer = FakeTimer({"a": 3.0, "b": 1.0})
+    assert autotune.choose("cached", runners("a", "b"), timer=timer) == "b"
+    timer.calls.clear()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert autotune.choose("cached", runners("a", "b"), timer=timer) == "b"
+        assert autotune.choose("new", runners("a", "b"), fallback="a", timer=timer) == "a"
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert timer.calls == [] and "new" not in autotune.cached_choices()
+    assert autotune.choose("new", runners("a", "b"), timer=timer) == "b"
+
+
 def test_capture_does_not_time_or_cache(monkeypatch):
     monkeypatch.setattr(autotune, "_capturing", lambda: True)
     timer = FakeTimer({"a": 3.0, "b": 1.0})
