@@ -241,7 +241,7 @@ def _ce_body(
                 g = tl.where(ok[:, None], g, 0.0)
                 tl.store(row_g[:, None] + cc[None, :] * g_sc, g.to(grad_ptr.dtype.element_ty),
                          mask=s_ok[:, None] & c_ok[None, :])  # fmt: skip
-    row_loss = tl.where(ok, m + tl.log(lsum) - x_t, 0.0)
+    row_loss = tl.where(ok, (m - x_t) + tl.log(lsum), 0.0)  # max - target first: exact for confident rows
     _finish(psum_ptr, pcount_ptr, first_slot + pid, tl.sum(row_loss, axis=0), tl.sum(ok.to(tl.int32), axis=0))
     _ticket(ticket_ptr, pid, psum_ptr, pcount_ptr, fin_gs_ptr, fin_w_ptr, fin_total_ptr, n0, l0, n1, l1, n2,
             l2, n3, l3, n4, l4, n5, l5, n6, l6, n7, l7, TICKET, NUM, HAS_WEIGHTS, MSE_MASK, FIN_BLOCK)  # fmt: skip

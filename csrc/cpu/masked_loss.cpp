@@ -6,7 +6,7 @@
 //   ce   softmax cross entropy over dim 1. Logits [N, C] / channels_last [N, C, H, W] ("rows": C contiguous per
 //        position) or NCHW-contiguous [N, C, *spatial] ("planes": a tile of positions x all C planes at a time, the
 //        tile kept in cache). Per position: max over C, exp and sum (the exponentials kept in a float scratch
-//        tile), then loss = max + log(sum) - x[target] and grad = (softmax - onehot) / count, all from cache.
+//        tile), then loss = (max - x[target]) + log(sum) and grad = (softmax - onehot) / count, all from cache.
 //   bce  binary cross entropy with logits; l1; mse: fused elementwise.
 //
 // Validity: sample mask (bool [N], optional) AND element valid (ce: target != ignore_index and 0 <= target < C,
@@ -394,7 +394,7 @@ FASTMTL_INLINE typename Vec<W>::F ce_planes_vec(const scalar_t* xb, scalar_t* gb
     if (gb) store_f<W>(e + c * W, ev);
   }
   const I ok = tc >= 0;
-  const F loss = ok ? m + vlog<W>(d) - xt : F{};
+  const F loss = ok ? (m - xt) + vlog<W>(d) : F{};
   if (gb) {
     const F r = ok ? inv / d : F{};
     const F invv = splat<W>(inv);
@@ -585,7 +585,7 @@ double ce_rows(const scalar_t* x, scalar_t* grad, const CeArgs& a, double inv_co
           e[c] = exp_acc(static_cast<acc_t>(row[c]) - m);
           d += e[c];
         }
-        loss += static_cast<double>(m) + std::log(static_cast<double>(d)) - static_cast<double>(row[t]);
+        loss += (static_cast<double>(m) - static_cast<double>(row[t])) + std::log(static_cast<double>(d));
         if (grad) {
           scalar_t* g = grad + p * C;
           const acc_t r = inv / d;
@@ -683,7 +683,7 @@ double ce_planes(const scalar_t* x, scalar_t* grad, const CeArgs& a, double inv_
       }
       acc_t loss = 0;
 #pragma omp simd reduction(+ : loss)
-      for (int64_t j = 0; j < L; ++j) loss += ok[j] ? m[j] + log_acc(d[j]) - xt[j] : acc_t(0);
+      for (int64_t j = 0; j < L; ++j) loss += ok[j] ? (m[j] - xt[j]) + log_acc(d[j]) : acc_t(0);
       partial[item] = static_cast<double>(loss);
       if (!gb) continue;
       for (int64_t j = 0; j < L; ++j) r[j] = inv / d[j];

@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(kThreads)
         v[c] = expf(v[c] - m);
         l += v[c];
       }
-      row_loss = m + logf(l) - xt;
+      row_loss = (m - xt) + logf(l);
       if (gx != nullptr) {
         const float scale = gi / l;
 #pragma unroll
@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(kThreads)
           l += expf(xv - m);
         }
       }
-      row_loss = m + logf(l) - to_acc(x[row.t * g.p_sc]);
+      row_loss = (m - to_acc(x[row.t * g.p_sc])) + logf(l);
       if (gx != nullptr) {
         const float scale = gi / l;
         for (int64_t c = 0; c < g.C; ++c)
@@ -495,7 +495,7 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int j = 0; j < PIX; ++j)
-        if (ok[j]) row_loss += m[j] + logf(l[j]) - xt[j];
+        if (ok[j]) row_loss += (m[j] - xt[j]) + logf(l[j]);
       if (gx != nullptr) {
         float scale[PIX];
 #pragma unroll
@@ -570,7 +570,7 @@ __global__ void __launch_bounds__(kThreads)
     m = mm;
   }
   float row_loss = 0.0f;
-  if (row.ok && lane == 0) row_loss = m + logf(l) - to_acc(x[row.t]);
+  if (row.ok && lane == 0) row_loss = (m - to_acc(x[row.t])) + logf(l);
   const int valid = row.ok && lane == 0 ? 1 : 0;
   if (in_range && grad != nullptr) {
     P* gx = grad + n * g.g_sn + s * g.g_ss;
