@@ -143,7 +143,10 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   return emu_shuffle(v, [&](unsigned lane) { return emu_shuffle_source(lane, lane + delta, mask, width); });
 }
 
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+// fastmtl's kernels are run-to-run deterministic: a floating-point atomicAdd (whose sum depends on the order blocks
+// finish in) does not compile here.
+float atomicAdd(float* p, float v) = delete;
+double atomicAdd(double* p, double v) = delete;
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>

@@ -2,7 +2,8 @@
 
 Small kernels in the shim: shared memory read before it is written shows 0xFF bytes, a launch CUDA refuses reports
 an error and runs nothing, shuffles follow CUDA's lane rules (width segments), 2-D blocks index as CUDA's, blocks
-run by index or in a seeded random order, and a barrier that not every thread reaches aborts the process with a message rather than hanging the test run.
+run by index or in a seeded random order, a floating-point atomicAdd does not compile, and a barrier that not every
+thread reaches aborts the process with a message rather than hanging the test run.
 """
 
 from __future__ import annotations
@@ -156,3 +157,14 @@ def test_divergent_barrier_aborts_with_a_message_instead_of_hanging(emu):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "did not finish" in proc.stderr
+
+
+def test_float_atomic_add_does_not_compile(tmp_path):
+    """fastmtl's kernels are deterministic: a floating-point atomicAdd (a sum in the order blocks finish) is refused
+    at compile time, not emulated."""
+    shim = (
+        '__global__ void add(float* p) { atomicAdd(p, 1.0f); }\n'
+        'extern "C" void emu_add(float* p) { add<<<1, 32>>>(p); }\n'
+    )
+    with pytest.raises(AssertionError, match="deleted"):
+        cuda_emulation.build(tmp_path, {}, [], shim)
