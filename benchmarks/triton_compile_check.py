@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 
@@ -77,6 +78,32 @@ def install_compile_only_driver(arch: int) -> None:
 
     autotuner.Autotuner.run = autotune_all_configs
     triton.runtime.driver = driver
+
+
+# A PTX atomic that adds floating-point values (packed f16x2 / bf16x2 included): its sum depends on the order in which
+# programs finish, so a kernel holding one is not run-to-run deterministic.
+FLOAT_ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.]*\.(?:f16|bf16|f32|f64)(?:x2)?\b")
+
+
+def compiled_ptx(module):
+    """(kernel name, PTX) of every kernel of ``module`` compiled so far, autotuned and heuristic ones included."""
+    for name in dir(module):
+        fn = getattr(module, name)
+        while fn is not None and not hasattr(fn, "device_caches"):  # autotuner / heuristics wrappers
+            fn = getattr(fn, "fn", None)
+        for cache in getattr(fn, "device_caches", {}).values():
+            for kernel in cache[0].values():
+                yield name, kernel.asm["ptx"]
+
+
+def float_atomics(module) -> dict:
+    """``{"compiled": kernels compiled so far, "float_atomics": {kernel name: sorted atomic ops}}`` for ``module``
+    (kernels without one left out)."""
+    found, compiled = {}, 0
+    for name, ptx in compiled_ptx(module):
+        compiled += 1
+        found.setdefault(name, set()).update(FLOAT_ATOMIC.findall(ptx))
+    return {"compiled": compiled, "float_atomics": {k: sorted(v) for k, v in found.items() if v}}
 
 
 def cases():

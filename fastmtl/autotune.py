@@ -220,8 +220,8 @@ def choose(
 
     ``fallback`` (default: the first candidate) is returned, and not cached, when measuring is off
     (``FASTMTL_AUTOTUNE=0``, ``torch.use_deterministic_algorithms(True)``), impossible (torch.compile tracing, CUDA
-    graph capture) or when every candidate raised. A candidate that raises is skipped: it cannot run this case. ``timer`` replaces the metric's timer
-    (:func:`default_timer`; tests use it).
+    graph capture) or when every candidate raised. A candidate that raises is skipped: it cannot run this case.
+    ``timer`` replaces the metric's timer (:func:`default_timer`; tests use it).
     """
     _load_disk()
     fallback = fallback if fallback is not None else next(iter(candidates))

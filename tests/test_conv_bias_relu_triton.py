@@ -6,6 +6,9 @@ large shapes, torch.compile with Inductor and CUDA graph capture. Everything is 
 by relative error (fastmtl.testing); kernel outputs and scratch buffers are NaN-poisoned first.
 """
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,9 @@ import fastmtl  # noqa: E402
 from fastmtl.kernels import conv_bias_relu as kernels  # noqa: E402
 from fastmtl.ops import conv_bias_relu_triton as tri  # noqa: E402
 from fastmtl.testing import TOLERANCES, rel_err  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compile_only  # noqa: E402  (beside this file: scripts against kernels compiled for sm_90)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CONV_TOL = TOLERANCES["conv"]
@@ -452,10 +458,7 @@ def test_cuda_graph_capture(impl):
 
 
 _SM90_COMPILE_SCRIPT = r"""
-import json, re, sys
-sys.path.insert(0, sys.argv[1])
-import triton_compile_check
-triton_compile_check.install_compile_only_driver(90)
+import json
 from fastmtl.kernels import conv_bias_relu as conv
 
 failed, ran = [], 0
@@ -466,17 +469,7 @@ for name, fn in triton_compile_check.cases():
             fn()
         except Exception as exc:  # report every case that does not compile
             failed.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
-found, compiled = {}, 0
-for attr in dir(conv):
-    fn = getattr(conv, attr)
-    fn = getattr(fn, "fn", fn)  # an autotuner wraps its jit function
-    for cache in getattr(fn, "device_caches", {}).values():
-        for kernel in cache[0].values():
-            compiled += 1
-            atomics = re.findall(r"\b(?:atom|red)\.[\w.]*\.(?:f16|bf16|f32|f64)(?:x2)?\b", kernel.asm["ptx"])
-            found.setdefault(attr, set()).update(atomics)
-print(json.dumps({"cases": ran, "failed": failed, "compiled": compiled,
-                  "float_atomics": {k: sorted(v) for k, v in found.items() if v}}))
+print(json.dumps({"cases": ran, "failed": failed, **triton_compile_check.float_atomics(conv)}))
 """
 
 
@@ -488,18 +481,7 @@ def test_kernels_compile_for_sm90_without_float_atomics():
     compile for sm_90 in the H100 configuration (bf16, channels_last, every autotune config), and no compiled kernel
     adds floating-point values with atomics (the split-K and bias sums are fixed-order: run-to-run deterministic)."""
     import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
 
-    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-    if not (bench_dir / "triton_compile_check.py").exists():
-        pytest.skip("benchmarks/triton_compile_check.py is not beside the tests")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-P", "-c", _SM90_COMPILE_SCRIPT, str(bench_dir)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(compile_only.run(_SM90_COMPILE_SCRIPT, timeout=900).strip().splitlines()[-1])
     assert report["cases"] >= 6 and report["failed"] == [], report
     assert report["compiled"] >= 20 and report["float_atomics"] == {}, report

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from fastmtl.testing import TOLERANCES, assert_scales_in_place_like_copy, rel_err
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compile_only  # noqa: E402  (beside this file: scripts against kernels compiled for sm_90)
 import cuda_emulation  # noqa: E402  (beside this file: the CPU emulation of the CUDA kernels)
 
 triton = pytest.importorskip("triton")
@@ -573,10 +574,7 @@ def test_triton_kernels_compile_for_sm90():
 
 
 _VECTOR_LOADS_SCRIPT = r"""
-import collections, json, re, sys
-sys.path.insert(0, sys.argv[1])
-import triton_compile_check
-triton_compile_check.install_compile_only_driver(90)
+import collections, json, re
 import torch
 from fastmtl.kernels import masked_loss as K
 
@@ -586,11 +584,9 @@ preds = [torch.randn(n, 13, h, w, generator=g).bfloat16(), torch.randn(n, 1, h, 
 targets = [torch.randint(0, 13, (n, h, w), generator=g), torch.rand(n, 1, h, w, generator=g)]
 masks = [torch.tensor([True, False]), torch.tensor([False, True])]
 K.multitask_forward(preds, targets, masks, ["ce", "l1"], -100, None, [True, True])
-for fn in (K._ce_kernel_chained, K._elementwise_kernel_chained):
-    for cache in fn.device_caches.values():
-        for kernel in cache[0].values():
-            ops = collections.Counter(re.findall(r"ld\.global[.\w]*", kernel.asm["ptx"]))
-            print(fn.__name__, json.dumps(ops))
+for name, ptx in triton_compile_check.compiled_ptx(K):
+    if name in ("_ce_kernel_chained", "_elementwise_kernel_chained"):
+        print(name, json.dumps(collections.Counter(re.findall(r"ld\.global[.\w]*", ptx))))
 """
 
 
@@ -600,19 +596,9 @@ def test_triton_loss_kernels_load_in_vectors():
     predicate that changed from pixel to pixel made them 16 scalar 2-byte loads), and the elementwise kernel reads a
     block's sample mask with two scalar loads instead of a gathered byte per element."""
     import json
-    import os
-    import pathlib
-    import subprocess
 
-    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-    if not (bench_dir / "triton_compile_check.py").exists():
-        pytest.skip("benchmarks/triton_compile_check.py is not beside the tests")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-P", "-c", _VECTOR_LOADS_SCRIPT, str(bench_dir)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
     loads = {}
-    for line in proc.stdout.splitlines():
+    for line in compile_only.run(_VECTOR_LOADS_SCRIPT, timeout=300).splitlines():
         name, ops = line.split(" ", 1)
         loads[name] = json.loads(ops)
     ce, elementwise = loads["_ce_kernel_chained"], loads["_elementwise_kernel_chained"]
@@ -622,10 +608,7 @@ def test_triton_loss_kernels_load_in_vectors():
 
 
 _FLOAT_ATOMICS_SCRIPT = r"""
-import json, re, sys
-sys.path.insert(0, sys.argv[1])
-import triton_compile_check
-triton_compile_check.install_compile_only_driver(90)
+import json
 import torch
 from fastmtl.kernels import masked_loss as K
 
@@ -642,15 +625,7 @@ for pred, target, kind in cases:
 preds, targets, kinds = zip(*cases)
 K.multitask_forward(list(preds), list(targets), [mask] * len(cases), list(kinds), -100, torch.rand(5), [True] * 5)
 K.multitask_backward([p.clone() for p in preds], torch.rand(5), torch.ones(()), torch.rand(5), [None] * 5)
-found, compiled = {}, 0
-for name in dir(K):
-    fn = getattr(K, name)
-    for cache in getattr(fn, "device_caches", {}).values():
-        for kernel in cache[0].values():
-            compiled += 1
-            atomics = re.findall(r"\b(?:atom|red)\.[\w.]*\.(?:f16|bf16|f32|f64)(?:x2)?\b", kernel.asm["ptx"])
-            found.setdefault(name, set()).update(atomics)
-print(json.dumps({"compiled": compiled, "float_atomics": {k: sorted(v) for k, v in found.items() if v}}))
+print(json.dumps(triton_compile_check.float_atomics(K)))
 """
 
 
@@ -660,18 +635,8 @@ def test_triton_loss_kernels_use_no_float_atomics():
     floating-point atomic: each sum over programs is taken by one program in a fixed order, so the loss and the
     total are the same from run to run (a float atomicAdd makes them depend on which program finishes first)."""
     import json
-    import os
-    import pathlib
-    import subprocess
 
-    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-    if not (bench_dir / "triton_compile_check.py").exists():
-        pytest.skip("benchmarks/triton_compile_check.py is not beside the tests")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-P", "-c", _FLOAT_ATOMICS_SCRIPT, str(bench_dir)], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(compile_only.run(_FLOAT_ATOMICS_SCRIPT).strip().splitlines()[-1])
     assert report["compiled"] >= 8, report
     assert report["float_atomics"] == {}, report
 
