@@ -15,6 +15,11 @@ What "fastest" means is ``FASTMTL_AUTOTUNE_METRIC``:
 
 A cache file holds choices made under one metric: delete it after switching.
 
+Candidates within ``FASTMTL_AUTOTUNE_TOLERANCE`` (a fraction, default 0.03) of the fastest count as tied, and a tie
+goes to the earliest candidate in the preference order: a lead that small is within the timing noise, and the earlier
+candidates cost less host time per call (on an H100, 2026-11-27: cuDNN + our epilogue and Triton within 1% on
+device for a trunk layer's forward + backward, Triton's call twice as long in wall time).
+
 Candidates of ``conv_bias_relu`` (fixed preference order): ``cuda:library`` (cuDNN convolution with the fused bias
 + ReLU, and our backward epilogue), ``cuda:implicit_gemm`` (our tensor-core kernel, only where it applies),
 ``triton``, ``torch``. When inputs require grad, a candidate is timed forward + backward, so the choice reflects
@@ -196,6 +201,19 @@ def metric() -> str:
     return value
 
 
+def tolerance() -> float:
+    """``FASTMTL_AUTOTUNE_TOLERANCE``: how much slower than the fastest a preferred candidate may be and still be
+    chosen, as a fraction (default 0.03; 0: the fastest always wins)."""
+    raw = os.environ.get("FASTMTL_AUTOTUNE_TOLERANCE", "0.03")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"FASTMTL_AUTOTUNE_TOLERANCE must be a fraction in [0, 1), got {raw!r}")
+    return value
+
+
 def default_timer() -> Callable[[Callable[[], object]], float]:
     """The timer of the current metric: :func:`device_time_ms` or :func:`time_ms`."""
     return device_time_ms if metric() == "device" else time_ms
@@ -216,7 +234,8 @@ def choose(
     fallback: str | None = None,
     timer: Callable[[Callable[[], object]], float] | None = None,
 ) -> str:
-    """The fastest of ``candidates`` (name -> zero-argument runner) for ``key``, measured once and cached.
+    """The fastest of ``candidates`` (name -> zero-argument runner, in preference order) for ``key``, measured once
+    and cached; among candidates within :func:`tolerance` of the fastest, the earliest.
 
     ``fallback`` (default: the first candidate) is returned, and not cached, when measuring is off
     (``FASTMTL_AUTOTUNE=0``, ``torch.use_deterministic_algorithms(True)``), impossible (torch.compile tracing, CUDA
@@ -231,6 +250,7 @@ def choose(
     if not enabled() or _reproducible_only() or torch.compiler.is_compiling() or _capturing():
         return fallback
     timer = timer or default_timer()
+    margin = tolerance()
     measured: dict[str, float] = {}
     for name, runner in candidates.items():
         try:
@@ -239,7 +259,9 @@ def choose(
             continue
     if not measured:
         return fallback
-    best = min(measured, key=measured.get)  # ties go to the earlier (preferred) candidate
+    fastest = min(measured.values())
+    limit = fastest * (1.0 + margin)
+    best = next(name for name, ms in measured.items() if ms <= limit)  # the earliest of the (near-)fastest
     with _lock:
         _cache[key] = best
         _timings[key] = measured

@@ -81,6 +81,28 @@ def test_tie_goes_to_preferred_candidate():
     assert autotune.choose("tie", runners("a", "b"), timer=timer) == "a"
 
 
+def test_near_tie_within_tolerance_goes_to_preferred_candidate(monkeypatch):
+    monkeypatch.delenv("FASTMTL_AUTOTUNE_TOLERANCE", raising=False)
+    timer = FakeTimer({"a": 1.029, "b": 1.0, "c": 1.01})
+    assert autotune.choose("near", runners("a", "b", "c"), timer=timer) == "a"
+    timer = FakeTimer({"a": 1.031, "b": 1.0, "c": 1.01})
+    assert autotune.choose("outside", runners("a", "c", "b"), timer=timer) == "c"
+    assert autotune.timings()["outside"] == {"a": 1.031, "c": 1.01, "b": 1.0}
+
+
+def test_tolerance_zero_takes_the_fastest(monkeypatch):
+    monkeypatch.setenv("FASTMTL_AUTOTUNE_TOLERANCE", "0")
+    timer = FakeTimer({"a": 1.001, "b": 1.0})
+    assert autotune.choose("k", runners("a", "b"), timer=timer) == "b"
+
+
+@pytest.mark.parametrize("raw", ["-0.1", "1", "nan", "fast"])
+def test_bad_tolerance_is_refused_naming_the_variable(monkeypatch, raw):
+    monkeypatch.setenv("FASTMTL_AUTOTUNE_TOLERANCE", raw)
+    with pytest.raises(ValueError, match="FASTMTL_AUTOTUNE_TOLERANCE"):
+        autotune.choose("k", runners("a", "b"), timer=FakeTimer({"a": 1.0, "b": 1.0}))
+
+
 def test_failing_candidate_is_skipped():
     timer = FakeTimer({"b": 5.0})
     candidates = {"a": failing, **runners("b")}
