@@ -4,6 +4,7 @@
 # Designed to end within 8 minutes on an H100; each stage has its own time limit so a hang cannot eat the lease, and
 # every limit is cut to what is left of DEADLINE_S (default 560 s, under the device tool's 600 s per call) less a
 # reserve for the report, so the report is always written; a stage with under 10 s left is skipped.
+# TEST_PATHS, BENCH_FILES and BENCH_K narrow a run to some tests and benchmarks (a short check of one change).
 # MAX_AUTOTUNE_SHAPES (comma-separated shape names of benchmarks/bench_conv_bias_relu.py; empty: none) get a pass of
 # their own with torch.compile's max-autotune beside eager, compile, cuda and auto (max-autotune compiles slowly, and a
 # pass stopped at its time limit loses only its own rows).
@@ -63,7 +64,8 @@ if enough "$t" "CUDA tests"; then
   # TEST_WORKERS pytest-xdist workers share the GPU (the tests check results, not speed); 1 or no xdist: one process.
   workers=()
   if [ "${TEST_WORKERS:-4}" -gt 1 ] && $PY -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-4}"); fi
-  FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} run_for "$t" $PY -P -m pytest tests -m cuda -v --durations=10 -p no:cacheprovider \
+  # shellcheck disable=SC2086  # TEST_PATHS: test files or folders, space-separated (default: tests)
+  FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} run_for "$t" $PY -P -m pytest ${TEST_PATHS:-tests} -m cuda -v --durations=10 -p no:cacheprovider \
     "${workers[@]}" --maxfail=20 -o addopts="-ra --import-mode=importlib" --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
   echo "tests exit code: $? (limit $t s)" >>"$OUT/tests.log"
   tail -25 "$OUT/tests.log"

@@ -779,6 +779,7 @@ int emu_scale_by(const void** ins, void** outs, const int64_t* numels, const int
   return masked_loss_scale_grads_by(tasks, n, f, DeviceCapacity{sms, threads_per_sm}, nullptr);
 }
 int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
+int emu_max_count_blocks() { return kMaxCountBlocks; }
 }
 """
 
@@ -906,7 +907,7 @@ def _emu_multitask_forward(lib, tasks, weights, compute_grad=None):
     total = torch.full((), float("nan"))
     args = _emu_task_args(tasks, grads, losses)
     slots = max(_emu_slots(lib, tasks, grads), 1)
-    counts = torch.full((n * 256,), -1, dtype=torch.int32)  # kMaxCountBlocks slots per task
+    counts = torch.full((n * lib.emu_max_count_blocks(),), -1, dtype=torch.int32)
     grad_scale = torch.full((n,), float("nan"))
     psum = torch.full((slots,), float("nan"))
     pcount = torch.full((slots,), -1, dtype=torch.int32)
@@ -983,6 +984,15 @@ def test_cuda_kernels_emulated_ce_misaligned_pixels(emu, dtype):
     assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
 
 
+def test_count_grid_gives_each_block_one_chunk_up_to_its_cap(emu):
+    """Count blocks are latency-bound: one chunk of 4 x 256 targets per block until the grid reaches its cap."""
+    import ctypes
+
+    cap = emu.emu_max_count_blocks()
+    for total, want in ((0, 1), (1, 1), (1024, 1), (1025, 2), (884_736, 864), (cap * 1024, cap), (10**9, cap)):
+        assert emu.emu_count_blocks(ctypes.c_int64(total)) == want, total
+
+
 @pytest.mark.parametrize("kind", ["ce", "l1"])
 def test_cuda_kernels_emulated_counts_over_many_chunks(emu, kind):
     """Targets beyond what the largest count grid covers in one pass (each block walks several chunks, the last one
@@ -990,12 +1000,12 @@ def test_cuda_kernels_emulated_counts_over_many_chunks(emu, kind):
     ticket are zeroed."""
     import ctypes
 
-    n, s = 5, 120_007  # 600035 elements: 256 blocks of 4 x 256 per chunk, 2 to 3 chunks each
+    n, s = 5, 240_007  # 1200035 elements: 1024 blocks of 4 x 256 per chunk, 1 to 2 chunks each
     mask = torch.tensor([True, False, True, True, True])
     loss = torch.full((), float("nan"))
     ticket = torch.full((1,), -1, dtype=torch.int32)
     blocks = emu.emu_count_blocks(ctypes.c_int64(n * s))
-    assert blocks == 256
+    assert blocks == emu.emu_max_count_blocks() == 1024
     counts = torch.full((blocks,), -1, dtype=torch.int32)
     if kind == "ce":
         target = torch.randint(-1, 7, (n, s))  # -1: ignore_index; 6: out of range for C = 6

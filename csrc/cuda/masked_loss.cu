@@ -17,7 +17,7 @@
 //                                          tasks' chunks and skips a task scaled in place by exactly 1 (no memory
 //                                          traffic)
 // Every loss kernel starts with its chain links (ChainLinks: count blocks for the next task of the multi-task
-// forward, the previous task's finalize), then sums the partial counts (one per thread, blockDim == kMaxCountBlocks),
+// forward, the previous task's finalize), then sums the partial counts (up to kMaxCountBlocks / kThreads per thread),
 // and ends with a block reduction writing its loss sum and valid count to its own slot; in the op's last launch each
 // block then takes a ticket and the last one finalizes (LaunchEnd). No floating-point atomics: deterministic.
 
@@ -37,7 +37,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-static_assert(kThreads == kMaxCountBlocks, "each loss-kernel thread reads one partial count");
+static_assert(kMaxCountBlocks % kThreads == 0, "each loss-kernel thread reads kMaxCountBlocks / kThreads counts");
 constexpr int kElementwiseItems = 2;  // vectors per thread in elementwise_kernel
 constexpr int kScaleItems = 8;        // elements per thread in scale_grads_kernel
 constexpr int kPixelVec = 4;          // neighbouring pixels per thread in ce_pixel_vec_kernel
@@ -117,7 +117,12 @@ __device__ __forceinline__ T block_sum(T v) {
 
 // 1 / (total valid count), or 0 when there is no valid element (every element is then masked out anyway).
 __device__ __forceinline__ float block_inv_count(const int32_t* __restrict__ counts, int num_counts) {
-  long long c = threadIdx.x < num_counts ? static_cast<long long>(counts[threadIdx.x]) : 0LL;
+  long long c = 0;
+#pragma unroll
+  for (int k = 0; k < kMaxCountBlocks / kThreads; ++k) {
+    const int i = k * kThreads + static_cast<int>(threadIdx.x);
+    c += i < num_counts ? static_cast<long long>(counts[i]) : 0LL;
+  }
   c = block_sum(c);
   return c > 0 ? 1.0f / static_cast<float>(c) : 0.0f;
 }
@@ -217,11 +222,13 @@ __device__ __forceinline__ void reduction_finish(const LossReduction& red, const
 
 // The count passes walk chunks of kCountChunk elements, grid-stride, kCountUnroll per thread: each thread loads all
 // of its chunk's targets (and mask values) before testing any, so they are in flight together (one element per loop
-// turn left one load in flight per thread: ~40 turns in a row for the 8x3x288x384 normals of the NYUv2-like batch,
-// against ~10 turns of 4 loads now). 4, not 8: these passes also run as count blocks inside the loss kernels, whose
-// registers (sm_90) go from 32-48 to 46-52 with 4 and to 80, with spills, with 8.
+// turn left one load in flight per thread: ~40 turns in a row for the 8x3x288x384 normals of the NYUv2-like batch;
+// 4 loads a turn in 256 blocks took ~10 turns, in up to kMaxCountBlocks blocks ~3). 4, not 8: these passes also run as
+// count blocks inside the loss kernels, whose registers (sm_90) go from 32-48 to 46-52 with 4 and to 80, with spills,
+// with 8 (16-byte vectors of 2 to 8 targets, 4 per thread: to 76-78).
 constexpr int kCountUnroll = 4;
 constexpr int64_t kCountChunk = static_cast<int64_t>(kCountUnroll) * kThreads;
+static_assert(kCountChunk == kCountElemsPerBlock, "a count block gets one chunk until the grid reaches kMaxCountBlocks");
 
 // Elements of [0, total) that block `block` of `blocks` sees and that count, summed over the block (every thread gets
 // the sum): load(i, value) stores element i's value and returns whether its sample is labelled; valid(value) says
