@@ -24,7 +24,8 @@ RTOL = 1e-4  # float32, 12 steps of AdamW: summation order differs between 1 and
 
 
 def _torchrun(out, argv, tmp_path):
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's own temporary folders (torchelastic_*) stay inside the test's folder, not in /tmp.
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "fastmtl", "train", *COMMON, *argv, "--out", str(out)],
