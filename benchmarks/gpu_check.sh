@@ -62,8 +62,9 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmtl-inductor}
 t=$(limit ${TEST_TIMEOUT:-240})
 if enough "$t" "CUDA tests"; then
   # TEST_WORKERS pytest-xdist workers share the GPU (the tests check results, not speed); 1 or no xdist: one process.
+  test_workers=${TEST_WORKERS:-4}
   workers=()
-  if [ "${TEST_WORKERS:-4}" -gt 1 ] && $PY -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-4}"); fi
+  if [ "$test_workers" -gt 1 ] && $PY -c "import xdist" 2>/dev/null; then workers=(-n "$test_workers"); fi
   # shellcheck disable=SC2086  # TEST_PATHS: test files or folders, space-separated (default: tests)
   FASTMTL_TRITON_AUTOTUNE=${TEST_TRITON_AUTOTUNE:-0} run_for "$t" $PY -P -m pytest ${TEST_PATHS:-tests} -m cuda -v --durations=10 -p no:cacheprovider \
     "${workers[@]}" --maxfail=20 -o addopts="-ra --import-mode=importlib" --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
