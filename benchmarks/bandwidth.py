@@ -94,9 +94,9 @@ def loss_cases():
     )  # fmt: skip
 
     def forward_pass(backend):
-        # The forward kernels alone (every task's loss and gradient in one pass over its pred and target; cuda: plus
-        # the count of the next task's targets in each launch): the part of the op that moves the bytes counted
-        # here; the backward then scales the saved gradients (cuda: only the lead task's, unless the scale is not 1).
+        # The forward kernels alone (every task's loss and gradient in one pass over its pred and target; cuda: one
+        # grouped launch that counts the labelled samples' targets first): the part of the op that moves the bytes
+        # counted here; the backward then scales the saved gradients (cuda: none, unless the scale is not 1).
         def forward():
             with torch.no_grad():
                 if backend == "cuda":

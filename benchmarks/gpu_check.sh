@@ -4,7 +4,8 @@
 # Designed to end within 8 minutes on an H100; each stage has its own time limit so a hang cannot eat the lease, and
 # every limit is cut to what is left of DEADLINE_S (default 560 s, under the device tool's 600 s per call) less a
 # reserve for the report, so the report is always written; a stage with under 10 s left is skipped.
-# TEST_PATHS, BENCH_FILES and BENCH_K narrow a run to some tests and benchmarks (a short check of one change).
+# TEST_PATHS, BENCH_FILES and BENCH_K narrow a run to some tests and benchmarks (a short check of one change);
+# PROFILE_CONV_TIMEOUT=0 skips the conv profile.
 # MAX_AUTOTUNE_SHAPES (comma-separated shape names of benchmarks/bench_conv_bias_relu.py; empty: none) get a pass of
 # their own with torch.compile's max-autotune beside eager, compile, cuda and auto (max-autotune compiles slowly, and a
 # pass stopped at its time limit loses only its own rows).
@@ -77,7 +78,7 @@ t=$(limit ${BW_TIMEOUT:-60})
 enough "$t" "bandwidth check" && run_for "$t" $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
 
 log "profile of one conv_bias_relu training step (per-kernel device time)"
-t=$(limit ${PROFILE_TIMEOUT:-40})
+t=$(limit ${PROFILE_CONV_TIMEOUT:-${PROFILE_TIMEOUT:-40}})
 enough "$t" "profile_conv" && run_for "$t" $PY -P benchmarks/profile_conv.py 2>&1 | tee "$OUT/profile_conv.txt"
 log "profile of one masked_multitask_loss forward + backward (kernels, launches, host time)"
 t=$(limit ${PROFILE_TIMEOUT:-40})

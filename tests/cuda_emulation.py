@@ -148,6 +148,29 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 float atomicAdd(float* p, float v) = delete;
 double atomicAdd(double* p, double v) = delete;
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+
+// The emulated device: EMU_SMS multiprocessors that each keep EMU_BLOCKS_PER_SM blocks of any kernel resident (a
+// kernel that sizes its grid by them still runs its blocks one after another here).
+constexpr int EMU_SMS = 4;
+constexpr int EMU_BLOCKS_PER_SM = 2;
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? EMU_SMS : 0;
+  return cudaSuccess;
+}
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, size_t) {
+  *blocks = EMU_BLOCKS_PER_SM;
+  return cudaSuccess;
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
 T __ldcg(const T* p) { return *p; }

@@ -739,8 +739,9 @@ static std::vector<LossTask> tasks_of(const void** preds, const int* dtypes, con
     losses, n)
 int64_t emu_multitask_slots(EMU_TASK_ARGS) { return masked_loss_multitask_slots(EMU_TASKS.data(), n); }
 int emu_multitask_forward(EMU_TASK_ARGS, float* total, const float* weights, float* grad_scale, int32_t* counts,
-                          float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket) {
+                          float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket, int grouped) {
   MultitaskBuffers buf;
+  buf.grouped = grouped != 0;
   buf.total = total;
   buf.weights = weights;
   buf.grad_scale = grad_scale;
@@ -896,10 +897,10 @@ def _emu_elementwise(lib, pred, target, mask, kind):
     return loss, grad
 
 
-def _emu_multitask_forward(lib, tasks, weights, compute_grad=None):
+def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True):
     """masked_loss_multitask_forward (what masked_multitask_loss_forward_cuda runs) on poisoned outputs and
     workspaces. tasks: (pred, target, mask, kind). Returns (total, losses, grad_scale, grads); grads[t] is None where
-    compute_grad[t] is false."""
+    compute_grad[t] is false. grouped=False: the chain even where the grouped launch applies."""
     n = len(tasks)
     compute_grad = compute_grad or [True] * n
     grads = [torch.full_like(pred, float("nan")) if c else None for (pred, *_), c in zip(tasks, compute_grad)]
@@ -914,7 +915,7 @@ def _emu_multitask_forward(lib, tasks, weights, compute_grad=None):
     loss_copies = torch.full((n,), float("nan"))
     ticket = torch.full((1,), -1, dtype=torch.int32)
     assert lib.emu_multitask_forward(*args, _ptr(total), _ptr(weights), _ptr(grad_scale), _ptr(counts), _ptr(psum),
-                                     _ptr(pcount), _ptr(loss_copies), _ptr(ticket)) == 0  # fmt: skip
+                                     _ptr(pcount), _ptr(loss_copies), _ptr(ticket), int(grouped)) == 0  # fmt: skip
     return total, losses, grad_scale, grads
 
 
@@ -1093,17 +1094,19 @@ def test_cuda_kernels_emulated_multitask_lead_paths(emu, lead_kind):
     compute_grad = [lead_kind != "ce", True, True]
     weights = torch.rand(3) + 0.5
     emu.emu_take_launches()
-    out = _emu_multitask_forward(emu, tasks, weights, compute_grad)
+    out = _emu_multitask_forward(emu, tasks, weights, compute_grad, grouped=False)
     assert emu.emu_take_launches() == 2  # the task without elements costs a memset, not a launch
     total, losses, grad_scale, grads = out
     assert losses[1].item() == 0.0 and grad_scale[1].item() == 0.0
     _check_multitask(tasks, weights, *out, lead=0 if lead_kind == "ce" else 2)
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("nan_task", [None, 1, 2])
-def test_cuda_kernels_emulated_nan_weight_on_an_empty_task(emu, nan_task):
+def test_cuda_kernels_emulated_nan_weight_on_an_empty_task(emu, nan_task, grouped):
     """A NaN weight makes the total NaN even where its task has no valid element (weight * 0, as on the other
-    backends): on the lead (task 1, the smallest) and on a later task; finite weights keep it finite."""
+    backends): in the chain on the lead (task 1, the smallest) and on a later task, and in the grouped launch;
+    finite weights keep it finite."""
     torch.manual_seed(3)
     seg, seg_t = make_ce((3, 5, 4, 8), "contiguous", torch.float32, device="cpu")
     lead, lead_t = make_dense("mse", (3, 17), "contiguous", torch.float32, device="cpu")
@@ -1113,21 +1116,23 @@ def test_cuda_kernels_emulated_nan_weight_on_an_empty_task(emu, nan_task):
     weights = torch.rand(3) + 0.5
     if nan_task is not None:
         weights[nan_task] = float("nan")
-    total, losses, _, _ = _emu_multitask_forward(emu, tasks, weights)
+    total, losses, _, _ = _emu_multitask_forward(emu, tasks, weights, grouped=grouped)
     assert losses[1].item() == 0.0 and losses[2].item() == 0.0
     assert total.isnan().item() == (nan_task is not None)
 
 
-def test_cuda_kernels_emulated_multitask_one_task_with_elements(emu):
-    """A single task with elements: no chain, one count launch for all tasks, then its loss kernel."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_cuda_kernels_emulated_multitask_one_task_with_elements(emu, grouped):
+    """A single task with elements: the grouped launch alone; or, without it, no chain: one count launch for all
+    tasks, then its loss kernel."""
     torch.manual_seed(2)
     depth, depth_t = make_dense("l1", (3, 1, 4, 6), "contiguous", torch.float32, device="cpu")
     none, none_t = make_ce((0, 5), "contiguous", torch.float32, device="cpu")
     tasks = [(none, none_t, None, "ce"), (depth, depth_t, make_mask(3, "random", device="cpu"), "l1")]
     weights = torch.rand(2) + 0.5
     emu.emu_take_launches()
-    out = _emu_multitask_forward(emu, tasks, weights)
-    assert emu.emu_take_launches() == 2
+    out = _emu_multitask_forward(emu, tasks, weights, grouped=grouped)
+    assert emu.emu_take_launches() == (1 if grouped else 2)
     assert out[1][0].item() == 0.0
     _check_multitask(tasks, weights, *out, lead=-1)
 
@@ -1184,6 +1189,12 @@ def _emulated_task(draw):
     return (pred, target, mask, kind), draw(st.booleans())
 
 
+def _grouped_applies(tasks):
+    """Whether masked_loss.cu runs these tasks in its grouped launch: 1 to 8 tasks with elements, one pred dtype."""
+    with_elements = [pred for pred, target, _, _ in tasks if target.numel() > 0]
+    return 1 <= len(with_elements) <= 8 and len({pred.dtype for pred in with_elements}) == 1
+
+
 def _chain_lead(tasks, compute_grad):
     """The task masked_loss.cu's chain_order leads with (fewest gradient elements among tasks with elements, none
     counting as 0), or -1 when fewer than two tasks have elements (no chain)."""
@@ -1196,11 +1207,15 @@ def _chain_lead(tasks, compute_grad):
 
 @settings(max_examples=25, deadline=None)
 @given(drawn=st.lists(_emulated_task(), min_size=1, max_size=5), weighted=st.booleans(),
-       seed=st.integers(1, 10_000))  # fmt: skip
-def test_cuda_kernels_emulated_multitask_hypothesis(emu, drawn, weighted, seed):
-    """Drawn task sets (every kind, layout, dtype, empty batches and masks, with and without gradients): every loss,
-    factor and gradient against the float64 reference, and bitwise the same with the blocks in a random order."""
+       seed=st.integers(1, 10_000), one_dtype=st.booleans())  # fmt: skip
+def test_cuda_kernels_emulated_multitask_hypothesis(emu, drawn, weighted, seed, one_dtype):
+    """Drawn task sets (every kind, layout, dtype, empty batches and masks, with and without gradients), in the chain
+    or (one_dtype: every pred in the first task's dtype) the grouped launch: every loss, factor and gradient against
+    the float64 reference, and bitwise the same with the blocks in a random order."""
     tasks = [task for task, _ in drawn]
+    if one_dtype:
+        dtype = tasks[0][0].dtype
+        tasks = [(p.to(dtype), t if k == "ce" or t.dtype == torch.float32 else t.to(dtype), m, k) for p, t, m, k in tasks]
     compute_grad = [grad for _, grad in drawn]
     weights = torch.rand(len(tasks)) + 0.5 if weighted else None
 
@@ -1208,8 +1223,76 @@ def test_cuda_kernels_emulated_multitask_hypothesis(emu, drawn, weighted, seed):
         return _emu_multitask_forward(emu, tasks, weights, compute_grad)
 
     out = _in_block_order(emu, 0, run)
-    _check_multitask(tasks, weights, *out, lead=_chain_lead(tasks, compute_grad))
+    lead = -1 if _grouped_applies(tasks) else _chain_lead(tasks, compute_grad)  # grouped: every factor is final
+    _check_multitask(tasks, weights, *out, lead=lead)
     _assert_bitwise_equal(out, _in_block_order(emu, seed, run))
+
+
+def _misaligned(t):
+    """t's values in a copy that starts one element past an allocation: no 16-byte vectors (scalar paths)."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_kernels_emulated_grouped_forward(emu, dtype):
+    """The grouped launch over every tile function and both count paths (16-byte vectors, scalar chunks), with a
+    task without elements and one without a labelled sample among them: one launch (plus memsets); every gradient is
+    final (factor 1) but float16's."""
+    torch.manual_seed(4)
+    seg, seg_t = make_ce((3, 5, 4, 8), "contiguous", dtype, device="cpu")  # 4 pixels per thread
+    odd, odd_t = make_ce((3, 13, 6, 7), "contiguous", dtype, device="cpu")  # one pixel per thread
+    rows, rows_t = make_ce((5, 7), "contiguous", dtype, device="cpu")  # 4 threads per row
+    cl, cl_t = make_ce((2, 20, 3, 4), "channels_last", dtype, device="cpu")  # 8 threads per row
+    depth, depth_t = make_dense("l1", (3, 1, 40, 9), "contiguous", dtype, device="cpu")  # vectors, float32 targets
+    attr, attr_t = make_dense("bce", (3, 121), "contiguous", dtype, device="cpu")
+    none, none_t = make_ce((0, 5), "contiguous", dtype, device="cpu")
+    empty, empty_t = make_dense("mse", (3, 17), "contiguous", dtype, device="cpu")
+    tasks = [
+        (seg, seg_t, make_mask(3, "random", device="cpu"), "ce"),
+        (odd, _misaligned(odd_t), None, "ce"),  # scalar count chunks
+        (rows, rows_t, make_mask(5, "random", device="cpu"), "ce"),
+        (cl, cl_t, None, "ce"),
+        (depth, depth_t, make_mask(3, "random", device="cpu"), "l1"),
+        (_misaligned(attr), _misaligned(attr_t.to(dtype)), None, "bce"),  # scalar loss and count paths
+        (none, none_t, None, "ce"),
+        (empty, empty_t.to(dtype), make_mask(3, "empty", device="cpu"), "mse"),
+    ]
+    weights = torch.rand(len(tasks)) + 0.5
+    emu.emu_take_launches()
+    out = _emu_multitask_forward(emu, tasks, weights)
+    assert emu.emu_take_launches() == 1
+    _check_multitask(tasks, weights, *out, lead=-1)
+    assert out[2][6].item() == 0.0  # the task without elements: factor 0, as in the chain
+
+
+@pytest.mark.parametrize("C", [40, 100, 200, 300])
+def test_cuda_kernels_emulated_grouped_rows(emu, C):
+    """The grouped launch's rows tile functions for wide rows (16 and 32 threads per row, 4 or 8 logits cached per
+    lane, or none), beside a float16 mse task stored undivided (its factor in grad_scale)."""
+    torch.manual_seed(C)
+    pred, target = make_ce((9, C), "contiguous", torch.float16, device="cpu")
+    tasks = [(pred, target, make_mask(9, "random", device="cpu"), "ce"), _large_mse_task(device="cpu")]
+    out = _emu_multitask_forward(emu, tasks, None)
+    _check_multitask(tasks, None, *out, lead=-1)
+    assert out[2][1].item() != 1.0  # float16: stored undivided, the factor in grad_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_emulated_grouped_many_tiles(emu, dtype):
+    """Tasks of several count and loss tiles each, samples that end inside a 16-byte vector of targets (37 and 111
+    elements per sample) and a random mask: the count words (tiles done, valid targets) and the per-task tickets."""
+    torch.manual_seed(5)
+    seg, seg_t = make_ce((3, 6, 48, 40), "contiguous", dtype, device="cpu")  # 5760 pixels: 3 count, 6 loss tiles
+    depth, depth_t = make_dense("l1", (7, 37, 111), "contiguous", dtype, device="cpu")
+    attr, attr_t = make_dense("mse", (40, 37), "contiguous", dtype, device="cpu")
+    tasks = [(seg, seg_t, make_mask(3, "random", device="cpu"), "ce"),
+             (depth, depth_t.to(dtype), make_mask(7, "random", device="cpu"), "l1"),
+             (attr, attr_t, make_mask(40, "random", device="cpu"), "mse")]  # fmt: skip
+    weights = torch.rand(3) + 0.5
+    emu.emu_take_launches()
+    out = _emu_multitask_forward(emu, tasks, weights)
+    assert emu.emu_take_launches() == 1
+    _check_multitask(tasks, weights, *out, lead=-1)
 
 
 def test_cuda_kernels_emulated_multitask_forward_over_16_tasks(emu):
@@ -1248,24 +1331,24 @@ def _assert_bitwise_equal(a, b):
             assert torch.equal(a, b), "not bitwise the same"
 
 
-@pytest.mark.parametrize("case", ["chain", "one task with elements", "masked_loss ce", "masked_loss l1"])
+@pytest.mark.parametrize("case", ["grouped", "chain", "one task with elements", "masked_loss ce", "masked_loss l1"])
 def test_cuda_kernels_emulated_results_do_not_depend_on_block_order(emu, case):
     """Losses, total, factors and gradients are bitwise the same whatever order the blocks run in: no floating-point
-    sum depends on which block finishes first (run-to-run determinism on the GPU), for the chain, the one-task
-    forward and the one-task op (fastmtl::masked_loss)."""
+    sum depends on which block finishes first (run-to-run determinism on the GPU), for the grouped launch, the chain,
+    the one-task forward and the one-task op (fastmtl::masked_loss)."""
     torch.manual_seed(4)
     seg, seg_t = make_ce((8, 13, 32, 32), "contiguous", torch.float32, device="cpu")  # 4 pixels per thread
     cls, cls_t = make_ce((300, 10), "contiguous", torch.float32, device="cpu")  # rows kernel
     depth, depth_t = make_dense("l1", (8, 1, 64, 64), "contiguous", torch.float32, device="cpu")
     masks = [make_mask(n, "random", device="cpu") for n in (8, 300, 8)]
     weights = torch.rand(3) + 0.5
-    if case == "chain":
+    if case in ("grouped", "chain"):
         tasks = [(seg, seg_t, masks[0], "ce"), (cls, cls_t, masks[1], "ce"), (depth, depth_t, masks[2], "l1")]
-        run = lambda: _emu_multitask_forward(emu, tasks, weights)  # noqa: E731
+        run = lambda: _emu_multitask_forward(emu, tasks, weights, grouped=case == "grouped")  # noqa: E731
     elif case == "one task with elements":
         none, none_t = make_ce((0, 5), "contiguous", torch.float32, device="cpu")
         tasks = [(none, none_t, None, "ce"), (depth, depth_t, masks[2], "l1")]
-        run = lambda: _emu_multitask_forward(emu, tasks, weights[:2])  # noqa: E731
+        run = lambda: _emu_multitask_forward(emu, tasks, weights[:2], grouped=False)  # noqa: E731
     elif case == "masked_loss ce":
         run = lambda: _emu_ce(emu, seg, seg_t, masks[0])  # noqa: E731
     else:

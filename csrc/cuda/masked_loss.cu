@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -152,15 +153,13 @@ __device__ __forceinline__ float reduction_grad_factor(const LossReduction& red,
   return stored;
 }
 
-// A task's loss (and, with grad_scale, its factor) from its slots, in a fixed order (every thread of the block takes
-// part; TaskSlots documents the arguments). The slots may have been written by other blocks of this launch: read
-// through L2. Not inlined, and given scalars rather than the kernel's parameter struct: inlined, its float64 sums
-// made the lighter loss kernels spill registers in their main loop.
-__device__ __noinline__ void finalize_slots(const float* psum, const int32_t* pcount, int64_t num, float* loss_out,
-                                            float* loss_copy, float* grad_scale, float stored) {
+// The sums of num slots (psum, and pcount when given) in a fixed order, by the whole block (every thread gets them).
+// The slots may have been written by other blocks of this launch: read through L2.
+__device__ __forceinline__ void sum_slots(const float* psum, const int32_t* pcount, int64_t num, double& sum,
+                                          long long& count) {
   constexpr int kUnroll = 4;  // loads in flight per thread: one block walks every slot (many for huge tasks)
-  double sum = 0.0;
-  long long count = 0;
+  sum = 0.0;
+  count = 0;
   for (int64_t base = threadIdx.x; base < num; base += kThreads * kUnroll) {
     float s[kUnroll];
     int32_t c[kUnroll];
@@ -168,7 +167,7 @@ __device__ __noinline__ void finalize_slots(const float* psum, const int32_t* pc
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * kThreads;
       s[u] = i < num ? __ldcg(psum + i) : 0.0f;
-      c[u] = i < num ? __ldcg(pcount + i) : 0;
+      c[u] = i < num && pcount != nullptr ? __ldcg(pcount + i) : 0;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -178,6 +177,16 @@ __device__ __noinline__ void finalize_slots(const float* psum, const int32_t* pc
   }
   sum = block_sum(sum);
   count = block_sum(count);
+}
+
+// A task's loss (and, with grad_scale, its factor) from its slots, in a fixed order (every thread of the block takes
+// part; TaskSlots documents the arguments). Not inlined, and given scalars rather than the kernel's parameter struct:
+// inlined, its float64 sums made the lighter loss kernels spill registers in their main loop.
+__device__ __noinline__ void finalize_slots(const float* psum, const int32_t* pcount, int64_t num, float* loss_out,
+                                            float* loss_copy, float* grad_scale, float stored) {
+  double sum = 0.0;
+  long long count = 0;
+  sum_slots(psum, pcount, num, sum, count);
   if (threadIdx.x != 0) return;
   const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
   *loss_out = loss;
@@ -263,8 +272,9 @@ __device__ int count_ce_block(const int64_t* __restrict__ target, const bool* __
       n = div_index(r, g.S);
       s = r - n * g.S;
     }
-    t = flat_target ? target[r * g.t_ss] : target[n * g.t_sn + s * g.t_ss];
-    return mask == nullptr || (flat_mask ? mask[r * g.m_ss] : mask[n * g.m_sn + s * g.m_ss]);
+    if (mask != nullptr && !(flat_mask ? mask[r * g.m_ss] : mask[n * g.m_sn + s * g.m_ss])) return false;
+    t = flat_target ? target[r * g.t_ss] : target[n * g.t_sn + s * g.t_ss];  // labelled samples' targets only
+    return true;
   };
   const auto valid = [&](int64_t t) { return t != ignore_index && t >= 0 && t < g.C; };
   return count_in_chunks<int64_t>(g.N * g.S, block, blocks, load, valid);
@@ -275,8 +285,9 @@ template <typename T>
 __device__ int count_float_block(const T* __restrict__ target, const bool* __restrict__ mask, int64_t total,
                                  int64_t M, int64_t block, int64_t blocks) {
   const auto load = [&](int64_t i, float& t) {
-    t = to_acc(target[i]);
-    return mask == nullptr || mask[div_index(i, M)];
+    if (mask != nullptr && !mask[div_index(i, M)]) return false;
+    t = to_acc(target[i]);  // labelled samples' targets only
+    return true;
   };
   return count_in_chunks<float>(total, block, blocks, load, [](float t) { return !isnan(t); });
 }
@@ -359,28 +370,27 @@ struct CeRow {
 
 __device__ __forceinline__ CeRow load_ce_row(const int64_t* __restrict__ target, const bool* __restrict__ mask,
                                              const CeGeometry& g, int64_t n, int64_t s, int64_t ignore_index) {
-  CeRow row;
+  CeRow row{0, false};
+  if (mask != nullptr && !mask[n * g.m_sn + s * g.m_ss]) return row;  // an unlabelled sample's target is not read
   row.t = target[n * g.t_sn + s * g.t_ss];
   row.ok = row.t != ignore_index && row.t >= 0 && row.t < g.C;  // out-of-range classes are skipped, never read
-  if (row.ok && mask != nullptr) row.ok = mask[n * g.m_sn + s * g.m_ss];
   return row;
 }
 
+// The tile functions below are one block's share of a task (a kernel block, or a tile of the grouped forward): they
+// add the thread's element losses to row_loss and its valid elements to valid, and write the gradient times gi.
+
+// One thread per pixel, loop over C; up to CREG logits cached in registers.
 template <typename P, int CREG>
-__global__ void __launch_bounds__(kThreads)
-    ce_pixel_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
-                    P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                    LossReduction red, ChainLinks links) {
-  if (chain_prologue(links)) return;
-  const float inv = reduction_inv(red);
-  const float gi = reduction_grad_factor(red, inv, 1.0f);
-  const int64_t n = blockIdx.x / s_blocks;
-  const int64_t s = (blockIdx.x - n * s_blocks) * kThreads + threadIdx.x;
-  float row_loss = 0.0f;
-  int valid = 0;
+__device__ __forceinline__ void ce_pixel_tile(const P* __restrict__ pred, const int64_t* __restrict__ target,
+                                              const bool* __restrict__ mask, P* __restrict__ grad, const CeGeometry& g,
+                                              int64_t ignore_index, int64_t s_blocks, int64_t tile, float gi,
+                                              float& row_loss, int& valid) {
+  const int64_t n = tile / s_blocks;
+  const int64_t s = (tile - n * s_blocks) * kThreads + threadIdx.x;
   if (s < g.S) {
     const CeRow row = load_ce_row(target, mask, g, n, s, ignore_index);
-    valid = row.ok ? 1 : 0;
+    valid += row.ok ? 1 : 0;
     const P* x = pred + n * g.p_sn + s * g.p_ss;
     P* gx = grad != nullptr ? grad + n * g.g_sn + s * g.g_ss : nullptr;
     if (!row.ok) {
@@ -401,7 +411,7 @@ __global__ void __launch_bounds__(kThreads)
         v[c] = expf(v[c] - m);
         l += v[c];
       }
-      row_loss = (m - xt) + logf(l);
+      row_loss += (m - xt) + logf(l);
       if (gx != nullptr) {
         const float scale = gi / l;
 #pragma unroll
@@ -419,7 +429,7 @@ __global__ void __launch_bounds__(kThreads)
           l += expf(xv - m);
         }
       }
-      row_loss = (m - to_acc(x[row.t * g.p_sc])) + logf(l);
+      row_loss += (m - to_acc(x[row.t * g.p_sc])) + logf(l);
       if (gx != nullptr) {
         const float scale = gi / l;
         for (int64_t c = 0; c < g.C; ++c)
@@ -427,6 +437,18 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+}
+
+template <typename P, int CREG>
+__global__ void __launch_bounds__(kThreads)
+    ce_pixel_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+                    P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
+                    LossReduction red, ChainLinks links) {
+  if (chain_prologue(links)) return;
+  const float gi = reduction_grad_factor(red, reduction_inv(red), 1.0f);
+  float row_loss = 0.0f;
+  int valid = 0;
+  ce_pixel_tile<P, CREG>(pred, target, mask, grad, g, ignore_index, s_blocks, blockIdx.x, gi, row_loss, valid);
   reduction_finish(red, links.end, row_loss, valid);
 }
 
@@ -434,18 +456,13 @@ __global__ void __launch_bounds__(kThreads)
 // of a class plane moves PIX elements at once (8 or 16 bytes instead of 2 or 4). The launcher checks that S and the
 // sample and class strides are multiples of PIX and that pred and grad are aligned to PIX elements. C <= CREG.
 template <typename P, int CREG, int PIX>
-__global__ void __launch_bounds__(kThreads)
-    ce_pixel_vec_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
-                        P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                        LossReduction red, ChainLinks links) {
+__device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, const int64_t* __restrict__ target,
+                                                  const bool* __restrict__ mask, P* __restrict__ grad,
+                                                  const CeGeometry& g, int64_t ignore_index, int64_t s_blocks,
+                                                  int64_t tile, float gi, float& row_loss, int& valid) {
   using Vec = Pack<P, PIX>;
-  if (chain_prologue(links)) return;
-  const float inv = reduction_inv(red);
-  const float gi = reduction_grad_factor(red, inv, 1.0f);
-  const int64_t n = blockIdx.x / s_blocks;
-  const int64_t s0 = ((blockIdx.x - n * s_blocks) * kThreads + threadIdx.x) * PIX;
-  float row_loss = 0.0f;
-  int valid = 0;
+  const int64_t n = tile / s_blocks;
+  const int64_t s0 = ((tile - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   if (s0 < g.S) {
     int64_t cls[PIX];
     bool ok[PIX];
@@ -520,22 +537,32 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+}
+
+template <typename P, int CREG, int PIX>
+__global__ void __launch_bounds__(kThreads)
+    ce_pixel_vec_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+                        P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
+                        LossReduction red, ChainLinks links) {
+  if (chain_prologue(links)) return;
+  const float gi = reduction_grad_factor(red, reduction_inv(red), 1.0f);
+  float row_loss = 0.0f;
+  int valid = 0;
+  ce_pixel_vec_tile<P, CREG, PIX>(pred, target, mask, grad, g, ignore_index, s_blocks, blockIdx.x, gi, row_loss,
+                                  valid);
   reduction_finish(red, links.end, row_loss, valid);
 }
 
 // TPR threads per row of C contiguous logits (p_sc == 1); VPL > 0 caches VPL logits per lane (C <= TPR * VPL).
 template <typename P, int TPR, int VPL>
-__global__ void __launch_bounds__(kThreads)
-    ce_rows_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
-                   P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
-                   LossReduction red, ChainLinks links) {
+__device__ __forceinline__ void ce_rows_tile(const P* __restrict__ pred, const int64_t* __restrict__ target,
+                                             const bool* __restrict__ mask, P* __restrict__ grad, const CeGeometry& g,
+                                             int64_t ignore_index, int64_t s_blocks, int64_t tile, float gi,
+                                             float& row_loss, int& valid) {
   constexpr int kRows = kThreads / TPR;
-  if (chain_prologue(links)) return;
-  const float inv = reduction_inv(red);
-  const float gi = reduction_grad_factor(red, inv, 1.0f);
   const int lane = threadIdx.x % TPR;
-  const int64_t n = blockIdx.x / s_blocks;
-  const int64_t s = (blockIdx.x - n * s_blocks) * kRows + threadIdx.x / TPR;
+  const int64_t n = tile / s_blocks;
+  const int64_t s = (tile - n * s_blocks) * kRows + threadIdx.x / TPR;
   const bool in_range = s < g.S;
   CeRow row{0, false};
   if (in_range) row = load_ce_row(target, mask, g, n, s, ignore_index);
@@ -576,9 +603,10 @@ __global__ void __launch_bounds__(kThreads)
     l = (m == -INFINITY ? 0.0f : l * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : l2 * expf(m2 - mm));
     m = mm;
   }
-  float row_loss = 0.0f;
-  if (row.ok && lane == 0) row_loss = (m - to_acc(x[row.t])) + logf(l);
-  const int valid = row.ok && lane == 0 ? 1 : 0;
+  if (row.ok && lane == 0) {
+    row_loss += (m - to_acc(x[row.t])) + logf(l);
+    valid += 1;
+  }
   if (in_range && grad != nullptr) {
     P* gx = grad + n * g.g_sn + s * g.g_ss;
     if (!row.ok) {
@@ -596,6 +624,18 @@ __global__ void __launch_bounds__(kThreads)
         gx[c * g.g_sc] = from_float<P>(expf(to_acc(x[c]) - m) * scale - (c == row.t ? gi : 0.0f));
     }
   }
+}
+
+template <typename P, int TPR, int VPL>
+__global__ void __launch_bounds__(kThreads)
+    ce_rows_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+                   P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
+                   LossReduction red, ChainLinks links) {
+  if (chain_prologue(links)) return;
+  const float gi = reduction_grad_factor(red, reduction_inv(red), 1.0f);
+  float row_loss = 0.0f;
+  int valid = 0;
+  ce_rows_tile<P, TPR, VPL>(pred, target, mask, grad, g, ignore_index, s_blocks, blockIdx.x, gi, row_loss, valid);
   reduction_finish(red, links.end, row_loss, valid);
 }
 
@@ -618,17 +658,18 @@ __device__ __forceinline__ void element_loss(float p, float t, float& loss, floa
   }
 }
 
+// The factor a gradient is stored with when it cannot be divided by the count yet (or, float16, at all): mse's 2(p - t)
+// is halved, so that it cannot overflow.
+template <int KIND>
+__host__ __device__ constexpr float stored_factor() {
+  return KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f;
+}
+
 template <int KIND, typename P, typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
-                       P* __restrict__ grad, int64_t total, int64_t M, LossReduction red, ChainLinks links) {
-  if (chain_prologue(links)) return;
-  const float inv = reduction_inv(red);
-  const float gi =
-      reduction_grad_factor(red, inv, KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f);
-  float acc = 0.0f;
-  int valid = 0;
-  const int64_t block_base = static_cast<int64_t>(blockIdx.x) * (kThreads * VEC * kElementwiseItems);
+__device__ __forceinline__ void elementwise_tile(const P* __restrict__ pred, const T* __restrict__ target,
+                                                 const bool* __restrict__ mask, P* __restrict__ grad, int64_t total,
+                                                 int64_t M, int64_t tile, float gi, float& acc, int& valid) {
+  const int64_t block_base = tile * (kThreads * VEC * kElementwiseItems);
 #pragma unroll
   for (int item = 0; item < kElementwiseItems; ++item) {
     const int64_t base = block_base + (static_cast<int64_t>(item) * kThreads + threadIdx.x) * VEC;
@@ -686,7 +727,334 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+}
+
+template <int KIND, typename P, typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_kernel(const P* __restrict__ pred, const T* __restrict__ target, const bool* __restrict__ mask,
+                       P* __restrict__ grad, int64_t total, int64_t M, LossReduction red, ChainLinks links) {
+  if (chain_prologue(links)) return;
+  const float gi = reduction_grad_factor(red, reduction_inv(red), stored_factor<KIND>());
+  float acc = 0.0f;
+  int valid = 0;
+  elementwise_tile<KIND, P, T, VEC>(pred, target, mask, grad, total, M, blockIdx.x, gi, acc, valid);
   reduction_finish(red, links.end, acc, valid);
+}
+
+// ---- the grouped forward: every task in one launch -------------------------------------------------------------
+
+// The tile function a grouped task runs (the per-task launchers' choice of kernel, as a value).
+enum class GroupVariant : int {
+  kCePixelVec,
+  kCePixel16,
+  kCePixel,
+  kCeRows4x4,
+  kCeRows8x4,
+  kCeRows16x4,
+  kCeRows32x4,
+  kCeRows32x8,
+  kCeRows32x0,
+  kElementwise,
+};
+
+// One task of grouped_forward_kernel: its arguments, outputs and place in the schedule (tile ids [count_first,
+// count_first + count_tiles) count its valid targets, [loss_first, loss_first + loss_tiles) compute its loss and
+// gradient, each as blocks_per_tile blocks of the per-task kernel in turn).
+struct GroupTask {
+  GroupVariant variant;
+  ElementwiseKind kind;
+  bool target_f32;  // bce / l1 / mse: float32 targets (else the prediction's dtype)
+  bool vec;         // bce / l1 / mse: 16-byte vectors
+  bool count_vec;   // the count tiles read the targets as contiguous 16-byte vectors (count_vec_tile)
+  int index;        // the task's position in the op (weights, loss copies)
+  const void* pred;
+  const void* target;
+  const bool* mask;
+  void* grad;
+  CeGeometry geom;  // ce; bce / l1 / mse: N samples of S = M elements, mask index n (m_sn = 1, m_ss = 0)
+  int64_t ignore_index;
+  int64_t total, M;  // bce / l1 / mse
+  int64_t s_blocks;  // ce: tiles per sample
+  float stored;      // float16 gradients: stored undivided times this (mse 0.5), the rest in grad_scale; else 0
+  float* loss;
+  float* grad_scale;
+  float* slots;  // [loss_tiles]: each loss tile's loss sum
+  int64_t count_first, count_tiles, count_elems;  // count_elems: targets per count tile
+  int64_t loss_first, loss_tiles;
+  int64_t blocks, blocks_per_tile;  // the per-task kernel's blocks; loss tile k runs blocks [k, k + 1) * per tile
+};
+
+struct GroupTable {
+  GroupTask task[kMaxGroupTasks];
+  int num;        // tasks in the table (the op's tasks with elements), in schedule order
+  int num_tasks;  // the op's tasks
+  int64_t count_end, tile_end;
+  const float* weights;
+  float* total;
+};
+
+// A task's count word: (count tiles done << kDoneShift) + valid targets, so that one 64-bit load sees both.
+constexpr int kDoneShift = 40;
+constexpr unsigned long long kCountMask = (1ULL << kDoneShift) - 1;
+constexpr int64_t kMaxGroupCountTiles = (1LL << (64 - kDoneShift)) - 1;
+constexpr int kGroupCountVecs = 4;  // 16-byte vectors in flight per thread in a count tile
+
+// The grouped forward's device state, zeroed by one memset before the launch; the op's [num_tasks] loss copies
+// (for the total) follow it.
+struct GroupState {
+  unsigned long long next_tile;
+  unsigned long long count[kMaxGroupTasks];
+  unsigned blocks_done;
+};
+static_assert(sizeof(GroupTable) + 2 * sizeof(void*) <= 4096, "kernel arguments are limited to 4 KB");
+static_assert(sizeof(GroupState) + sizeof(float) <= kMaxCountBlocks * sizeof(int32_t),
+              "the state and one loss copy per task fit in the op's count workspace");
+
+// Whether element i of the flat [N, S] targets belongs to a labelled sample.
+__device__ __forceinline__ bool labelled_at(const bool* __restrict__ mask, const CeGeometry& g, int64_t i) {
+  if (mask == nullptr) return true;
+  const int64_t n = div_index(i, g.S);
+  return mask[n * g.m_sn + (i - n * g.S) * g.m_ss];
+}
+
+// Valid targets among [begin, min(begin + count_elems, N * S)) of contiguous, 16-byte aligned targets, summed over
+// the block: each thread loads kGroupCountVecs vectors before testing any; a vector of unlabelled samples is not read.
+template <typename T, typename Valid>
+__device__ __forceinline__ int count_vec_tile(const T* __restrict__ target, const bool* __restrict__ mask,
+                                              const CeGeometry& g, int64_t begin, int64_t count_elems, Valid valid) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t total = g.N * g.S;
+  const int64_t end = begin + count_elems < total ? begin + count_elems : total;
+  int local = 0;
+  for (int64_t base = begin + static_cast<int64_t>(threadIdx.x) * V; base < end;
+       base += static_cast<int64_t>(kThreads) * V * kGroupCountVecs) {
+    Pack<T, V> pk[kGroupCountVecs];
+    bool lab[kGroupCountVecs][V];
+#pragma unroll
+    for (int u = 0; u < kGroupCountVecs; ++u) {
+      const int64_t i = base + static_cast<int64_t>(u) * kThreads * V;
+      bool any = false;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        lab[u][e] = i + e < end && labelled_at(mask, g, i + e);
+        any |= lab[u][e];
+      }
+      if (any && i + V <= total) {
+        pk[u] = *reinterpret_cast<const Pack<T, V>*>(target + i);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) pk[u].v[e] = lab[u][e] ? target[i + e] : T{};
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGroupCountVecs; ++u)
+#pragma unroll
+      for (int e = 0; e < V; ++e) local += lab[u][e] && valid(pk[u].v[e]) ? 1 : 0;
+  }
+  return block_sum(local);
+}
+
+// Non-NaN targets of count tile `local` of a bce / l1 / mse task.
+template <typename T>
+__device__ __forceinline__ int group_count_float(const GroupTask& task, int64_t local) {
+  const T* target = static_cast<const T*>(task.target);
+  if (!task.count_vec) return count_float_block(target, task.mask, task.total, task.M, local, task.count_tiles);
+  return count_vec_tile(target, task.mask, task.geom, local * task.count_elems, task.count_elems,
+                        [](T t) { return !isnan(to_acc(t)); });
+}
+
+// Count tile `local` of a grouped task: its valid targets go into the task's count word with one more tile done.
+template <typename P>
+__device__ __forceinline__ void group_count_tile(const GroupTask& task, int64_t local, unsigned long long* word) {
+  int sum = 0;
+  if (task.variant != GroupVariant::kElementwise) {
+    const int64_t* target = static_cast<const int64_t*>(task.target);
+    const int64_t ignore_index = task.ignore_index, C = task.geom.C;
+    sum = task.count_vec ? count_vec_tile(target, task.mask, task.geom, local * task.count_elems, task.count_elems,
+                                          [=](int64_t t) { return t != ignore_index && t >= 0 && t < C; })
+                         : count_ce_block(target, task.mask, task.geom, ignore_index, local, task.count_tiles);
+  } else {
+    sum = task.target_f32 ? group_count_float<float>(task, local) : group_count_float<P>(task, local);
+  }
+  if (threadIdx.x == 0) atomicAdd(word, (1ULL << kDoneShift) + static_cast<unsigned long long>(sum));
+}
+
+// The task's count word once all `tiles` count tiles have added to it (thread 0 waits; loss tiles come after every
+// count tile in the schedule, and a count tile waits for nothing, so the wait ends).
+__device__ __forceinline__ unsigned long long wait_counted(const unsigned long long* word, int64_t tiles) {
+  const volatile unsigned long long* w = word;
+  unsigned long long v = *w;
+  while (static_cast<int64_t>(v >> kDoneShift) < tiles) {
+    __nanosleep(128);
+    v = *w;
+  }
+  return v;
+}
+
+template <int KIND, typename P, typename T>
+__device__ __forceinline__ void group_elementwise_vec(const GroupTask& task, int64_t local, float gi, float& loss,
+                                                      int& valid) {
+  const P* pred = static_cast<const P*>(task.pred);
+  const T* target = static_cast<const T*>(task.target);
+  P* grad = static_cast<P*>(task.grad);
+  if (task.vec)
+    elementwise_tile<KIND, P, T, 16 / sizeof(P)>(pred, target, task.mask, grad, task.total, task.M, local, gi, loss,
+                                                 valid);
+  else
+    elementwise_tile<KIND, P, T, 1>(pred, target, task.mask, grad, task.total, task.M, local, gi, loss, valid);
+}
+
+template <typename P, typename T>
+__device__ __forceinline__ void group_elementwise(const GroupTask& task, int64_t local, float gi, float& loss,
+                                                  int& valid) {
+  switch (task.kind) {
+    case ElementwiseKind::kBCE:
+      group_elementwise_vec<0, P, T>(task, local, gi, loss, valid);
+      break;
+    case ElementwiseKind::kL1:
+      group_elementwise_vec<1, P, T>(task, local, gi, loss, valid);
+      break;
+    case ElementwiseKind::kMSE:
+      group_elementwise_vec<2, P, T>(task, local, gi, loss, valid);
+      break;
+  }
+}
+
+// Block `block` of the per-task kernel of a grouped task, with gradient factor gi.
+template <typename P>
+__device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t block, float gi, float& loss,
+                                                 int& valid) {
+  const P* x = static_cast<const P*>(task.pred);
+  const int64_t* t = static_cast<const int64_t*>(task.target);
+  P* gx = static_cast<P*>(task.grad);
+  const CeGeometry& g = task.geom;
+  const int64_t ii = task.ignore_index, sb = task.s_blocks;
+  switch (task.variant) {
+    case GroupVariant::kCePixelVec:
+      ce_pixel_vec_tile<P, 16, kPixelVec>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCePixel16:
+      ce_pixel_tile<P, 16>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCePixel:
+      ce_pixel_tile<P, 0>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCeRows4x4:
+      ce_rows_tile<P, 4, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCeRows8x4:
+      ce_rows_tile<P, 8, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCeRows16x4:
+      ce_rows_tile<P, 16, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCeRows32x4:
+      ce_rows_tile<P, 32, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCeRows32x8:
+      ce_rows_tile<P, 32, 8>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kCeRows32x0:
+      ce_rows_tile<P, 32, 0>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      break;
+    case GroupVariant::kElementwise:
+      if (task.target_f32)
+        group_elementwise<P, float>(task, block, gi, loss, valid);
+      else
+        group_elementwise<P, P>(task, block, gi, loss, valid);
+      break;
+  }
+}
+
+// Loss tile `local` of table task i: its count word (waited for once per block and task, then kept in `counted`),
+// then its blocks of the per-task kernel with the gradient already divided by the count, and the tile's loss sum
+// in its slot. No fence or atomic per tile: the kernel's last block finalizes every task.
+template <typename P>
+__device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, int64_t local, GroupState* state,
+                                                unsigned long long* counted) {
+  const GroupTask& task = table.task[i];
+  if (threadIdx.x == 0 && counted[i] == 0) counted[i] = wait_counted(&state->count[i], task.count_tiles);
+  __syncthreads();
+  const long long count = static_cast<long long>(counted[i] & kCountMask);
+  const float gi = task.stored > 0.0f ? task.stored : (count > 0 ? 1.0f / static_cast<float>(count) : 0.0f);
+  float loss = 0.0f;
+  int valid = 0;
+  const int64_t first = local * task.blocks_per_tile;
+  const int64_t end = first + task.blocks_per_tile < task.blocks ? first + task.blocks_per_tile : task.blocks;
+  for (int64_t block = first; block < end; ++block) group_loss_block<P>(task, block, gi, loss, valid);
+  const float sum = block_sum(loss);
+  if (threadIdx.x == 0) task.slots[local] = sum;
+}
+
+// A grouped task's loss (slots summed in a fixed order, divided by the count), its loss copy for the total and its
+// gradient factor: 1 (the gradient was divided in the kernel), or 1 / (stored * count) for float16 gradients.
+__device__ __noinline__ void finalize_group_task(const float* slots, int64_t num, unsigned long long word,
+                                                 float stored, float* loss_out, float* loss_copy, float* grad_scale) {
+  double sum = 0.0;
+  long long unused = 0;
+  sum_slots(slots, nullptr, num, sum, unused);
+  if (threadIdx.x != 0) return;
+  const long long count = static_cast<long long>(word & kCountMask);
+  const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
+  *loss_out = loss;
+  *loss_copy = loss;
+  if (stored > 0.0f)
+    *grad_scale = count > 0 ? static_cast<float>(1.0 / (static_cast<double>(stored) * count)) : 0.0f;
+  else
+    *grad_scale = 1.0f;
+}
+
+// Tile `tile` of the schedule: a count tile or a loss tile of one of the table's tasks.
+template <typename P>
+__device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile, GroupState* state,
+                                           unsigned long long* counted) {
+  int i = 0;
+  if (tile < table.count_end) {
+    while (tile >= table.task[i].count_first + table.task[i].count_tiles) ++i;
+    group_count_tile<P>(table.task[i], tile - table.task[i].count_first, &state->count[i]);
+    return;
+  }
+  while (tile >= table.task[i].loss_first + table.task[i].loss_tiles) ++i;
+  group_loss_tile<P>(table, i, tile - table.task[i].loss_first, state, counted);
+}
+
+// Every task's count, loss, gradient and the total in one launch. Blocks take tile ids in order from a counter
+// (the next one fetched while the current tile runs), so every count tile has been taken by a running block before
+// any loss tile starts: a loss tile's wait for its task's count always ends, whatever the grid and residency. A
+// block out of tiles takes a ticket; the block that takes the last one (every slot written) finalizes every task
+// and writes the total.
+template <typename P>
+__global__ void __launch_bounds__(kThreads)
+    grouped_forward_kernel(GroupTable table, GroupState* state, float* losses) {
+  __shared__ unsigned long long tile_id[1];
+  __shared__ unsigned long long counted[kMaxGroupTasks];  // count words seen complete (0: not yet)
+  __shared__ unsigned last[1];
+  if (threadIdx.x < kMaxGroupTasks) counted[threadIdx.x] = 0;
+  if (threadIdx.x == 0) tile_id[0] = atomicAdd(&state->next_tile, 1ULL);
+  __syncthreads();
+  unsigned long long tile = tile_id[0];
+  while (tile < static_cast<unsigned long long>(table.tile_end)) {
+    __syncthreads();  // every thread has read tile_id
+    unsigned long long next = 0;
+    if (threadIdx.x == 0) next = atomicAdd(&state->next_tile, 1ULL);  // in flight while this tile runs
+    group_tile<P>(table, static_cast<int64_t>(tile), state, counted);
+    if (threadIdx.x == 0) tile_id[0] = next;
+    __syncthreads();
+    tile = tile_id[0];
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's slots are visible device-wide before its ticket is taken
+    last[0] = atomicAdd(&state->blocks_done, 1u) == gridDim.x - 1 ? 1u : 0u;
+  }
+  __syncthreads();
+  if (last[0] == 0u) return;
+  __threadfence();
+  for (int i = 0; i < table.num; ++i) {
+    const GroupTask& task = table.task[i];
+    finalize_group_task(task.slots, task.loss_tiles, __ldcg(&state->count[i]), task.stored, task.loss,
+                        losses + task.index, task.grad_scale);
+  }
+  if (threadIdx.x == 0) write_total(table.total, losses, table.weights, table.num_tasks);
 }
 
 // ---- grouped scaling -------------------------------------------------------------------------------------------
@@ -1098,6 +1466,177 @@ cudaError_t forward_unchained(const LossTask* tasks, int n, const MultitaskBuffe
   return launch_task(tasks[t], red, links, stream);
 }
 
+// The grouped forward's task order (the op's tasks with elements, largest gradient first: the last tiles taken belong
+// to the smallest task, so the op ends on its short finalize), or empty when the grouped launch does not apply: no
+// task with elements, mixed prediction dtypes, more than kMaxGroupTasks such tasks, a target dtype the kernels do not
+// take (the chain reports it), or a count too large for a count word.
+std::vector<int> group_order(const LossTask* tasks, int n, const MultitaskBuffers& buf) {
+  std::vector<int> order;
+  if (!buf.grouped || !aligned(buf.counts, alignof(unsigned long long))) return order;
+  for (int t = 0; t < n; ++t) {
+    const LossTask& task = tasks[t];
+    if (count_items(task) == 0) continue;
+    if (!order.empty() && task.dtype != tasks[order[0]].dtype) return {};
+    if (!task.is_ce && task.target_dtype != task.dtype && task.target_dtype != DType::kFloat32) return {};
+    if (count_items(task) / kCountChunk >= kMaxGroupCountTiles) return {};
+    order.push_back(t);
+  }
+  if (order.size() > static_cast<size_t>(kMaxGroupTasks)) return {};
+  const auto size = [&](int t) { return tasks[t].is_ce ? count_items(tasks[t]) * tasks[t].geom.C : tasks[t].total; };
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return size(a) > size(b); });
+  return order;
+}
+
+// The cross-entropy tile function for g's layout (launch_ce's choice) and its tiles per sample.
+template <typename P>
+void ce_group_variant(const P* pred, const P* grad, const CeGeometry& g, GroupVariant& variant, int64_t& s_blocks) {
+  switch (ce_kernel_for(pred, grad, g)) {
+    case CeKernel::kRows: {
+      const int tpr = rows_threads_per_row(g.C);
+      s_blocks = ceil_div(g.S, kThreads / tpr);
+      variant = g.C <= 16    ? GroupVariant::kCeRows4x4
+                : g.C <= 32  ? GroupVariant::kCeRows8x4
+                : g.C <= 64  ? GroupVariant::kCeRows16x4
+                : g.C <= 128 ? GroupVariant::kCeRows32x4
+                : g.C <= 256 ? GroupVariant::kCeRows32x8
+                             : GroupVariant::kCeRows32x0;
+      return;
+    }
+    case CeKernel::kPixelVec:
+      variant = GroupVariant::kCePixelVec;
+      s_blocks = ceil_div(g.S / kPixelVec, kThreads);
+      return;
+    default:
+      variant = g.C <= 16 ? GroupVariant::kCePixel16 : GroupVariant::kCePixel;
+      s_blocks = ceil_div(g.S, kThreads);
+  }
+}
+
+size_t dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+constexpr int64_t kGroupTileBytes = 48 * 1024;  // the least a loss tile moves, where a task is large enough
+constexpr int64_t kGroupMaxBlocksPerTile = 8;
+
+// Task `index` of the op as a grouped task (the schedule is filled in by forward_grouped).
+GroupTask group_task(const LossTask& task, int index, const MultitaskBuffers& buf, float* slots) {
+  GroupTask gt{};
+  gt.kind = task.kind;
+  gt.index = index;
+  gt.pred = task.pred;
+  gt.target = task.target;
+  gt.mask = task.mask;
+  gt.grad = task.grad;
+  gt.ignore_index = task.ignore_index;
+  gt.loss = task.loss;
+  gt.grad_scale = buf.grad_scale + index;
+  gt.slots = slots;
+  const bool mse = !task.is_ce && task.kind == ElementwiseKind::kMSE;
+  gt.stored = task.grad != nullptr && task.dtype == DType::kFloat16 ? (mse ? 0.5f : 1.0f) : 0.0f;
+  size_t target_size = sizeof(int64_t);
+  if (task.is_ce) {
+    gt.geom = task.geom;
+    dispatch_dtype(task.dtype, [&](auto zero) {
+      using P = decltype(zero);
+      ce_group_variant(static_cast<const P*>(task.pred), static_cast<const P*>(task.grad), task.geom, gt.variant,
+                       gt.s_blocks);
+      return cudaSuccess;
+    });
+    gt.count_vec = task.geom.t_ss == 1 && task.geom.t_sn == task.geom.S && aligned(task.target, 16);
+  } else {
+    gt.variant = GroupVariant::kElementwise;
+    gt.target_f32 = task.target_dtype == DType::kFloat32;
+    gt.total = task.total;
+    gt.M = task.M > 0 ? task.M : 1;
+    gt.vec = dispatch_dtype(task.dtype, [&](auto zero) {
+               using P = decltype(zero);
+               const P* x = static_cast<const P*>(task.pred);
+               const P* gx = static_cast<const P*>(task.grad);
+               const bool ok = gt.target_f32 ? elementwise_vec_ok(x, static_cast<const float*>(task.target), gx)
+                                             : elementwise_vec_ok(x, static_cast<const P*>(task.target), gx);
+               return ok ? cudaSuccess : cudaErrorInvalidValue;
+             }) == cudaSuccess;
+    gt.geom.N = gt.total / gt.M;
+    gt.geom.S = gt.M;
+    gt.geom.m_sn = 1;
+    target_size = dtype_size(task.target_dtype);
+    gt.count_vec = aligned(task.target, 16);
+  }
+  gt.count_elems = gt.count_vec ? static_cast<int64_t>(kThreads) * kGroupCountVecs * (16 / target_size) : kCountChunk;
+  gt.count_tiles = ceil_div(count_items(task), gt.count_elems);
+  gt.blocks = loss_blocks(task);
+  // Bytes a block of the per-task kernel moves (preds and gradients, targets): a loss tile runs enough of them to move
+  // kGroupTileBytes, so that its fixed costs (the tile id, a block reduction, its slot) stay small beside its loads.
+  const int64_t pred_bytes = (task.is_ce ? count_items(task) * task.geom.C : task.total) * dtype_size(task.dtype);
+  const int64_t bytes = 2 * pred_bytes + count_items(task) * static_cast<int64_t>(target_size);
+  const int64_t per_block = std::max<int64_t>(1, bytes / std::max<int64_t>(1, gt.blocks));
+  gt.blocks_per_tile = std::min(kGroupMaxBlocksPerTile, std::max<int64_t>(1, ceil_div(kGroupTileBytes, per_block)));
+  gt.loss_tiles = ceil_div(gt.blocks, gt.blocks_per_tile);
+  return gt;
+}
+
+// Blocks of the grouped launch: what the device keeps resident (one wave; the blocks loop over the tiles), at most
+// one per tile.
+template <typename P>
+unsigned group_grid(int64_t tiles) {
+  static std::atomic<int> per_sm_cache{0}, sms_cache{0};  // one device kind per process is the norm; else re-queried
+  int device = 0, sms = 0, per_sm = per_sm_cache.load(std::memory_order_relaxed);
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    sms = 132;
+  }
+  if (per_sm <= 0 || sms != sms_cache.load(std::memory_order_relaxed)) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_forward_kernel<P>, kThreads, 0) !=
+            cudaSuccess ||
+        per_sm <= 0) {
+      cudaGetLastError();
+      per_sm = 2;
+    }
+    per_sm_cache.store(per_sm, std::memory_order_relaxed);
+    sms_cache.store(sms, std::memory_order_relaxed);
+  }
+  return static_cast<unsigned>(std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm));
+}
+
+// The grouped forward (see masked_loss.h): the state zeroed, tasks without elements given loss 0 and factor 0, then
+// one launch over the schedule: every task's count tiles, then every task's loss tiles, in `order`.
+cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>& order, const MultitaskBuffers& buf,
+                            cudaStream_t stream) {
+  GroupState* state = reinterpret_cast<GroupState*>(buf.counts);
+  float* losses = reinterpret_cast<float*>(state + 1);
+  cudaError_t err = cudaMemsetAsync(state, 0, sizeof(GroupState) + n * sizeof(float), stream);
+  for (int t = 0; t < n && err == cudaSuccess; ++t) {
+    if (count_items(tasks[t]) > 0) continue;
+    err = cudaMemsetAsync(tasks[t].loss, 0, sizeof(float), stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(buf.grad_scale + t, 0, sizeof(float), stream);
+  }
+  if (err != cudaSuccess) return err;
+  const std::vector<int64_t> first = first_slots(tasks, n);
+  GroupTable table{};
+  table.num = static_cast<int>(order.size());
+  table.num_tasks = n;
+  table.weights = buf.weights;
+  table.total = buf.total;
+  int64_t next = 0;
+  for (int i = 0; i < table.num; ++i) {
+    table.task[i] = group_task(tasks[order[i]], order[i], buf, buf.psum + first[order[i]]);
+    table.task[i].count_first = next;
+    next += table.task[i].count_tiles;
+  }
+  table.count_end = next;
+  for (int i = 0; i < table.num; ++i) {
+    table.task[i].loss_first = next;
+    next += table.task[i].loss_tiles;
+  }
+  table.tile_end = next;
+  err = dispatch_dtype(tasks[order[0]].dtype, [&](auto zero) {
+    using P = decltype(zero);
+    grouped_forward_kernel<P><<<group_grid<P>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
+    return cudaSuccess;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 // One task's count pass (masked_loss's first launch): count_tasks_kernel with a table of one; it zeroes the ticket.
 cudaError_t launch_count(const CountTask& task, int32_t* counts, int num_blocks, unsigned* ticket,
                          cudaStream_t stream) {
@@ -1170,6 +1709,8 @@ int64_t masked_loss_multitask_slots(const LossTask* tasks, int num_tasks) {
 cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, const MultitaskBuffers& buf,
                                           cudaStream_t stream) {
   if (num_tasks <= 0) return cudaErrorInvalidValue;
+  const std::vector<int> group = group_order(tasks, num_tasks, buf);
+  if (!group.empty()) return forward_grouped(tasks, num_tasks, group, buf, stream);
   const std::vector<int> order = chain_order(tasks, num_tasks);
   if (order.empty()) return forward_unchained(tasks, num_tasks, buf, stream);
   for (int t = 0; t < num_tasks; ++t) {  // tasks without elements: loss 0, factor 0 (all-zero bytes)

@@ -13,20 +13,29 @@
 //      the gradient already scaled by 1/count in one sweep and writes its slot, then takes a ticket (LaunchEnd); the
 //      block that takes the last one finalizes the loss. No valid element: count 0, loss 0.0, an all-zero gradient.
 //
-// T tasks (fastmtl::masked_multitask_loss_forward, masked_loss_multitask_forward below), T launches when at least two
-// tasks have elements (a chain; T >= 2):
+// T tasks (fastmtl::masked_multitask_loss_forward, masked_loss_multitask_forward below). When the tasks with elements
+// share one prediction dtype and there are at most kMaxGroupTasks of them: one memset of a small state, then one
+// launch (the grouped forward). Its blocks (one wave) take tile ids in order from a counter in that state: first the
+// count tiles of every task (16 KB of targets each, unlabelled samples' targets not read), which add their valid
+// counts to the task's count word, then the loss tiles (a few of the per-task kernels' blocks each, about 48 KB),
+// largest task first. A loss tile waits for its task's count (once per block and task; every count tile was taken by
+// a running block before it, so the wait ends), computes the element losses and the gradient already divided by the
+// count in one sweep and writes its slot. A block out of tiles takes a ticket; the last one finalizes every task and
+// writes the weighted total, sum_t weights[t] * L_t. Every gradient is then final up to the upstream gradient
+// (float16: up to a factor, see LossReduction), so the backward (masked_loss_scale_grads_by) skips every task whose
+// scale is exactly 1 in place.
+//
+// Otherwise (mixed dtypes, more tasks), T launches when at least two tasks have elements (a chain; T >= 2):
 //   1. the lead task (the one with the fewest gradient elements) in partials mode: its gradient undivided; extra
 //      blocks count the next task's valid elements, and the first of them zeroes the ticket and the loss copies.
 //   2. each other task in turn, normalised as above (its gradient already divided by the count the previous launch
 //      wrote), its extra blocks counting the task after it; block 0 finalizes the previous launch's task (the lead:
 //      also its gradient factor, grad_scale); the last launch's last block finalizes its own task and writes the
 //      weighted total, sum_t weights[t] * L_t, over every task.
-// The gradients are final up to the upstream gradient except the lead's (a factor), so the backward
-// (masked_loss_scale_grads_by) is one launch that skips every task whose scale is exactly 1 in place, and
-// moves only the lead's (smallest) gradient otherwise: the bytes moved are about those the op must move (preds,
-// targets and gradients once, plus the targets again in the count blocks). Float16 predictions keep undivided
-// gradients and a factor (LossReduction). Fewer than two tasks with elements: one count launch, then the loss kernel
-// of the task with elements (if any), which finishes the op.
+// The gradients are final up to the upstream gradient except the lead's (a factor), so the backward moves only the
+// lead's (smallest) gradient when the scale is 1. Float16 predictions keep undivided gradients and a factor
+// (LossReduction). Fewer than two tasks with elements: one count launch, then the loss kernel of the task with
+// elements (if any), which finishes the op.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +56,7 @@ enum class ElementwiseKind : int { kBCE = 0, kL1 = 1, kMSE = 2 };
 constexpr int kMaxCountBlocks = 1024;
 constexpr int kCountElemsPerBlock = 4 * 256;
 constexpr int kMaxScaleTasks = 32;  // tasks per masked_loss_scale_grads launch (the table is a kernel argument)
+constexpr int kMaxGroupTasks = 8;   // tasks with elements in one grouped forward launch (the table is an argument)
 
 // A loss launch's own task: the gradient is divided by the valid count (the sum of the num_counts partial counts of the
 // count pass), or, with counts == nullptr (partials mode), stored undivided (mse: halved) for a factor the finalize
@@ -139,19 +149,19 @@ struct MultitaskBuffers {
   float* total = nullptr;          // 0-dim output: sum_t weights[t] * L_t
   const float* weights = nullptr;  // [T], or nullptr (every weight 1)
   float* grad_scale = nullptr;     // [T] output: grads[t] * grad_scale[t] = d L_t / d pred_t
-  int32_t* counts = nullptr;       // [T * kMaxCountBlocks] workspace
+  int32_t* counts = nullptr;       // [T * kMaxCountBlocks] workspace (grouped: its state, 8-byte aligned)
   float* psum = nullptr;           // [masked_loss_multitask_slots(...)] workspace (or nullptr when that is 0)
   int32_t* pcount = nullptr;       // same length
   float* losses = nullptr;         // [T] workspace: a copy of every task's loss, for the total
   unsigned* ticket = nullptr;      // [1] workspace
+  bool grouped = true;             // false: never the grouped launch (tests of the chain)
 };
 
 // The number of slots (psum / pcount) masked_loss_multitask_forward needs for these tasks: every task's loss blocks.
 int64_t masked_loss_multitask_slots(const LossTask* tasks, int num_tasks);
 
 // Every task's loss, gradient (up to grad_scale) and the weighted total, on `stream` without host synchronisation:
-// T launches when at least two tasks have elements (see the top of this file), else count launches (16 tasks
-// each) and the loss kernel. A task without elements gets loss 0 (and factor 0 in a chain).
+// the grouped launch, or the chain (see the top of this file). A task without elements gets loss 0 and factor 0.
 cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, const MultitaskBuffers& buffers,
                                           cudaStream_t stream);
 
