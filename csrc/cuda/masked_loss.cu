@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -42,6 +43,7 @@ static_assert(kMaxCountBlocks % kThreads == 0, "each loss-kernel thread reads kM
 constexpr int kElementwiseItems = 2;  // vectors per thread in elementwise_kernel
 constexpr int kScaleItems = 8;        // elements per thread in scale_grads_kernel
 constexpr int kPixelVec = 4;          // neighbouring pixels per thread in ce_pixel_vec_kernel
+constexpr int kGroupPixelVec = 2;     // the same in the grouped forward, held to 64 registers (16 logits per pixel)
 constexpr int kMaxCountTasks = 16;    // tasks per count_tasks_kernel launch (the table is a kernel argument)
 
 // One task's count pass: in count_tasks_kernel, or in the count blocks of a loss launch (ChainLinks::next).
@@ -455,6 +457,9 @@ __global__ void __launch_bounds__(kThreads)
 // NCHW logits with contiguous pixels (p_ss == g_ss == 1): PIX neighbouring pixels per thread, so every load and store
 // of a class plane moves PIX elements at once (8 or 16 bytes instead of 2 or 4). The launcher checks that S and the
 // sample and class strides are multiples of PIX and that pred and grad are aligned to PIX elements. C <= CREG.
+// The logits stay in registers in their own dtype (half the registers of floats for 16-bit logits; each exp is
+// computed twice instead), and their loads depend on the sample mask only, not on the targets: both are in flight
+// together (an unlabelled sample reads neither; a labelled pixel whose target is ignored is read anyway).
 template <typename P, int CREG, int PIX>
 __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, const int64_t* __restrict__ target,
                                                   const bool* __restrict__ mask, P* __restrict__ grad,
@@ -463,78 +468,81 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
   using Vec = Pack<P, PIX>;
   const int64_t n = tile / s_blocks;
   const int64_t s0 = ((tile - n * s_blocks) * kThreads + threadIdx.x) * PIX;
-  if (s0 < g.S) {
-    int64_t cls[PIX];
-    bool ok[PIX];
-    bool any = false;
+  if (s0 >= g.S) return;
+  bool labelled[PIX];
+  bool any = false;
 #pragma unroll
-    for (int j = 0; j < PIX; ++j) {
-      const CeRow row = load_ce_row(target, mask, g, n, s0 + j, ignore_index);
-      cls[j] = row.t;
-      ok[j] = row.ok;
-      any |= row.ok;
-      valid += row.ok ? 1 : 0;
+  for (int j = 0; j < PIX; ++j) {
+    labelled[j] = mask == nullptr || mask[n * g.m_sn + (s0 + j) * g.m_ss];
+    any |= labelled[j];
+  }
+  P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
+  if (!any) {  // an unlabelled sample: neither logits nor targets are read
+    if (gx != nullptr) {
+      Vec zero;
+#pragma unroll
+      for (int j = 0; j < PIX; ++j) zero.v[j] = from_float<P>(0.0f);
+      for (int64_t c = 0; c < g.C; ++c) *reinterpret_cast<Vec*>(gx + c * g.g_sc) = zero;
     }
-    const P* x = pred + n * g.p_sn + s0;
-    P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
-    if (!any) {  // no labelled pixel here (e.g. an unlabelled sample): the logits are not read at all
-      if (gx != nullptr) {
-        Vec zero;
+    return;
+  }
+  int64_t t[PIX];
 #pragma unroll
-        for (int j = 0; j < PIX; ++j) zero.v[j] = from_float<P>(0.0f);
-        for (int64_t c = 0; c < g.C; ++c) *reinterpret_cast<Vec*>(gx + c * g.g_sc) = zero;
-      }
-    } else {
-      float v[CREG][PIX];
-      float m[PIX], l[PIX], xt[PIX];
+  for (int j = 0; j < PIX; ++j) t[j] = labelled[j] ? target[n * g.t_sn + (s0 + j) * g.t_ss] : ignore_index;
+  const P* x = pred + n * g.p_sn + s0;
+  Vec pk[CREG];
+#pragma unroll
+  for (int c = 0; c < CREG; ++c)
+    if (c < g.C) pk[c] = *reinterpret_cast<const Vec*>(x + c * g.p_sc);
+  int cls[PIX];  // the pixel's class, or -1 where it has no valid label (out-of-range classes are skipped)
+#pragma unroll
+  for (int j = 0; j < PIX; ++j) {
+    const bool ok = labelled[j] && t[j] != ignore_index && t[j] >= 0 && t[j] < g.C;
+    cls[j] = ok ? static_cast<int>(t[j]) : -1;
+    valid += ok ? 1 : 0;
+  }
+  float m[PIX], l[PIX], xt[PIX];
+#pragma unroll
+  for (int j = 0; j < PIX; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.0f;
+    xt[j] = 0.0f;
+  }
+#pragma unroll
+  for (int c = 0; c < CREG; ++c) {
+    if (c < g.C) {
 #pragma unroll
       for (int j = 0; j < PIX; ++j) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-        xt[j] = 0.0f;
+        const float v = to_acc(pk[c].v[j]);
+        m[j] = fmaxf(m[j], v);
+        if (c == cls[j]) xt[j] = v;
       }
+    }
+  }
 #pragma unroll
-      for (int c = 0; c < CREG; ++c) {
-        if (c < g.C) {
-          const Vec pk = *reinterpret_cast<const Vec*>(x + c * g.p_sc);
+  for (int c = 0; c < CREG; ++c) {
+    if (c < g.C) {
 #pragma unroll
-          for (int j = 0; j < PIX; ++j) v[c][j] = to_acc(pk.v[j]);
-        } else {
+      for (int j = 0; j < PIX; ++j) l[j] += expf(to_acc(pk[c].v[j]) - m[j]);
+    }
+  }
 #pragma unroll
-          for (int j = 0; j < PIX; ++j) v[c][j] = -INFINITY;
-        }
+  for (int j = 0; j < PIX; ++j)
+    if (cls[j] >= 0) row_loss += (m[j] - xt[j]) + logf(l[j]);
+  if (gx == nullptr) return;
+  float scale[PIX];
 #pragma unroll
-        for (int j = 0; j < PIX; ++j) {
-          m[j] = fmaxf(m[j], v[c][j]);
-          if (c == cls[j]) xt[j] = v[c][j];
-        }
+  for (int j = 0; j < PIX; ++j) scale[j] = gi / l[j];
+#pragma unroll
+  for (int c = 0; c < CREG; ++c) {
+    if (c < g.C) {
+      Vec out;
+#pragma unroll
+      for (int j = 0; j < PIX; ++j) {
+        const float e = expf(to_acc(pk[c].v[j]) - m[j]) * scale[j];
+        out.v[j] = from_float<P>(cls[j] >= 0 ? e - (c == cls[j] ? gi : 0.0f) : 0.0f);
       }
-#pragma unroll
-      for (int c = 0; c < CREG; ++c) {
-#pragma unroll
-        for (int j = 0; j < PIX; ++j) {
-          v[c][j] = expf(v[c][j] - m[j]);
-          l[j] += v[c][j];
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < PIX; ++j)
-        if (ok[j]) row_loss += (m[j] - xt[j]) + logf(l[j]);
-      if (gx != nullptr) {
-        float scale[PIX];
-#pragma unroll
-        for (int j = 0; j < PIX; ++j) scale[j] = gi / l[j];
-#pragma unroll
-        for (int c = 0; c < CREG; ++c) {
-          if (c < g.C) {
-            Vec out;
-#pragma unroll
-            for (int j = 0; j < PIX; ++j)
-              out.v[j] = from_float<P>(ok[j] ? v[c][j] * scale[j] - (c == cls[j] ? gi : 0.0f) : 0.0f);
-            *reinterpret_cast<Vec*>(gx + c * g.g_sc) = out;
-          }
-        }
-      }
+      *reinterpret_cast<Vec*>(gx + c * g.g_sc) = out;
     }
   }
 }
@@ -810,11 +818,28 @@ static_assert(sizeof(GroupTable) + 2 * sizeof(void*) <= 4096, "kernel arguments 
 static_assert(sizeof(GroupState) + sizeof(float) <= kMaxCountBlocks * sizeof(int32_t),
               "the state and one loss copy per task fit in the op's count workspace");
 
-// Whether element i of the flat [N, S] targets belongs to a labelled sample.
-__device__ __forceinline__ bool labelled_at(const bool* __restrict__ mask, const CeGeometry& g, int64_t i) {
-  if (mask == nullptr) return true;
-  const int64_t n = div_index(i, g.S);
-  return mask[n * g.m_sn + (i - n * g.S) * g.m_ss];
+// Bit e set where element i + e (e < V, i + e < end) of the flat [N, S] targets belongs to a labelled sample: one
+// division for the vector's first element, then the sample index steps on at each sample boundary.
+template <int V>
+__device__ __forceinline__ unsigned labelled_bits(const bool* __restrict__ mask, const CeGeometry& g, int64_t i,
+                                                  int64_t end) {
+  unsigned bits = 0;
+  if (mask == nullptr) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) bits |= i + e < end ? 1u << e : 0u;
+    return bits;
+  }
+  int64_t n = div_index(i, g.S);
+  int64_t s = i - n * g.S;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    if (i + e < end && mask[n * g.m_sn + s * g.m_ss]) bits |= 1u << e;
+    if (++s == g.S) {
+      s = 0;
+      ++n;
+    }
+  }
+  return bits;
 }
 
 // Valid targets among [begin, min(begin + count_elems, N * S)) of contiguous, 16-byte aligned targets, summed over
@@ -829,27 +854,22 @@ __device__ __forceinline__ int count_vec_tile(const T* __restrict__ target, cons
   for (int64_t base = begin + static_cast<int64_t>(threadIdx.x) * V; base < end;
        base += static_cast<int64_t>(kThreads) * V * kGroupCountVecs) {
     Pack<T, V> pk[kGroupCountVecs];
-    bool lab[kGroupCountVecs][V];
+    unsigned bits[kGroupCountVecs];
 #pragma unroll
     for (int u = 0; u < kGroupCountVecs; ++u) {
       const int64_t i = base + static_cast<int64_t>(u) * kThreads * V;
-      bool any = false;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        lab[u][e] = i + e < end && labelled_at(mask, g, i + e);
-        any |= lab[u][e];
-      }
-      if (any && i + V <= total) {
+      bits[u] = labelled_bits<V>(mask, g, i, end);
+      if (bits[u] != 0 && i + V <= total) {
         pk[u] = *reinterpret_cast<const Pack<T, V>*>(target + i);
       } else {
 #pragma unroll
-        for (int e = 0; e < V; ++e) pk[u].v[e] = lab[u][e] ? target[i + e] : T{};
+        for (int e = 0; e < V; ++e) pk[u].v[e] = (bits[u] >> e) & 1u ? target[i + e] : T{};
       }
     }
 #pragma unroll
     for (int u = 0; u < kGroupCountVecs; ++u)
 #pragma unroll
-      for (int e = 0; e < V; ++e) local += lab[u][e] && valid(pk[u].v[e]) ? 1 : 0;
+      for (int e = 0; e < V; ++e) local += (bits[u] >> e) & 1u && valid(pk[u].v[e]) ? 1 : 0;
   }
   return block_sum(local);
 }
@@ -931,7 +951,7 @@ __device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t 
   const int64_t ii = task.ignore_index, sb = task.s_blocks;
   switch (task.variant) {
     case GroupVariant::kCePixelVec:
-      ce_pixel_vec_tile<P, 16, kPixelVec>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      ce_pixel_vec_tile<P, 16, kGroupPixelVec>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
       break;
     case GroupVariant::kCePixel16:
       ce_pixel_tile<P, 16>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
@@ -1023,8 +1043,11 @@ __device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile
 // any loss tile starts: a loss tile's wait for its task's count always ends, whatever the grid and residency. A
 // block out of tiles takes a ticket; the block that takes the last one (every slot written) finalizes every task
 // and writes the total.
-template <typename P>
-__global__ void __launch_bounds__(kThreads)
+// MIN_BLOCKS: the resident blocks per SM the kernel is built for (registers: 65536 / (256 * MIN_BLOCKS)). Memory-bound
+// tiles need the warps: at 2 blocks per SM (the widest tile function's 128 registers for every tile) the H100 run of
+// 2026-11-27 ran the NYUv2-like batch at 16% of DRAM bandwidth; the pixel tiles take 2 pixels per thread to fit 64.
+template <typename P, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     grouped_forward_kernel(GroupTable table, GroupState* state, float* losses) {
   __shared__ unsigned long long tile_id[1];
   __shared__ unsigned long long counted[kMaxGroupTasks];  // count words seen complete (0: not yet)
@@ -1490,6 +1513,11 @@ std::vector<int> group_order(const LossTask* tasks, int n, const MultitaskBuffer
 // The cross-entropy tile function for g's layout (launch_ce's choice) and its tiles per sample.
 template <typename P>
 void ce_group_variant(const P* pred, const P* grad, const CeGeometry& g, GroupVariant& variant, int64_t& s_blocks) {
+  if (ce_kernel_for(pred, grad, g) != CeKernel::kRows && pixel_vec_ok(pred, grad, g, kGroupPixelVec)) {
+    variant = GroupVariant::kCePixelVec;
+    s_blocks = ceil_div(g.S / kGroupPixelVec, kThreads);
+    return;
+  }
   switch (ce_kernel_for(pred, grad, g)) {
     case CeKernel::kRows: {
       const int tpr = rows_threads_per_row(g.C);
@@ -1502,11 +1530,7 @@ void ce_group_variant(const P* pred, const P* grad, const CeGeometry& g, GroupVa
                              : GroupVariant::kCeRows32x0;
       return;
     }
-    case CeKernel::kPixelVec:
-      variant = GroupVariant::kCePixelVec;
-      s_blocks = ceil_div(g.S / kPixelVec, kThreads);
-      return;
-    default:
+    default:  // pixel_vec_ok for kPixelVec implies it for kGroupPixelVec: only the pixel kernel is left
       variant = g.C <= 16 ? GroupVariant::kCePixel16 : GroupVariant::kCePixel;
       s_blocks = ceil_div(g.S, kThreads);
   }
@@ -1563,20 +1587,22 @@ GroupTask group_task(const LossTask& task, int index, const MultitaskBuffers& bu
   }
   gt.count_elems = gt.count_vec ? static_cast<int64_t>(kThreads) * kGroupCountVecs * (16 / target_size) : kCountChunk;
   gt.count_tiles = ceil_div(count_items(task), gt.count_elems);
-  gt.blocks = loss_blocks(task);
+  const int64_t task_slots = loss_blocks(task);  // what masked_loss_multitask_slots gave the task
+  gt.blocks = task.is_ce ? task.geom.N * gt.s_blocks : task_slots;
   // Bytes a block of the per-task kernel moves (preds and gradients, targets): a loss tile runs enough of them to move
   // kGroupTileBytes, so that its fixed costs (the tile id, a block reduction, its slot) stay small beside its loads.
   const int64_t pred_bytes = (task.is_ce ? count_items(task) * task.geom.C : task.total) * dtype_size(task.dtype);
   const int64_t bytes = 2 * pred_bytes + count_items(task) * static_cast<int64_t>(target_size);
   const int64_t per_block = std::max<int64_t>(1, bytes / std::max<int64_t>(1, gt.blocks));
   gt.blocks_per_tile = std::min(kGroupMaxBlocksPerTile, std::max<int64_t>(1, ceil_div(kGroupTileBytes, per_block)));
+  gt.blocks_per_tile = std::max(gt.blocks_per_tile, ceil_div(gt.blocks, task_slots));  // a slot per tile
   gt.loss_tiles = ceil_div(gt.blocks, gt.blocks_per_tile);
   return gt;
 }
 
 // Blocks of the grouped launch: what the device keeps resident (one wave; the blocks loop over the tiles), at most
 // one per tile.
-template <typename P>
+template <typename P, int MIN_BLOCKS>
 unsigned group_grid(int64_t tiles) {
   static std::atomic<int> per_sm_cache{0}, sms_cache{0};  // one device kind per process is the norm; else re-queried
   int device = 0, sms = 0, per_sm = per_sm_cache.load(std::memory_order_relaxed);
@@ -1586,7 +1612,7 @@ unsigned group_grid(int64_t tiles) {
     sms = 132;
   }
   if (per_sm <= 0 || sms != sms_cache.load(std::memory_order_relaxed)) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_forward_kernel<P>, kThreads, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_forward_kernel<P, MIN_BLOCKS>, kThreads, 0) !=
             cudaSuccess ||
         per_sm <= 0) {
       cudaGetLastError();
@@ -1629,9 +1655,16 @@ cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>
     next += table.task[i].loss_tiles;
   }
   table.tile_end = next;
+  const char* env = std::getenv("FASTMTL_CUDA_GROUP_BLOCKS");  // experiment only: 2, 3 or 4 (default)
+  const int min_blocks = env != nullptr ? std::atoi(env) : 4;
   err = dispatch_dtype(tasks[order[0]].dtype, [&](auto zero) {
     using P = decltype(zero);
-    grouped_forward_kernel<P><<<group_grid<P>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
+    if (min_blocks == 2)
+      grouped_forward_kernel<P, 2><<<group_grid<P, 2>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
+    else if (min_blocks == 3)
+      grouped_forward_kernel<P, 3><<<group_grid<P, 3>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
+    else
+      grouped_forward_kernel<P, 4><<<group_grid<P, 4>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
     return cudaSuccess;
   });
   return err != cudaSuccess ? err : cudaGetLastError();

@@ -1,0 +1,77 @@
+"""Experiment (CUDA only): the grouped masked-loss forward built for 2, 3 and 4 resident blocks per SM, side by side.
+
+    python benchmarks/group_blocks_experiment.py
+
+Times the NYUv2-like batch of benchmarks/bandwidth.py (forward kernels alone and forward + backward, CUDA graph
+replays, twice each for the spread) with FASTMTL_CUDA_GROUP_BLOCKS set to each value, and checks each against the
+torch backend on a fresh batch first. Prints ms and the fraction of the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bandwidth  # noqa: E402
+
+
+def parity(blocks: str) -> float:
+    """Largest relative error of the cuda backend's losses and gradients against the torch backend's."""
+    import fastmtl
+
+    g = torch.Generator(device="cuda").manual_seed(int(blocks))
+    n, h, w = 4, 96, 128
+    preds = {
+        "seg": torch.randn(n, 13, h, w, device="cuda", generator=g).bfloat16(),
+        "depth": torch.randn(n, 1, h, w, device="cuda", generator=g).bfloat16(),
+        "cls": torch.randn(n, 10, device="cuda", generator=g).bfloat16(),
+    }
+    targets = {
+        "seg": torch.randint(-1, 13, (n, h, w), device="cuda", generator=g),
+        "depth": torch.randn(n, 1, h, w, device="cuda", generator=g).bfloat16(),
+        "cls": torch.randint(0, 10, (n,), device="cuda", generator=g),
+    }
+    targets["seg"][targets["seg"] < 0] = -100
+    targets["depth"].view(-1)[::5] = float("nan")
+    kinds = {"seg": "ce", "depth": "l1", "cls": "ce"}
+    masks = {t: torch.rand(n, device="cuda", generator=g) > 0.3 for t in preds}
+    out = {}
+    for backend in ("torch", "cuda"):
+        ps = {t: p.detach().clone().requires_grad_(True) for t, p in preds.items()}
+        with fastmtl.use_backend(backend):
+            total, per_task = fastmtl.masked_multitask_loss(ps, targets, kinds, masks)
+        grads = torch.autograd.grad(total, list(ps.values()))
+        out[backend] = [total, *per_task.values(), *grads]
+    err = 0.0
+    for a, b in zip(out["cuda"], out["torch"]):
+        a, b = a.double(), b.double()
+        err = max(err, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+    return err
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 0
+    from fastmtl.testing import graph_replay_ms
+
+    copy = bandwidth.copy_bandwidth()
+    shape, nbytes, cases = bandwidth.loss_cases()
+    names = ["cuda masked_multitask_loss_forward (fwd kernels), graph", "cuda masked_multitask_loss fwd+bwd, graph"]
+    print(f"copy {copy:.0f} GB/s; {shape}; {nbytes / 1e6:.1f} MB")
+    for blocks in ("2", "3", "4"):
+        os.environ["FASTMTL_CUDA_GROUP_BLOCKS"] = blocks
+        print(f"blocks/SM {blocks}: parity vs torch (bf16) max rel err {parity(blocks):.2e}")
+        for name in names:
+            times = [graph_replay_ms(cases[name][1]) for _ in range(2)]
+            pct = [100 * nbytes / t / 1e6 / copy for t in times]
+            print(f"  {name:58s} {times[0]:.4f} / {times[1]:.4f} ms  {pct[0]:.1f} / {pct[1]:.1f}% of copy")
+    os.environ.pop("FASTMTL_CUDA_GROUP_BLOCKS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
