@@ -175,6 +175,9 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 template <typename T>
 T __ldcg(const T* p) { return *p; }
 
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+
 struct __half { _Float16 v; __half() = default; };
 inline float __half2float(__half h) { return static_cast<float>(h.v); }
 inline __half __float2half_rn(float f) { __half h; h.v = static_cast<_Float16>(f); return h; }

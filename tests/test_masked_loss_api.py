@@ -728,6 +728,25 @@ def test_cuda_multitask_loss_launches(backend):
         assert len(preds) + 1 <= len(kernels) <= len(preds) + 2, kernels
 
 
+@pytest.mark.cuda
+def test_cuda_group_blocks_builds_agree_and_a_bad_value_raises(monkeypatch):
+    """FASTMTL_CUDA_GROUP_BLOCKS picks the grouped forward's build (2, 3 or 4 resident blocks per SM): every build gives
+    bitwise the same losses and gradients as the default; any other value raises, naming the variable."""
+    preds, targets, kinds, masks = batch("cuda")
+    outs = []
+    for value in ("", "2", "3", "4"):
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", value)
+        with fastmtl.use_backend("cuda"):
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        outs.append([total, *per_task.values(), *torch.autograd.grad(total, list(preds.values()))])
+    for out in outs[1:]:
+        for a, b in zip(outs[0], out, strict=True):
+            assert torch.equal(a, b)
+    monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", "5")
+    with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_BLOCKS must be 2, 3 or 4"):
+        fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+
+
 def _chain_batch(name, dtype):
     """Batches for the GPU forwards' launch paths (CUDA grouped launch, or chain with a lead for mixed dtypes and
     more than 8 tasks; Triton finalize in the last launch)."""

@@ -739,9 +739,11 @@ static std::vector<LossTask> tasks_of(const void** preds, const int* dtypes, con
     losses, n)
 int64_t emu_multitask_slots(EMU_TASK_ARGS) { return masked_loss_multitask_slots(EMU_TASKS.data(), n); }
 int emu_multitask_forward(EMU_TASK_ARGS, float* total, const float* weights, float* grad_scale, int32_t* counts,
-                          float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket, int grouped) {
+                          float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket, int grouped,
+                          int group_blocks) {
   MultitaskBuffers buf;
   buf.grouped = grouped != 0;
+  buf.group_blocks = group_blocks;
   buf.total = total;
   buf.weights = weights;
   buf.grad_scale = grad_scale;
@@ -897,10 +899,11 @@ def _emu_elementwise(lib, pred, target, mask, kind):
     return loss, grad
 
 
-def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True):
+def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True, group_blocks=0, expect=0):
     """masked_loss_multitask_forward (what masked_multitask_loss_forward_cuda runs) on poisoned outputs and
     workspaces. tasks: (pred, target, mask, kind). Returns (total, losses, grad_scale, grads); grads[t] is None where
-    compute_grad[t] is false. grouped=False: the chain even where the grouped launch applies."""
+    compute_grad[t] is false. grouped=False: the chain even where the grouped launch applies; group_blocks: the
+    grouped kernel's build (0: the default); expect: the launcher's return code."""
     n = len(tasks)
     compute_grad = compute_grad or [True] * n
     grads = [torch.full_like(pred, float("nan")) if c else None for (pred, *_), c in zip(tasks, compute_grad)]
@@ -915,7 +918,8 @@ def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True)
     loss_copies = torch.full((n,), float("nan"))
     ticket = torch.full((1,), -1, dtype=torch.int32)
     assert lib.emu_multitask_forward(*args, _ptr(total), _ptr(weights), _ptr(grad_scale), _ptr(counts), _ptr(psum),
-                                     _ptr(pcount), _ptr(loss_copies), _ptr(ticket), int(grouped)) == 0  # fmt: skip
+                                     _ptr(pcount), _ptr(loss_copies), _ptr(ticket), int(grouped),
+                                     group_blocks) == expect  # fmt: skip
     return total, losses, grad_scale, grads
 
 
@@ -1263,6 +1267,21 @@ def test_cuda_kernels_emulated_grouped_forward(emu, dtype):
     assert emu.emu_take_launches() == 1
     _check_multitask(tasks, weights, *out, lead=-1)
     assert out[2][6].item() == 0.0  # the task without elements: factor 0, as in the chain
+
+
+def test_cuda_kernels_emulated_grouped_builds(emu):
+    """The grouped kernel's builds for 2, 3 and 4 resident blocks per SM run the same arithmetic: bitwise the same
+    results as the default build; another value is refused (cudaErrorInvalidValue) before any launch."""
+    torch.manual_seed(6)
+    seg, seg_t = make_ce((2, 7, 8, 8), "contiguous", torch.bfloat16, device="cpu")
+    depth, depth_t = make_dense("l1", (2, 1, 8, 8), "contiguous", torch.bfloat16, device="cpu")
+    tasks = [(seg, seg_t, make_mask(2, "random", device="cpu"), "ce"), (depth, depth_t.bfloat16(), None, "l1")]
+    default = _emu_multitask_forward(emu, tasks, None)
+    for blocks in (2, 3, 4):
+        _assert_bitwise_equal(default, _emu_multitask_forward(emu, tasks, None, group_blocks=blocks))
+    emu.emu_take_launches()
+    _emu_multitask_forward(emu, tasks, None, group_blocks=5, expect=1)
+    assert emu.emu_take_launches() == 0
 
 
 @pytest.mark.parametrize("C", [40, 100, 200, 300])

@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -482,7 +481,7 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
       Vec zero;
 #pragma unroll
       for (int j = 0; j < PIX; ++j) zero.v[j] = from_float<P>(0.0f);
-      for (int64_t c = 0; c < g.C; ++c) *reinterpret_cast<Vec*>(gx + c * g.g_sc) = zero;
+      for (int64_t c = 0; c < g.C; ++c) store_pack(gx + c * g.g_sc, zero);
     }
     return;
   }
@@ -493,7 +492,7 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
   Vec pk[CREG];
 #pragma unroll
   for (int c = 0; c < CREG; ++c)
-    if (c < g.C) pk[c] = *reinterpret_cast<const Vec*>(x + c * g.p_sc);
+    if (c < g.C) pk[c] = load_pack<P, PIX>(x + c * g.p_sc);
   int cls[PIX];  // the pixel's class, or -1 where it has no valid label (out-of-range classes are skipped)
 #pragma unroll
   for (int j = 0; j < PIX; ++j) {
@@ -542,7 +541,7 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
         const float e = expf(to_acc(pk[c].v[j]) - m[j]) * scale[j];
         out.v[j] = from_float<P>(cls[j] >= 0 ? e - (c == cls[j] ? gi : 0.0f) : 0.0f);
       }
-      *reinterpret_cast<Vec*>(gx + c * g.g_sc) = out;
+      store_pack(gx + c * g.g_sc, out);
     }
   }
 }
@@ -701,8 +700,8 @@ __device__ __forceinline__ void elementwise_tile(const P* __restrict__ pred, con
     }
     float p[VEC], t[VEC];
     if (any && VEC > 1 && full) {  // unlabelled samples are not read at all
-      const Pack<P, VEC> pp = *reinterpret_cast<const Pack<P, VEC>*>(pred + base);
-      const Pack<T, VEC> tp = *reinterpret_cast<const Pack<T, VEC>*>(target + base);
+      const Pack<P, VEC> pp = load_pack<P, VEC>(pred + base);
+      const Pack<T, VEC> tp = load_pack<T, VEC>(target + base);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         p[e] = to_acc(pp.v[e]);
@@ -727,7 +726,7 @@ __device__ __forceinline__ void elementwise_tile(const P* __restrict__ pred, con
     }
     if (grad != nullptr) {
       if (VEC > 1 && full) {
-        *reinterpret_cast<Pack<P, VEC>*>(grad + base) = gp;
+        store_pack(grad + base, gp);
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
@@ -860,7 +859,7 @@ __device__ __forceinline__ int count_vec_tile(const T* __restrict__ target, cons
       const int64_t i = base + static_cast<int64_t>(u) * kThreads * V;
       bits[u] = labelled_bits<V>(mask, g, i, end);
       if (bits[u] != 0 && i + V <= total) {
-        pk[u] = *reinterpret_cast<const Pack<T, V>*>(target + i);
+        pk[u] = load_pack<T, V>(target + i);
       } else {
 #pragma unroll
         for (int e = 0; e < V; ++e) pk[u].v[e] = (bits[u] >> e) & 1u ? target[i + e] : T{};
@@ -1045,7 +1044,10 @@ __device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile
 // and writes the total.
 // MIN_BLOCKS: the resident blocks per SM the kernel is built for (registers: 65536 / (256 * MIN_BLOCKS)). Memory-bound
 // tiles need the warps: at 2 blocks per SM (the widest tile function's 128 registers for every tile) the H100 run of
-// 2026-11-27 ran the NYUv2-like batch at 16% of DRAM bandwidth; the pixel tiles take 2 pixels per thread to fit 64.
+// 2026-11-27 ran the NYUv2-like batch at 16% of DRAM bandwidth. Side by side on that H100 (forward + backward of the
+// batch in a graph): 2 blocks 0.102 ms, 3 blocks 0.084 ms, 4 blocks 0.089 ms (64 registers: spills), hence the
+// default (MultitaskBuffers::group_blocks). The pixel tiles take 2 pixels per thread to fit.
+constexpr int kDefaultGroupBlocks = 3;
 template <typename P, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     grouped_forward_kernel(GroupTable table, GroupState* state, float* losses) {
@@ -1112,10 +1114,10 @@ __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t n
 #pragma unroll
     for (int k = 0; k < kScaleItems / V; ++k) {
       const int64_t i = base + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * V;
-      Pack<X, V> pk = *reinterpret_cast<const Pack<X, V>*>(a + i);
+      Pack<X, V> pk = load_pack<X, V>(a + i);
 #pragma unroll
       for (int j = 0; j < V; ++j) pk.v[j] = from_float<X>(to_acc(pk.v[j]) * scale);
-      *reinterpret_cast<Pack<X, V>*>(b + i) = pk;
+      store_pack(b + i, pk);
     }
     return;
   }
@@ -1655,16 +1657,16 @@ cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>
     next += table.task[i].loss_tiles;
   }
   table.tile_end = next;
-  const char* env = std::getenv("FASTMTL_CUDA_GROUP_BLOCKS");  // experiment only: 2, 3 or 4 (default)
-  const int min_blocks = env != nullptr ? std::atoi(env) : 4;
+  const int min_blocks = buf.group_blocks == 0 ? kDefaultGroupBlocks : buf.group_blocks;
+  if (min_blocks < 2 || min_blocks > 4) return cudaErrorInvalidValue;
   err = dispatch_dtype(tasks[order[0]].dtype, [&](auto zero) {
     using P = decltype(zero);
     if (min_blocks == 2)
       grouped_forward_kernel<P, 2><<<group_grid<P, 2>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
-    else if (min_blocks == 3)
-      grouped_forward_kernel<P, 3><<<group_grid<P, 3>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
-    else
+    else if (min_blocks == 4)
       grouped_forward_kernel<P, 4><<<group_grid<P, 4>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
+    else
+      grouped_forward_kernel<P, 3><<<group_grid<P, 3>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
     return cudaSuccess;
   });
   return err != cudaSuccess ? err : cudaGetLastError();

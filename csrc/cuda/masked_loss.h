@@ -155,6 +155,7 @@ struct MultitaskBuffers {
   float* losses = nullptr;         // [T] workspace: a copy of every task's loss, for the total
   unsigned* ticket = nullptr;      // [1] workspace
   bool grouped = true;             // false: never the grouped launch (tests of the chain)
+  int group_blocks = 0;            // resident blocks per SM the grouped kernel is built for: 2, 3 or 4; 0: 3
 };
 
 // The number of slots (psum / pcount) masked_loss_multitask_forward needs for these tasks: every task's loss blocks.

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -277,11 +278,25 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
   return {loss, L.grad};
 }
 
-// All tasks, by masked_loss_multitask_forward (masked_loss.h): T launches when two or more tasks have elements.
+// FASTMTL_CUDA_GROUP_BLOCKS: which build of the grouped forward runs, by the resident blocks per SM it is built for
+// (2, 3 or 4; unset or empty: 3, the fastest measured), so that the builds can be timed side by side
+// (benchmarks/group_blocks_experiment.py). Read at every call; anything else raises before any launch.
+int group_blocks_from_env() {
+  const char* env = std::getenv("FASTMTL_CUDA_GROUP_BLOCKS");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string value(env);
+  TORCH_CHECK(value == "2" || value == "3" || value == "4",
+              "FASTMTL_CUDA_GROUP_BLOCKS must be 2, 3 or 4 (resident blocks per SM of the grouped masked-loss "
+              "kernel), got '", value, "'");
+  return value[0] - '0';
+}
+
+// All tasks, by masked_loss_multitask_forward (masked_loss.h): one grouped launch, or a chain (mixed dtypes, over 8
+// tasks with elements).
 // Returns (total, losses, grad_scale, grads): grads[t] * grad_scale[t] = d L_t / d pred_t, where grad_scale[t] is 1
 // for gradients already divided by the valid count, the remaining factor for the chain's lead task and for float16
-// gradients, stored undivided (g / count underflows float16 for large counts), and 0 for a task without elements in
-// a chain; csrc/masked_multitask_loss.cpp documents the op.
+// gradients, stored undivided (g / count underflows float16 for large counts), and 0 for a task without elements;
+// csrc/masked_multitask_loss.cpp documents the op.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> masked_multitask_loss_forward_cuda(
     at::TensorList preds, at::TensorList targets, const c10::List<c10::optional<at::Tensor>>& masks,
     const std::vector<std::string>& kinds, int64_t ignore_index, const c10::optional<at::Tensor>& weights,
@@ -289,6 +304,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   const size_t n = preds.size();
   TORCH_CHECK(n > 0 && targets.size() == n && masks.size() == n && kinds.size() == n && compute_grad.size() == n,
               "masked_multitask_loss_forward (CUDA): one pred, target, mask, kind and compute_grad per task");
+  const int group_blocks = group_blocks_from_env();
   const c10::cuda::CUDAGuard guard(preds[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(preds[0].device().index()).stream();
   const auto options = preds[0].options().dtype(at::kFloat);
@@ -326,6 +342,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   buffers.pcount = work.ints(slots);
   buffers.losses = work.floats(T);
   buffers.ticket = work.ticket();
+  buffers.group_blocks = group_blocks;
   check_cuda(cuda::masked_loss_multitask_forward(tasks.data(), num_tasks, buffers, stream), "multi-task forward");
   for (const TaskLaunch& launch : launches) launch.finish();
   return {total, losses, grad_scale, grads};

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace fastmtl {
 namespace cuda {
@@ -48,6 +49,93 @@ template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
+
+// A Pack loaded or stored as 16-byte accesses (or one smaller access), in PTX on the device. A plain copy of a Pack of
+// 16-bit elements, or of a uint4 through memcpy, may be split into narrower accesses where the copy is inlined into a
+// large kernel: the grouped masked-loss kernel's 16-byte gradient stores became four 4-byte stores each (its PTX,
+// 2026-11-27), using 12 of every 32 bytes of the sectors they wrote (Nsight Compute, H100). The CPU emulation of the
+// kernels (tests/cuda_emulation.py) copies plainly.
+template <int BYTES>
+struct NativeVec;
+template <>
+struct NativeVec<16> {
+  using type = uint4;
+};
+template <>
+struct NativeVec<8> {
+  using type = uint2;
+};
+template <>
+struct NativeVec<4> {
+  using type = unsigned int;
+};
+template <>
+struct NativeVec<2> {
+  using type = unsigned short;
+};
+
+template <int BYTES>
+__device__ __forceinline__ typename NativeVec<BYTES>::type load_native(const void* p) {
+  typename NativeVec<BYTES>::type v;
+#if defined(__CUDA_ARCH__)
+  if constexpr (BYTES == 16)
+    asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  else if constexpr (BYTES == 8)
+    asm("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  else if constexpr (BYTES == 4)
+    asm("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  else
+    asm("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+#else
+  v = *static_cast<const typename NativeVec<BYTES>::type*>(p);
+#endif
+  return v;
+}
+
+template <int BYTES>
+__device__ __forceinline__ void store_native(void* p, const typename NativeVec<BYTES>::type& v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (BYTES == 16)
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+  else if constexpr (BYTES == 8)
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y));
+  else if constexpr (BYTES == 4)
+    asm volatile("st.global.u32 [%0], %1;" ::"l"(p), "r"(v));
+  else
+    asm volatile("st.global.u16 [%0], %1;" ::"l"(p), "h"(v));
+#else
+  *static_cast<typename NativeVec<BYTES>::type*>(p) = v;
+#endif
+}
+
+// Packs over 16 bytes (8 float targets beside 16-bit predictions) move as 16-byte accesses. p: global memory, aligned
+// to the access.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  constexpr int kBytes = sizeof(T) * VEC;
+  constexpr int kAccess = kBytes < 16 ? kBytes : 16;
+  static_assert(kBytes % kAccess == 0, "a pack is a whole number of accesses");
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int k = 0; k < kBytes / kAccess; ++k) {
+    const auto v = load_native<kAccess>(reinterpret_cast<const char*>(p) + k * kAccess);
+    memcpy(reinterpret_cast<char*>(&out) + k * kAccess, &v, kAccess);
+  }
+  return out;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
+  constexpr int kBytes = sizeof(T) * VEC;
+  constexpr int kAccess = kBytes < 16 ? kBytes : 16;
+  static_assert(kBytes % kAccess == 0, "a pack is a whole number of accesses");
+#pragma unroll
+  for (int k = 0; k < kBytes / kAccess; ++k) {
+    typename NativeVec<kAccess>::type v;
+    memcpy(&v, reinterpret_cast<const char*>(&value) + k * kAccess, kAccess);
+    store_native<kAccess>(reinterpret_cast<char*>(p) + k * kAccess, v);
+  }
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
