@@ -1503,7 +1503,8 @@ std::vector<int> group_order(const LossTask* tasks, int n, const MultitaskBuffer
     if (count_items(task) == 0) continue;
     if (!order.empty() && task.dtype != tasks[order[0]].dtype) return {};
     if (!task.is_ce && task.target_dtype != task.dtype && task.target_dtype != DType::kFloat32) return {};
-    if (count_items(task) / kCountChunk >= kMaxGroupCountTiles) return {};
+    if (count_items(task) / kCountChunk >= kMaxGroupCountTiles || count_items(task) > static_cast<int64_t>(kCountMask))
+      return {};  // the count word would not hold the tiles or the count
     order.push_back(t);
   }
   if (order.size() > static_cast<size_t>(kMaxGroupTasks)) return {};
