@@ -1382,6 +1382,21 @@ cudaError_t launch_elementwise_task(ElementwiseKind kind, const void* pred, DTyp
 
 int64_t count_items(const LossTask& task) { return task.is_ce ? task.geom.N * task.geom.S : task.total; }
 
+// Elements of the task's prediction (and of its gradient).
+int64_t pred_elements(const LossTask& task) { return task.is_ce ? count_items(task) * task.geom.C : task.total; }
+
+// Tasks without elements get loss 0 and factor 0 (all-zero bytes); their kernels would have no blocks.
+cudaError_t zero_tasks_without_elements(const LossTask* tasks, int n, const MultitaskBuffers& buf,
+                                        cudaStream_t stream) {
+  for (int t = 0; t < n; ++t) {
+    if (count_items(tasks[t]) > 0) continue;
+    cudaError_t err = cudaMemsetAsync(tasks[t].loss, 0, sizeof(float), stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(buf.grad_scale + t, 0, sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 int64_t loss_blocks(const LossTask& task) {
   return task.is_ce ? ce_loss_blocks(task.pred, task.dtype, task.grad, task.geom)
                     : elementwise_loss_blocks(task.pred, task.dtype, task.target, task.target_dtype, task.grad,
@@ -1422,7 +1437,7 @@ std::vector<int> chain_order(const LossTask* tasks, int n) {
     if (count_items(tasks[t]) == 0) continue;  // no elements: no loss blocks
     order.push_back(t);
     const LossTask& task = tasks[t];
-    const int64_t size = task.grad == nullptr ? 0 : task.is_ce ? count_items(task) * task.geom.C : task.total;
+    const int64_t size = task.grad == nullptr ? 0 : pred_elements(task);
     if (lead < 0 || size < lead_size) {
       lead = t;
       lead_size = size;
@@ -1508,20 +1523,21 @@ std::vector<int> group_order(const LossTask* tasks, int n, const MultitaskBuffer
     order.push_back(t);
   }
   if (order.size() > static_cast<size_t>(kMaxGroupTasks)) return {};
-  const auto size = [&](int t) { return tasks[t].is_ce ? count_items(tasks[t]) * tasks[t].geom.C : tasks[t].total; };
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return size(a) > size(b); });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return pred_elements(tasks[a]) > pred_elements(tasks[b]); });
   return order;
 }
 
 // The cross-entropy tile function for g's layout (launch_ce's choice) and its tiles per sample.
 template <typename P>
 void ce_group_variant(const P* pred, const P* grad, const CeGeometry& g, GroupVariant& variant, int64_t& s_blocks) {
-  if (ce_kernel_for(pred, grad, g) != CeKernel::kRows && pixel_vec_ok(pred, grad, g, kGroupPixelVec)) {
+  const CeKernel kernel = ce_kernel_for(pred, grad, g);
+  if (kernel != CeKernel::kRows && pixel_vec_ok(pred, grad, g, kGroupPixelVec)) {
     variant = GroupVariant::kCePixelVec;
     s_blocks = ceil_div(g.S / kGroupPixelVec, kThreads);
     return;
   }
-  switch (ce_kernel_for(pred, grad, g)) {
+  switch (kernel) {
     case CeKernel::kRows: {
       const int tpr = rows_threads_per_row(g.C);
       s_blocks = ceil_div(g.S, kThreads / tpr);
@@ -1594,7 +1610,7 @@ GroupTask group_task(const LossTask& task, int index, const MultitaskBuffers& bu
   gt.blocks = task.is_ce ? task.geom.N * gt.s_blocks : task_slots;
   // Bytes a block of the per-task kernel moves (preds and gradients, targets): a loss tile runs enough of them to move
   // kGroupTileBytes, so that its fixed costs (the tile id, a block reduction, its slot) stay small beside its loads.
-  const int64_t pred_bytes = (task.is_ce ? count_items(task) * task.geom.C : task.total) * dtype_size(task.dtype);
+  const int64_t pred_bytes = pred_elements(task) * static_cast<int64_t>(dtype_size(task.dtype));
   const int64_t bytes = 2 * pred_bytes + count_items(task) * static_cast<int64_t>(target_size);
   const int64_t per_block = std::max<int64_t>(1, bytes / std::max<int64_t>(1, gt.blocks));
   gt.blocks_per_tile = std::min(kGroupMaxBlocksPerTile, std::max<int64_t>(1, ceil_div(kGroupTileBytes, per_block)));
@@ -1634,11 +1650,7 @@ cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>
   GroupState* state = reinterpret_cast<GroupState*>(buf.counts);
   float* losses = reinterpret_cast<float*>(state + 1);
   cudaError_t err = cudaMemsetAsync(state, 0, sizeof(GroupState) + n * sizeof(float), stream);
-  for (int t = 0; t < n && err == cudaSuccess; ++t) {
-    if (count_items(tasks[t]) > 0) continue;
-    err = cudaMemsetAsync(tasks[t].loss, 0, sizeof(float), stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(buf.grad_scale + t, 0, sizeof(float), stream);
-  }
+  if (err == cudaSuccess) err = zero_tasks_without_elements(tasks, n, buf, stream);
   if (err != cudaSuccess) return err;
   const std::vector<int64_t> first = first_slots(tasks, n);
   GroupTable table{};
@@ -1749,12 +1761,8 @@ cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, 
   if (!group.empty()) return forward_grouped(tasks, num_tasks, group, buf, stream);
   const std::vector<int> order = chain_order(tasks, num_tasks);
   if (order.empty()) return forward_unchained(tasks, num_tasks, buf, stream);
-  for (int t = 0; t < num_tasks; ++t) {  // tasks without elements: loss 0, factor 0 (all-zero bytes)
-    if (std::find(order.begin(), order.end(), t) != order.end()) continue;
-    cudaError_t err = cudaMemsetAsync(tasks[t].loss, 0, sizeof(float), stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(buf.grad_scale + t, 0, sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = zero_tasks_without_elements(tasks, num_tasks, buf, stream); err != cudaSuccess)
+    return err;  // the chain's order holds exactly the tasks with elements
   const std::vector<int64_t> first = first_slots(tasks, num_tasks);
   std::vector<int> count_blocks(num_tasks, 0);
   for (size_t i = 0; i < order.size(); ++i) {
