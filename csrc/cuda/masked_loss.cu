@@ -1206,6 +1206,17 @@ bool pixel_vec_ok(const P* pred, const P* grad, const CeGeometry& g, int pix) {
 
 int rows_threads_per_row(int64_t C) { return C <= 16 ? 4 : (C <= 32 ? 8 : (C <= 64 ? 16 : 32)); }
 
+// The rows tile function for C classes: rows_threads_per_row(C) threads per row, 4 or 8 logits cached per lane (none
+// past 256 classes). Both the per-task launcher and the grouped forward pick by it.
+GroupVariant rows_variant(int64_t C) {
+  return C <= 16    ? GroupVariant::kCeRows4x4
+         : C <= 32  ? GroupVariant::kCeRows8x4
+         : C <= 64  ? GroupVariant::kCeRows16x4
+         : C <= 128 ? GroupVariant::kCeRows32x4
+         : C <= 256 ? GroupVariant::kCeRows32x8
+                    : GroupVariant::kCeRows32x0;
+}
+
 enum class CeKernel { kRows, kPixelVec, kPixel };
 
 template <typename P>
@@ -1324,18 +1335,25 @@ cudaError_t launch_ce(const void* pred, DType dtype, const int64_t* target, cons
     P* gx = static_cast<P*>(grad);
     const CeKernel kernel = ce_kernel_for(x, gx, g);
     if (kernel == CeKernel::kRows) {
-      if (g.C <= 16)
-        launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-      else if (g.C <= 32)
-        launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-      else if (g.C <= 64)
-        launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-      else if (g.C <= 128)
-        launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-      else if (g.C <= 256)
-        launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, red, links, stream);
-      else
-        launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, red, links, stream);
+      switch (rows_variant(g.C)) {
+        case GroupVariant::kCeRows4x4:
+          launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+          break;
+        case GroupVariant::kCeRows8x4:
+          launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+          break;
+        case GroupVariant::kCeRows16x4:
+          launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+          break;
+        case GroupVariant::kCeRows32x4:
+          launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
+          break;
+        case GroupVariant::kCeRows32x8:
+          launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, red, links, stream);
+          break;
+        default:
+          launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, red, links, stream);
+      }
     } else if (kernel == CeKernel::kPixelVec) {
       const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
       ce_pixel_vec_kernel<P, 16, kPixelVec><<<grid_of(links), kThreads, 0, stream>>>(x, target, mask, gx, g,
@@ -1541,12 +1559,7 @@ void ce_group_variant(const P* pred, const P* grad, const CeGeometry& g, GroupVa
     case CeKernel::kRows: {
       const int tpr = rows_threads_per_row(g.C);
       s_blocks = ceil_div(g.S, kThreads / tpr);
-      variant = g.C <= 16    ? GroupVariant::kCeRows4x4
-                : g.C <= 32  ? GroupVariant::kCeRows8x4
-                : g.C <= 64  ? GroupVariant::kCeRows16x4
-                : g.C <= 128 ? GroupVariant::kCeRows32x4
-                : g.C <= 256 ? GroupVariant::kCeRows32x8
-                             : GroupVariant::kCeRows32x0;
+      variant = rows_variant(g.C);
       return;
     }
     default:  // pixel_vec_ok for kPixelVec implies it for kGroupPixelVec: only the pixel kernel is left
