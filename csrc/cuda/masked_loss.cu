@@ -409,12 +409,12 @@ __device__ __forceinline__ void ce_pixel_tile(const P* __restrict__ pred, const 
       float l = 0.0f;
 #pragma unroll
       for (int c = 0; c < CREG; ++c) {
-        v[c] = expf(v[c] - m);
+        v[c] = exp_diff(v[c], m);
         l += v[c];
       }
-      row_loss += (m - xt) + logf(l);
+      row_loss += (m - xt) + fast_log(l);
       if (gx != nullptr) {
-        const float scale = gi / l;
+        const float scale = gi * fast_rcp(l);
 #pragma unroll
         for (int c = 0; c < CREG; ++c)
           if (c < g.C) gx[c * g.g_sc] = from_float<P>(v[c] * scale - (c == row.t ? gi : 0.0f));
@@ -424,17 +424,17 @@ __device__ __forceinline__ void ce_pixel_tile(const P* __restrict__ pred, const 
       for (int64_t c = 0; c < g.C; ++c) {
         const float xv = to_acc(x[c * g.p_sc]);
         if (xv > m) {
-          l = l * expf(m - xv) + 1.0f;
+          l = l * exp_diff(m, xv) + 1.0f;
           m = xv;
         } else {
-          l += expf(xv - m);
+          l += exp_diff(xv, m);
         }
       }
-      row_loss += (m - to_acc(x[row.t * g.p_sc])) + logf(l);
+      row_loss += (m - to_acc(x[row.t * g.p_sc])) + fast_log(l);
       if (gx != nullptr) {
-        const float scale = gi / l;
+        const float scale = gi * fast_rcp(l);
         for (int64_t c = 0; c < g.C; ++c)
-          gx[c * g.g_sc] = from_float<P>(expf(to_acc(x[c * g.p_sc]) - m) * scale - (c == row.t ? gi : 0.0f));
+          gx[c * g.g_sc] = from_float<P>(exp_diff(to_acc(x[c * g.p_sc]), m) * scale - (c == row.t ? gi : 0.0f));
       }
     }
   }
@@ -454,20 +454,28 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // NCHW logits with contiguous pixels (p_ss == g_ss == 1): PIX neighbouring pixels per thread, so every load and store
-// of a class plane moves PIX elements at once (8 or 16 bytes instead of 2 or 4). The launcher checks that S and the
-// sample and class strides are multiples of PIX and that pred and grad are aligned to PIX elements. C <= CREG.
-// The logits stay in registers in their own dtype (half the registers of floats for 16-bit logits; each exp is
-// computed twice instead), and their loads depend on the sample mask only, not on the targets: both are in flight
-// together (an unlabelled sample reads neither; a labelled pixel whose target is ignored is read anyway).
+// of a class plane moves PIX elements at once. The launcher checks that S and the sample and class strides are
+// multiples of PIX, that pred and grad are aligned to PIX elements and that C * stride < 2^31 (pixel_vec_ok);
+// 1 <= C <= CREG.
+// Written for the instruction count: the NYUv2-like batch's 13-class logits are 80M elements, and the op is meant to
+// run near memory bandwidth. The logits stay in registers as raw words of their own dtype; their max is taken in it
+// (exact; two 16-bit elements per instruction); each exponential is computed once (ex2, exp_diff) and kept as a
+// float for the gradient. The target class is handled apart rather than with a compare and select per
+// class: its logit is read again (an L1 hit: the thread just loaded it), and its gradient element, stored after its
+// class plane's, overwrites it (same thread, same address: in order).
+// The logits' loads depend on the sample mask only, not on the targets: both are in flight together (an unlabelled
+// sample reads neither; a labelled pixel whose target is ignored is read anyway).
 template <typename P, int CREG, int PIX>
 __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, const int64_t* __restrict__ target,
                                                   const bool* __restrict__ mask, P* __restrict__ grad,
                                                   const CeGeometry& g, int64_t ignore_index, int64_t s_blocks,
                                                   int64_t tile, float gi, float& row_loss, int& valid) {
-  using Vec = Pack<P, PIX>;
+  using W = Words<P, PIX>;
   const int64_t n = tile / s_blocks;
   const int64_t s0 = ((tile - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   if (s0 >= g.S) return;
+  const int C = static_cast<int>(g.C);
+  const int ps = static_cast<int>(g.p_sc), gs = static_cast<int>(g.g_sc);
   bool labelled[PIX];
   bool any = false;
 #pragma unroll
@@ -478,10 +486,10 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
   P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
   if (!any) {  // an unlabelled sample: neither logits nor targets are read
     if (gx != nullptr) {
-      Vec zero;
+      W zero;
 #pragma unroll
-      for (int j = 0; j < PIX; ++j) zero.v[j] = from_float<P>(0.0f);
-      for (int64_t c = 0; c < g.C; ++c) store_pack(gx + c * g.g_sc, zero);
+      for (int k = 0; k < W::kNum; ++k) zero.w[k] = 0u;  // +0.0 in every dtype
+      for (int c = 0; c < C; ++c) store_words(gx + c * gs, zero);
     }
     return;
   }
@@ -489,59 +497,69 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
 #pragma unroll
   for (int j = 0; j < PIX; ++j) t[j] = labelled[j] ? target[n * g.t_sn + (s0 + j) * g.t_ss] : ignore_index;
   const P* x = pred + n * g.p_sn + s0;
-  Vec pk[CREG];
+  W pk[CREG];
+  pk[0] = load_words<P, PIX>(x);
 #pragma unroll
-  for (int c = 0; c < CREG; ++c)
-    if (c < g.C) pk[c] = load_pack<P, PIX>(x + c * g.p_sc);
+  for (int c = 1; c < CREG; ++c) pk[c] = c < C ? load_words<P, PIX>(x + c * ps) : pk[0];  // pads leave the max
   int cls[PIX];  // the pixel's class, or -1 where it has no valid label (out-of-range classes are skipped)
+  bool all_valid = true;
 #pragma unroll
   for (int j = 0; j < PIX; ++j) {
     const bool ok = labelled[j] && t[j] != ignore_index && t[j] >= 0 && t[j] < g.C;
     cls[j] = ok ? static_cast<int>(t[j]) : -1;
     valid += ok ? 1 : 0;
+    all_valid &= ok;
   }
-  float m[PIX], l[PIX], xt[PIX];
+  W mx = pk[0];
+#pragma unroll
+  for (int c = 1; c < CREG; ++c) mx = words_max(mx, pk[c]);
+  float xt[PIX], m[PIX], l[PIX];
 #pragma unroll
   for (int j = 0; j < PIX; ++j) {
-    m[j] = -INFINITY;
+    xt[j] = cls[j] >= 0 ? to_acc(x[cls[j] * ps + j]) : 0.0f;
+    m[j] = word_elem(mx, j);
     l[j] = 0.0f;
-    xt[j] = 0.0f;
   }
+  float e[CREG][PIX];
 #pragma unroll
   for (int c = 0; c < CREG; ++c) {
-    if (c < g.C) {
+    if (c < C) {
 #pragma unroll
       for (int j = 0; j < PIX; ++j) {
-        const float v = to_acc(pk[c].v[j]);
-        m[j] = fmaxf(m[j], v);
-        if (c == cls[j]) xt[j] = v;
+        e[c][j] = exp_diff(word_elem(pk[c], j), m[j]);
+        l[j] += e[c][j];
       }
-    }
-  }
-#pragma unroll
-  for (int c = 0; c < CREG; ++c) {
-    if (c < g.C) {
-#pragma unroll
-      for (int j = 0; j < PIX; ++j) l[j] += expf(to_acc(pk[c].v[j]) - m[j]);
     }
   }
 #pragma unroll
   for (int j = 0; j < PIX; ++j)
-    if (cls[j] >= 0) row_loss += (m[j] - xt[j]) + logf(l[j]);
+    if (cls[j] >= 0) row_loss += (m[j] - xt[j]) + fast_log(l[j]);
   if (gx == nullptr) return;
   float scale[PIX];
 #pragma unroll
-  for (int j = 0; j < PIX; ++j) scale[j] = gi / l[j];
+  for (int j = 0; j < PIX; ++j) scale[j] = cls[j] >= 0 ? gi * fast_rcp(l[j]) : 0.0f;
+  if (!all_valid) {  // a pixel without a valid label gets an exact 0 whatever its logits (rare: no select per class)
+#pragma unroll
+    for (int c = 0; c < CREG; ++c)
+#pragma unroll
+      for (int j = 0; j < PIX; ++j)
+        if (cls[j] < 0) e[c][j] = 0.0f;
+  }
 #pragma unroll
   for (int c = 0; c < CREG; ++c) {
-    if (c < g.C) {
-      Vec out;
+    if (c < C) {
+      float out[PIX];
 #pragma unroll
-      for (int j = 0; j < PIX; ++j) {
-        const float e = expf(to_acc(pk[c].v[j]) - m[j]) * scale[j];
-        out.v[j] = from_float<P>(cls[j] >= 0 ? e - (c == cls[j] ? gi : 0.0f) : 0.0f);
-      }
-      store_pack(gx + c * g.g_sc, out);
+      for (int j = 0; j < PIX; ++j) out[j] = e[c][j] * scale[j];
+      store_words(gx + c * gs, words_from_floats<P, PIX>(out));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < PIX; ++j) {
+    if (cls[j] >= 0) {
+      Pack<P, 1> one;
+      one.v[0] = from_float<P>(exp_diff(xt[j], m[j]) * scale[j] - gi);
+      store_pack(gx + cls[j] * gs + j, one);
     }
   }
 }
@@ -587,16 +605,16 @@ __device__ __forceinline__ void ce_rows_tile(const P* __restrict__ pred, const i
       }
       if (m > -INFINITY) {
 #pragma unroll
-        for (int k = 0; k < VPL; ++k) l += expf(v[k] - m);
+        for (int k = 0; k < VPL; ++k) l += exp_diff(v[k], m);
       }
     } else {
       for (int64_t c = lane; c < g.C; c += TPR) {
         const float xv = to_acc(x[c]);
         if (xv > m) {
-          l = l * expf(m - xv) + 1.0f;
+          l = l * exp_diff(m, xv) + 1.0f;
           m = xv;
         } else {
-          l += expf(xv - m);
+          l += exp_diff(xv, m);
         }
       }
     }
@@ -607,11 +625,11 @@ __device__ __forceinline__ void ce_rows_tile(const P* __restrict__ pred, const i
     const float m2 = __shfl_xor_sync(0xffffffffu, m, offset, TPR);
     const float l2 = __shfl_xor_sync(0xffffffffu, l, offset, TPR);
     const float mm = fmaxf(m, m2);
-    l = (m == -INFINITY ? 0.0f : l * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : l2 * expf(m2 - mm));
+    l = (m == -INFINITY ? 0.0f : l * exp_diff(m, mm)) + (m2 == -INFINITY ? 0.0f : l2 * exp_diff(m2, mm));
     m = mm;
   }
   if (row.ok && lane == 0) {
-    row_loss += (m - to_acc(x[row.t])) + logf(l);
+    row_loss += (m - to_acc(x[row.t])) + fast_log(l);
     valid += 1;
   }
   if (in_range && grad != nullptr) {
@@ -619,16 +637,16 @@ __device__ __forceinline__ void ce_rows_tile(const P* __restrict__ pred, const i
     if (!row.ok) {
       for (int64_t c = lane; c < g.C; c += TPR) gx[c * g.g_sc] = from_float<P>(0.0f);
     } else if (VPL > 0) {
-      const float scale = gi / l;
+      const float scale = gi * fast_rcp(l);
 #pragma unroll
       for (int k = 0; k < VPL; ++k) {
         const int64_t c = lane + k * TPR;
-        if (c < g.C) gx[c * g.g_sc] = from_float<P>(expf(v[k] - m) * scale - (c == row.t ? gi : 0.0f));
+        if (c < g.C) gx[c * g.g_sc] = from_float<P>(exp_diff(v[k], m) * scale - (c == row.t ? gi : 0.0f));
       }
     } else {
-      const float scale = gi / l;
+      const float scale = gi * fast_rcp(l);
       for (int64_t c = lane; c < g.C; c += TPR)
-        gx[c * g.g_sc] = from_float<P>(expf(to_acc(x[c]) - m) * scale - (c == row.t ? gi : 0.0f));
+        gx[c * g.g_sc] = from_float<P>(exp_diff(to_acc(x[c]), m) * scale - (c == row.t ? gi : 0.0f));
     }
   }
 }
@@ -1201,7 +1219,9 @@ bool pixel_vec_ok(const P* pred, const P* grad, const CeGeometry& g, int pix) {
   const bool pred_ok = g.p_ss == 1 && g.p_sc % pix == 0 && g.p_sn % pix == 0 && aligned(pred, sizeof(P) * pix);
   const bool grad_ok =
       grad == nullptr || (g.g_ss == 1 && g.g_sc % pix == 0 && g.g_sn % pix == 0 && aligned(grad, sizeof(P) * pix));
-  return g.C <= 16 && g.S % pix == 0 && pred_ok && grad_ok;
+  // The tile addresses a class plane with 32-bit offsets (c * stride).
+  const bool strides_32 = g.C * g.p_sc <= INT32_MAX && (grad == nullptr || g.C * g.g_sc <= INT32_MAX);
+  return g.C <= 16 && g.S % pix == 0 && pred_ok && grad_ok && strides_32;
 }
 
 int rows_threads_per_row(int64_t C) { return C <= 16 ? 4 : (C <= 32 ? 8 : (C <= 64 ? 16 : 32)); }

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fastmtl {
 namespace cuda {
@@ -136,6 +137,151 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
     store_native<kAccess>(reinterpret_cast<char*>(p) + k * kAccess, v);
   }
 }
+
+// VEC elements of T held as raw 32-bit words (element 0 in the low bits of word 0): the form the pixel cross entropy
+// keeps its logits in. Held as a Pack of 16-bit elements, a pair was split into halves by the compiler and rejoined
+// (a PRMT) around every packed instruction (sm_90 SASS, 2026-11-28); as words it is not.
+template <typename T, int VEC>
+struct Words {
+  static_assert(VEC * sizeof(T) % 4 == 0, "whole 32-bit words");
+  static constexpr int kNum = static_cast<int>(VEC * sizeof(T) / 4);
+  uint32_t w[kNum];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Words<T, VEC> load_words(const T* p) {
+  Words<T, VEC> out;
+  const auto pk = load_pack<T, VEC>(p);
+  memcpy(out.w, &pk, sizeof(out.w));
+  return out;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_words(T* p, const Words<T, VEC>& x) {
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * VEC;
+  constexpr int kAccess = kBytes < 16 ? kBytes : 16;
+#pragma unroll
+  for (int k = 0; k < kBytes / kAccess; ++k) {
+    typename NativeVec<kAccess>::type v;
+    memcpy(&v, &x.w[k * kAccess / 4], kAccess);
+    store_native<kAccess>(reinterpret_cast<char*>(p) + k * kAccess, v);
+  }
+}
+
+// Element j of x as a float (j a constant once unrolled). A bfloat16 is the top half of its float: one shift or mask.
+template <typename T, int VEC>
+__device__ __forceinline__ float word_elem(const Words<T, VEC>& x, int j) {
+  float f;
+  if constexpr (std::is_same_v<T, float>) {
+    memcpy(&f, &x.w[j], 4);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t u = j % 2 == 0 ? x.w[j / 2] << 16 : x.w[j / 2] & 0xffff0000u;
+    memcpy(&f, &u, 4);
+  } else {
+    const uint16_t bits = static_cast<uint16_t>(j % 2 == 0 ? x.w[j / 2] & 0xffffu : x.w[j / 2] >> 16);
+    T h;
+    memcpy(&h, &bits, 2);
+    f = to_acc(h);
+  }
+  return f;
+}
+
+// VEC floats rounded to T, as words: on the device one cvt.rn.bf16x2 / f16x2 per pair of 16-bit elements.
+template <typename T, int VEC>
+__device__ __forceinline__ Words<T, VEC> words_from_floats(const float (&v)[VEC]) {
+  Words<T, VEC> out;
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+#pragma unroll
+    for (int k = 0; k < VEC / 2; ++k)
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(out.w[k]) : "f"(v[2 * k + 1]), "f"(v[2 * k]));
+    return out;
+  } else if constexpr (std::is_same_v<T, __half>) {
+#pragma unroll
+    for (int k = 0; k < VEC / 2; ++k)
+      asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(out.w[k]) : "f"(v[2 * k + 1]), "f"(v[2 * k]));
+    return out;
+  } else
+#endif
+  {
+    Pack<T, VEC> pk;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) pk.v[k] = from_float<T>(v[k]);
+    memcpy(out.w, &pk, sizeof(out.w));
+    return out;
+  }
+}
+
+// Elementwise max in T's own dtype (exact; on the device one max.bf16x2 / f16x2 per pair). A NaN loses to a number,
+// as with fmaxf.
+template <typename T, int VEC>
+__device__ __forceinline__ Words<T, VEC> words_max(const Words<T, VEC>& a, const Words<T, VEC>& b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) {
+    Words<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < Words<T, VEC>::kNum; ++k) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        asm("max.bf16x2 %0, %1, %2;" : "=r"(out.w[k]) : "r"(a.w[k]), "r"(b.w[k]));
+      else
+        asm("max.f16x2 %0, %1, %2;" : "=r"(out.w[k]) : "r"(a.w[k]), "r"(b.w[k]));
+    }
+    return out;
+  } else
+#endif
+  {
+    float m[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = fmaxf(word_elem(a, j), word_elem(b, j));
+    return words_from_floats<T, VEC>(m);  // exact: each max is a value of T
+  }
+}
+
+// 2^x and log2(x) on the special-function unit (ex2 / lg2.approx.ftz: a few ulp; results under 2^-126 flush to 0).
+// The accurate expf / logf cost about ten instructions each: in the pixel cross entropy, with one exponential per
+// logit, they were most of the instructions issued (the op ran near its issue limit, far under memory bandwidth).
+// Triton's exp and log are these instructions too. The CPU emulation of the kernels uses exp2f / log2f.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+__device__ __forceinline__ float fast_log2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return log2f(x);
+#endif
+}
+
+// 1 / x (rcp.approx.ftz: about 1 ulp).
+__device__ __forceinline__ float fast_rcp(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.0f / x;
+#endif
+}
+
+// The natural logarithm through lg2.
+__device__ __forceinline__ float fast_log(float x) { return fast_log2(x) * kLn2; }
+
+// e^(a - b), exactly 1 for a == b. (2^(a * log2(e) - b * log2(e)), one instruction fewer, is not: the rounding of
+// b * log2(e) scales every term of a softmax sum by the same 2^r, r up to |b| * 2^-24, and shifts the log-sum-exp by r:
+// a one-class cross entropy came out -6e-8 instead of 0.)
+__device__ __forceinline__ float exp_diff(float a, float b) { return fast_exp2((a - b) * kLog2e); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
