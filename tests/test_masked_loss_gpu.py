@@ -954,6 +954,29 @@ def test_cuda_kernels_emulated_ce(emu, shape, layout, dtype, mask_mode):
         assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
 
 
+
+@pytest.mark.parametrize("C", range(1, 17))
+def test_cuda_pixel_vec_every_class_count_emulated(emu, C):
+    """The vectorised pixel cross entropy takes C as a constant (1 to 16): every C in the per-task kernel (4 pixels
+    per thread) and in the grouped forward (2 per thread), with ignored, out-of-range and unlabelled pixels."""
+    torch.manual_seed(C)
+    dtype = (torch.bfloat16, torch.float16, torch.float32)[C % 3]
+    pred, target = make_ce((3, C, 4, 6), "contiguous", dtype, device="cpu")
+    mask = make_mask(3, "random", device="cpu")
+    loss, grad = _emu_ce(emu, pred, target, mask)
+    ref_loss, ref_grad = reference(pred, target, mask, "ce")
+    tol = TOLERANCES["loss"][dtype]
+    if ref_loss.item() == 0.0:
+        assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
+    else:
+        assert rel_err(loss, ref_loss) <= tol and rel_err(grad, ref_grad) <= tol
+    depth, depth_t = make_dense("l1", (3, 1, 4, 6), "contiguous", dtype, device="cpu")
+    tasks = [(pred, target, mask, "ce"), (depth, depth_t, None, "l1")]
+    emu.emu_take_launches()
+    out = _emu_multitask_forward(emu, tasks, None)
+    assert emu.emu_take_launches() == 1  # the grouped launch
+    _check_multitask(tasks, None, *out, lead=-1)
+
 @pytest.mark.parametrize(
     "kind,dtype,target_dtype,misaligned",
     [

@@ -28,6 +28,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "masked_loss.h"
@@ -453,19 +454,57 @@ __global__ void __launch_bounds__(kThreads)
   reduction_finish(red, links.end, row_loss, valid);
 }
 
-// NCHW logits with contiguous pixels (p_ss == g_ss == 1): PIX neighbouring pixels per thread, so every load and store
-// of a class plane moves PIX elements at once. The launcher checks that S and the sample and class strides are
-// multiples of PIX, that pred and grad are aligned to PIX elements and that C * stride < 2^31 (pixel_vec_ok);
-// 1 <= C <= CREG.
+// f(std::integral_constant<int, C>{}) for a runtime class count 1 <= C <= 16 (one switch), so that a tile can take C
+// as a constant. Called from host code (the per-task launcher) and device code (the grouped forward) with lambdas of
+// the caller's side only, hence the check disabled.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+__host__ __device__ __forceinline__ void with_classes(int64_t C, F&& f) {
+#define FASTMTL_CLASSES_CASE(c) \
+  case c:                       \
+    f(std::integral_constant<int, c>{}); \
+    break;
+  switch (C) {
+    FASTMTL_CLASSES_CASE(1)
+    FASTMTL_CLASSES_CASE(2)
+    FASTMTL_CLASSES_CASE(3)
+    FASTMTL_CLASSES_CASE(4)
+    FASTMTL_CLASSES_CASE(5)
+    FASTMTL_CLASSES_CASE(6)
+    FASTMTL_CLASSES_CASE(7)
+    FASTMTL_CLASSES_CASE(8)
+    FASTMTL_CLASSES_CASE(9)
+    FASTMTL_CLASSES_CASE(10)
+    FASTMTL_CLASSES_CASE(11)
+    FASTMTL_CLASSES_CASE(12)
+    FASTMTL_CLASSES_CASE(13)
+    FASTMTL_CLASSES_CASE(14)
+    FASTMTL_CLASSES_CASE(15)
+    FASTMTL_CLASSES_CASE(16)
+    default:
+      break;
+  }
+#undef FASTMTL_CLASSES_CASE
+}
+constexpr int kMaxPixelVecClasses = 16;
+
+// NCHW logits with contiguous pixels (p_ss == g_ss == 1) and C = g.C classes, a constant (with_classes): PIX
+// neighbouring pixels per thread, so every load and store of a class plane moves PIX elements at once. The launcher
+// checks that S and the sample and class strides are multiples of PIX, that pred and grad are aligned to PIX elements
+// and that C * stride < 2^31 (pixel_vec_ok).
 // Written for the instruction count: the NYUv2-like batch's 13-class logits are 80M elements, and the op is meant to
-// run near memory bandwidth. The logits stay in registers as raw words of their own dtype; their max is taken in it
-// (exact; two 16-bit elements per instruction); each exponential is computed once (ex2, exp_diff) and kept as a
-// float for the gradient. The target class is handled apart rather than with a compare and select per
-// class: its logit is read again (an L1 hit: the thread just loaded it), and its gradient element, stored after its
-// class plane's, overwrites it (same thread, same address: in order).
+// run near memory bandwidth. C as a constant leaves no test per class (a runtime C cost two or three instructions per
+// class and pass, and put the logits in local memory); class planes are addressed by 32-bit byte offsets. The logits
+// stay in registers as raw words of their own dtype; their max is taken in it (exact; two 16-bit elements per
+// instruction); each exponential is computed once (ex2, exp_diff) and kept as a float for the gradient. The target
+// class is handled apart rather than with a compare and select per class: its logit is read again (an L1 hit: the
+// thread just loaded it), and its gradient element, stored after its class plane's, overwrites it (same thread, same
+// address: in order). (Before all this: ~700 instructions per thread and 2 pixels, H100 SASS counters, 2026-11-28.)
 // The logits' loads depend on the sample mask only, not on the targets: both are in flight together (an unlabelled
 // sample reads neither; a labelled pixel whose target is ignored is read anyway).
-template <typename P, int CREG, int PIX>
+template <typename P, int C, int PIX>
 __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, const int64_t* __restrict__ target,
                                                   const bool* __restrict__ mask, P* __restrict__ grad,
                                                   const CeGeometry& g, int64_t ignore_index, int64_t s_blocks,
@@ -474,8 +513,7 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
   const int64_t n = tile / s_blocks;
   const int64_t s0 = ((tile - n * s_blocks) * kThreads + threadIdx.x) * PIX;
   if (s0 >= g.S) return;
-  const int C = static_cast<int>(g.C);
-  const int ps = static_cast<int>(g.p_sc), gs = static_cast<int>(g.g_sc);
+  const uint32_t ps = static_cast<uint32_t>(g.p_sc * sizeof(P)), gs = static_cast<uint32_t>(g.g_sc * sizeof(P));
   bool labelled[PIX];
   bool any = false;
 #pragma unroll
@@ -483,52 +521,50 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
     labelled[j] = mask == nullptr || mask[n * g.m_sn + (s0 + j) * g.m_ss];
     any |= labelled[j];
   }
-  P* gx = grad != nullptr ? grad + n * g.g_sn + s0 : nullptr;
+  char* gx = grad != nullptr ? reinterpret_cast<char*>(grad + n * g.g_sn + s0) : nullptr;
   if (!any) {  // an unlabelled sample: neither logits nor targets are read
     if (gx != nullptr) {
       W zero;
 #pragma unroll
       for (int k = 0; k < W::kNum; ++k) zero.w[k] = 0u;  // +0.0 in every dtype
-      for (int c = 0; c < C; ++c) store_words(gx + c * gs, zero);
+#pragma unroll
+      for (int c = 0; c < C; ++c) store_words(reinterpret_cast<P*>(gx + c * gs), zero);
     }
     return;
   }
   int64_t t[PIX];
 #pragma unroll
   for (int j = 0; j < PIX; ++j) t[j] = labelled[j] ? target[n * g.t_sn + (s0 + j) * g.t_ss] : ignore_index;
-  const P* x = pred + n * g.p_sn + s0;
-  W pk[CREG];
-  pk[0] = load_words<P, PIX>(x);
+  const char* x = reinterpret_cast<const char*>(pred + n * g.p_sn + s0);
+  W pk[C];
 #pragma unroll
-  for (int c = 1; c < CREG; ++c) pk[c] = c < C ? load_words<P, PIX>(x + c * ps) : pk[0];  // pads leave the max
+  for (int c = 0; c < C; ++c) pk[c] = load_words<P, PIX>(reinterpret_cast<const P*>(x + c * ps));
   int cls[PIX];  // the pixel's class, or -1 where it has no valid label (out-of-range classes are skipped)
   bool all_valid = true;
 #pragma unroll
   for (int j = 0; j < PIX; ++j) {
-    const bool ok = labelled[j] && t[j] != ignore_index && t[j] >= 0 && t[j] < g.C;
+    const bool ok = labelled[j] && static_cast<uint64_t>(t[j]) < static_cast<uint64_t>(C) && t[j] != ignore_index;
     cls[j] = ok ? static_cast<int>(t[j]) : -1;
     valid += ok ? 1 : 0;
     all_valid &= ok;
   }
   W mx = pk[0];
 #pragma unroll
-  for (int c = 1; c < CREG; ++c) mx = words_max(mx, pk[c]);
+  for (int c = 1; c < C; ++c) mx = words_max(mx, pk[c]);
   float xt[PIX], m[PIX], l[PIX];
 #pragma unroll
   for (int j = 0; j < PIX; ++j) {
-    xt[j] = cls[j] >= 0 ? to_acc(x[cls[j] * ps + j]) : 0.0f;
+    xt[j] = cls[j] >= 0 ? to_acc(*reinterpret_cast<const P*>(x + cls[j] * ps + j * sizeof(P))) : 0.0f;
     m[j] = word_elem(mx, j);
     l[j] = 0.0f;
   }
-  float e[CREG][PIX];
+  float e[C][PIX];
 #pragma unroll
-  for (int c = 0; c < CREG; ++c) {
-    if (c < C) {
+  for (int c = 0; c < C; ++c) {
 #pragma unroll
-      for (int j = 0; j < PIX; ++j) {
-        e[c][j] = exp_diff(word_elem(pk[c], j), m[j]);
-        l[j] += e[c][j];
-      }
+    for (int j = 0; j < PIX; ++j) {
+      e[c][j] = exp_diff(word_elem(pk[c], j), m[j]);
+      l[j] += e[c][j];
     }
   }
 #pragma unroll
@@ -538,33 +574,38 @@ __device__ __forceinline__ void ce_pixel_vec_tile(const P* __restrict__ pred, co
   float scale[PIX];
 #pragma unroll
   for (int j = 0; j < PIX; ++j) scale[j] = cls[j] >= 0 ? gi * fast_rcp(l[j]) : 0.0f;
-  if (!all_valid) {  // a pixel without a valid label gets an exact 0 whatever its logits (rare: no select per class)
+  // A pixel without a valid label gets +0.0 (all bits clear) whatever its logits: its bits are masked out of the
+  // rounded words, one AND per word rather than a select per element.
+  W keep;
 #pragma unroll
-    for (int c = 0; c < CREG; ++c)
+  for (int k = 0; k < W::kNum; ++k) keep.w[k] = ~0u;
+  if (!all_valid) {
+    constexpr int kPerWord = 4 / static_cast<int>(sizeof(P));
 #pragma unroll
-      for (int j = 0; j < PIX; ++j)
-        if (cls[j] < 0) e[c][j] = 0.0f;
+    for (int j = 0; j < PIX; ++j)
+      if (cls[j] < 0) keep.w[j / kPerWord] &= ~(((1ull << (8 * sizeof(P))) - 1) << (8 * sizeof(P) * (j % kPerWord)));
   }
 #pragma unroll
-  for (int c = 0; c < CREG; ++c) {
-    if (c < C) {
-      float out[PIX];
+  for (int c = 0; c < C; ++c) {
+    float out[PIX];
 #pragma unroll
-      for (int j = 0; j < PIX; ++j) out[j] = e[c][j] * scale[j];
-      store_words(gx + c * gs, words_from_floats<P, PIX>(out));
-    }
+    for (int j = 0; j < PIX; ++j) out[j] = e[c][j] * scale[j];
+    W w = words_from_floats<P, PIX>(out);
+#pragma unroll
+    for (int k = 0; k < W::kNum; ++k) w.w[k] &= keep.w[k];
+    store_words(reinterpret_cast<P*>(gx + c * gs), w);
   }
 #pragma unroll
   for (int j = 0; j < PIX; ++j) {
     if (cls[j] >= 0) {
       Pack<P, 1> one;
       one.v[0] = from_float<P>(exp_diff(xt[j], m[j]) * scale[j] - gi);
-      store_pack(gx + cls[j] * gs + j, one);
+      store_pack(reinterpret_cast<P*>(gx + cls[j] * gs + j * sizeof(P)), one);
     }
   }
 }
 
-template <typename P, int CREG, int PIX>
+template <typename P, int C, int PIX>
 __global__ void __launch_bounds__(kThreads)
     ce_pixel_vec_kernel(const P* __restrict__ pred, const int64_t* __restrict__ target, const bool* __restrict__ mask,
                         P* __restrict__ grad, CeGeometry g, int64_t ignore_index, int64_t s_blocks,
@@ -573,8 +614,7 @@ __global__ void __launch_bounds__(kThreads)
   const float gi = reduction_grad_factor(red, reduction_inv(red), 1.0f);
   float row_loss = 0.0f;
   int valid = 0;
-  ce_pixel_vec_tile<P, CREG, PIX>(pred, target, mask, grad, g, ignore_index, s_blocks, blockIdx.x, gi, row_loss,
-                                  valid);
+  ce_pixel_vec_tile<P, C, PIX>(pred, target, mask, grad, g, ignore_index, s_blocks, blockIdx.x, gi, row_loss, valid);
   reduction_finish(red, links.end, row_loss, valid);
 }
 
@@ -987,8 +1027,7 @@ __device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t 
   const CeGeometry& g = task.geom;
   const int64_t ii = task.ignore_index, sb = task.s_blocks;
   switch (task.variant) {
-    case GroupVariant::kCePixelVec:
-      ce_pixel_vec_tile<P, 16, kGroupPixelVec>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+    case GroupVariant::kCePixelVec:  // group_loss_blocks takes these
       break;
     case GroupVariant::kCePixel16:
       ce_pixel_tile<P, 16>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
@@ -1038,7 +1077,16 @@ __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, 
   int valid = 0;
   const int64_t first = local * task.blocks_per_tile;
   const int64_t end = first + task.blocks_per_tile < task.blocks ? first + task.blocks_per_tile : task.blocks;
-  for (int64_t block = first; block < end; ++block) group_loss_block<P>(task, block, gi, loss, valid);
+  if (task.variant == GroupVariant::kCePixelVec) {  // the class count as a constant: one dispatch per tile
+    with_classes(task.geom.C, [&](auto classes) {
+      for (int64_t block = first; block < end; ++block)
+        ce_pixel_vec_tile<P, decltype(classes)::value, kGroupPixelVec>(
+            static_cast<const P*>(task.pred), static_cast<const int64_t*>(task.target), task.mask,
+            static_cast<P*>(task.grad), task.geom, task.ignore_index, task.s_blocks, block, gi, loss, valid);
+    });
+  } else {
+    for (int64_t block = first; block < end; ++block) group_loss_block<P>(task, block, gi, loss, valid);
+  }
   const float sum = block_sum(loss);
   if (threadIdx.x == 0) task.slots[local] = sum;
 }
@@ -1239,9 +1287,10 @@ bool pixel_vec_ok(const P* pred, const P* grad, const CeGeometry& g, int pix) {
   const bool pred_ok = g.p_ss == 1 && g.p_sc % pix == 0 && g.p_sn % pix == 0 && aligned(pred, sizeof(P) * pix);
   const bool grad_ok =
       grad == nullptr || (g.g_ss == 1 && g.g_sc % pix == 0 && g.g_sn % pix == 0 && aligned(grad, sizeof(P) * pix));
-  // The tile addresses a class plane with 32-bit offsets (c * stride).
-  const bool strides_32 = g.C * g.p_sc <= INT32_MAX && (grad == nullptr || g.C * g.g_sc <= INT32_MAX);
-  return g.C <= 16 && g.S % pix == 0 && pred_ok && grad_ok && strides_32;
+  // The tile addresses a class plane by a 32-bit byte offset (c * stride * sizeof(P)).
+  const int64_t limit = static_cast<int64_t>(UINT32_MAX / sizeof(P));
+  const bool offsets_32 = g.C * g.p_sc <= limit && (grad == nullptr || g.C * g.g_sc <= limit);
+  return g.C >= 1 && g.C <= kMaxPixelVecClasses && g.S % pix == 0 && pred_ok && grad_ok && offsets_32;
 }
 
 int rows_threads_per_row(int64_t C) { return C <= 16 ? 4 : (C <= 32 ? 8 : (C <= 64 ? 16 : 32)); }
@@ -1396,9 +1445,10 @@ cudaError_t launch_ce(const void* pred, DType dtype, const int64_t* target, cons
       }
     } else if (kernel == CeKernel::kPixelVec) {
       const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
-      ce_pixel_vec_kernel<P, 16, kPixelVec><<<grid_of(links), kThreads, 0, stream>>>(x, target, mask, gx, g,
-                                                                                      ignore_index, s_blocks, red,
-                                                                                      links);
+      with_classes(g.C, [&](auto classes) {
+        ce_pixel_vec_kernel<P, decltype(classes)::value, kPixelVec><<<grid_of(links), kThreads, 0, stream>>>(
+            x, target, mask, gx, g, ignore_index, s_blocks, red, links);
+      });
     } else {
       const int64_t s_blocks = ceil_div(g.S, kThreads);
       if (g.C <= 16)
