@@ -1092,13 +1092,22 @@ __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, 
 }
 
 // A grouped task's loss (slots summed in a fixed order, divided by the count), its loss copy for the total and its
-// gradient factor: 1 (the gradient was divided in the kernel), or 1 / (stored * count) for float16 gradients.
+// gradient factor: 1 (the gradient was divided in the kernel), or 1 / (stored * count) for float16 gradients. By one
+// whole warp: lane l sums slots l, l + 32, ... in float64, then a fixed butterfly, so the result is the same every run.
 __device__ __noinline__ void finalize_group_task(const float* slots, int64_t num, unsigned long long word,
                                                  float stored, float* loss_out, float* loss_copy, float* grad_scale) {
+  constexpr int kUnroll = 4;  // loads in flight per lane
+  const int lane = threadIdx.x & 31;
   double sum = 0.0;
-  long long unused = 0;
-  sum_slots(slots, nullptr, num, sum, unused);
-  if (threadIdx.x != 0) return;
+  for (int64_t base = lane; base < num; base += 32 * kUnroll) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = base + 32 * u < num ? __ldcg(slots + base + 32 * u) : 0.0f;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) sum += v[u];
+  }
+  sum = warp_sum(sum);
+  if (lane != 0) return;
   const long long count = static_cast<long long>(word & kCountMask);
   const float loss = count > 0 ? static_cast<float>(sum / static_cast<double>(count)) : 0.0f;
   *loss_out = loss;
@@ -1160,11 +1169,13 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   __syncthreads();
   if (last[0] == 0u) return;
   __threadfence();
-  for (int i = 0; i < table.num; ++i) {
+  // This block works alone now (the launch's tail): warp w finalizes tasks w, w + 8, ... side by side.
+  for (int i = threadIdx.x / 32; i < table.num; i += kThreads / 32) {
     const GroupTask& task = table.task[i];
     finalize_group_task(task.slots, task.loss_tiles, __ldcg(&state->count[i]), task.stored, task.loss,
                         losses + task.index, task.grad_scale);
   }
+  __syncthreads();  // every loss copy written (bar.sync orders the block's global writes too)
   if (threadIdx.x == 0) write_total(table.total, losses, table.weights, table.num_tasks);
 }
 
