@@ -77,8 +77,8 @@ log "bandwidth check"
 t=$(limit ${BW_TIMEOUT:-60})
 enough "$t" "bandwidth check" && run_for "$t" $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
 
-log "grouped masked-loss kernel: its builds for 2, 3 and 4 blocks per SM side by side"
-t=$(limit ${GROUP_BLOCKS_TIMEOUT:-60})
+log "grouped masked-loss kernel: its builds for 2, 3 and 4 blocks per SM and its tile sizes side by side"
+t=$(limit ${GROUP_BLOCKS_TIMEOUT:-90})
 enough "$t" "group blocks experiment" && run_for "$t" $PY -P benchmarks/group_blocks_experiment.py 2>&1 | tee "$OUT/group_blocks.txt"
 
 log "profile of one conv_bias_relu training step (per-kernel device time)"

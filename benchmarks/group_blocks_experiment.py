@@ -1,10 +1,12 @@
-"""Experiment (CUDA only): the grouped masked-loss forward built for 2, 3 and 4 resident blocks per SM, side by side.
+"""Experiment (CUDA only): the grouped masked-loss forward built for 2, 3 and 4 resident blocks per SM, and its loss
+tile size, side by side.
 
     python benchmarks/group_blocks_experiment.py
 
 Times the NYUv2-like batch of benchmarks/bandwidth.py (forward kernels alone and forward + backward, CUDA graph
-replays, twice each for the spread) with FASTMTL_CUDA_GROUP_BLOCKS set to each value, and checks each against the
-torch backend on a fresh batch first. Prints ms and the fraction of the measured copy bandwidth.
+replays, twice each for the spread) with FASTMTL_CUDA_GROUP_BLOCKS set to each value (default tile size), then with
+FASTMTL_CUDA_GROUP_TILE_KB set to each of TILE_KB (default build), and checks each against the torch backend on a fresh
+batch first. Prints ms and the fraction of the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bandwidth  # noqa: E402
 
 
-def parity(blocks: str) -> float:
+TILE_KB = ("16", "24", "96")  # beside the default 48
+
+
+def parity(seed: int) -> float:
     """Largest relative error of the cuda backend's losses and gradients against the torch backend's."""
     import fastmtl
 
-    g = torch.Generator(device="cuda").manual_seed(int(blocks))
+    g = torch.Generator(device="cuda").manual_seed(seed)
     n, h, w = 4, 96, 128
     preds = {
         "seg": torch.randn(n, 13, h, w, device="cuda", generator=g).bfloat16(),
@@ -62,14 +67,16 @@ def main() -> int:
     shape, nbytes, cases = bandwidth.loss_cases()
     names = ["cuda masked_multitask_loss_forward (fwd kernels), graph", "cuda masked_multitask_loss fwd+bwd, graph"]
     print(f"copy {copy:.0f} GB/s; {shape}; {nbytes / 1e6:.1f} MB")
-    for blocks in ("2", "3", "4"):  # 3: the default
-        os.environ["FASTMTL_CUDA_GROUP_BLOCKS"] = blocks
-        print(f"blocks/SM {blocks}: parity vs torch (bf16) max rel err {parity(blocks):.2e}")
+    configs = [("FASTMTL_CUDA_GROUP_BLOCKS", b) for b in ("2", "3", "4")]  # 3: the default
+    configs += [("FASTMTL_CUDA_GROUP_TILE_KB", kb) for kb in TILE_KB]  # 48: the default
+    for seed, (var, value) in enumerate(configs):
+        os.environ[var] = value
+        print(f"{var}={value}: parity vs torch (bf16) max rel err {parity(seed):.2e}")
         for name in names:
             times = [graph_replay_ms(cases[name][1]) for _ in range(2)]
             pct = [100 * nbytes / t / 1e6 / copy for t in times]
             print(f"  {name:58s} {times[0]:.4f} / {times[1]:.4f} ms  {pct[0]:.1f} / {pct[1]:.1f}% of copy")
-    os.environ.pop("FASTMTL_CUDA_GROUP_BLOCKS")
+        os.environ.pop(var)
     return 0
 
 

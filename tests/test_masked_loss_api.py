@@ -747,6 +747,28 @@ def test_cuda_group_blocks_builds_agree_and_a_bad_value_raises(monkeypatch):
         fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
 
 
+@pytest.mark.cuda
+def test_cuda_group_tile_kb_keeps_gradients_and_a_bad_value_raises(monkeypatch):
+    """FASTMTL_CUDA_GROUP_TILE_KB sets how much a loss tile of the grouped forward moves (4 to 1024 KiB): gradients are
+    bitwise the same for every tile size (each element is computed alike), losses and total within float32 rounding
+    (slots summed in other groupings); anything else raises, naming the variable."""
+    preds, targets, kinds, masks = batch("cuda")
+    outs = []
+    for value in ("", "4", "24", "96", "1024"):
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_TILE_KB", value)
+        with fastmtl.use_backend("cuda"):
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        outs.append(([total, *per_task.values()], torch.autograd.grad(total, list(preds.values()))))
+    for losses, grads in outs[1:]:
+        for a, b in zip(outs[0][1], grads, strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(outs[0][0], losses, strict=True):
+            assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+    for bad in ("3", "2000", "x", "-8", "48k"):
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_TILE_KB", bad)
+        with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_TILE_KB must be"):
+            fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+
 def _chain_batch(name, dtype):
     """Batches for the GPU forwards' launch paths (CUDA grouped launch, or chain with a lead for mixed dtypes and
     more than 8 tasks; Triton finalize in the last launch)."""

@@ -10,6 +10,7 @@ The oracle is a float64 reference written here (independent of the op layer): el
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import sys
@@ -740,10 +741,11 @@ static std::vector<LossTask> tasks_of(const void** preds, const int* dtypes, con
 int64_t emu_multitask_slots(EMU_TASK_ARGS) { return masked_loss_multitask_slots(EMU_TASKS.data(), n); }
 int emu_multitask_forward(EMU_TASK_ARGS, float* total, const float* weights, float* grad_scale, int32_t* counts,
                           float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket, int grouped,
-                          int group_blocks) {
+                          int group_blocks, int64_t group_tile_bytes) {
   MultitaskBuffers buf;
   buf.grouped = grouped != 0;
   buf.group_blocks = group_blocks;
+  buf.group_tile_bytes = group_tile_bytes;
   buf.total = total;
   buf.weights = weights;
   buf.grad_scale = grad_scale;
@@ -802,7 +804,6 @@ _ptr = cuda_emulation.ptr
 
 def _emu_geometry(pred, target, mask, grad):
     """The CeGeometry masked_loss_aten.cpp builds, as a ctypes int64[13]."""
-    import ctypes
 
     from fastmtl.kernels.masked_loss import _collapsed_stride
 
@@ -822,7 +823,6 @@ def _emu_geometry(pred, target, mask, grad):
 def _emu_task_args(tasks, grads, losses):
     """The EMU_TASK_ARGS of the shim for tasks (pred, target, mask, kind), their gradients (None: no gradient) and
     loss outputs."""
-    import ctypes
 
     geoms = []
     for pred, target, mask, kind in tasks:
@@ -848,7 +848,6 @@ def _emu_task_args(tasks, grads, losses):
 
 def _emu_slots(lib, tasks, grads):
     """The slots masked_loss_multitask_slots gives (for one task: masked_loss_slots)."""
-    import ctypes
 
     lib.emu_multitask_slots.restype = ctypes.c_int64
     return lib.emu_multitask_slots(*_emu_task_args(tasks, grads, [torch.empty(()) for _ in tasks]))
@@ -863,7 +862,6 @@ def _emu_single_workspace(lib, task, grad):
 
 def _emu_ce(lib, pred, target, mask, ignore_index=-100):
     """The count and loss launchers in normalised mode (fastmtl::masked_loss), on poisoned outputs and workspaces."""
-    import ctypes
 
     grad = torch.full_like(pred, float("nan"))
     geom = _emu_geometry(pred, target, mask, grad)
@@ -880,7 +878,6 @@ def _emu_ce(lib, pred, target, mask, ignore_index=-100):
 
 
 def _emu_elementwise(lib, pred, target, mask, kind):
-    import ctypes
 
     grad = torch.full_like(pred, float("nan"))
     total = ctypes.c_int64(pred.numel())
@@ -899,11 +896,13 @@ def _emu_elementwise(lib, pred, target, mask, kind):
     return loss, grad
 
 
-def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True, group_blocks=0, expect=0):
+def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True, group_blocks=0, expect=0,
+                           group_tile_bytes=0):
     """masked_loss_multitask_forward (what masked_multitask_loss_forward_cuda runs) on poisoned outputs and
     workspaces. tasks: (pred, target, mask, kind). Returns (total, losses, grad_scale, grads); grads[t] is None where
     compute_grad[t] is false. grouped=False: the chain even where the grouped launch applies; group_blocks: the
-    grouped kernel's build (0: the default); expect: the launcher's return code."""
+    grouped kernel's build (0: the default); expect: the launcher's return code; group_tile_bytes: the least a grouped
+    loss tile moves (0: the default)."""
     n = len(tasks)
     compute_grad = compute_grad or [True] * n
     grads = [torch.full_like(pred, float("nan")) if c else None for (pred, *_), c in zip(tasks, compute_grad)]
@@ -919,7 +918,7 @@ def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True,
     ticket = torch.full((1,), -1, dtype=torch.int32)
     assert lib.emu_multitask_forward(*args, _ptr(total), _ptr(weights), _ptr(grad_scale), _ptr(counts), _ptr(psum),
                                      _ptr(pcount), _ptr(loss_copies), _ptr(ticket), int(grouped),
-                                     group_blocks) == expect  # fmt: skip
+                                     group_blocks, ctypes.c_int64(group_tile_bytes)) == expect  # fmt: skip
     return total, losses, grad_scale, grads
 
 
@@ -1014,7 +1013,6 @@ def test_cuda_kernels_emulated_ce_misaligned_pixels(emu, dtype):
 
 def test_count_grid_gives_each_block_one_chunk_up_to_its_cap(emu):
     """Count blocks are latency-bound: one chunk of 4 x 256 targets per block until the grid reaches its cap."""
-    import ctypes
 
     cap = emu.emu_max_count_blocks()
     for total, want in ((0, 1), (1, 1), (1024, 1), (1025, 2), (884_736, 864), (cap * 1024, cap), (10**9, cap)):
@@ -1026,7 +1024,6 @@ def test_cuda_kernels_emulated_counts_over_many_chunks(emu, kind):
     """Targets beyond what the largest count grid covers in one pass (each block walks several chunks, the last one
     partial): the partial counts add up to the valid elements (targets valid and sample labelled); the loss and the
     ticket are zeroed."""
-    import ctypes
 
     n, s = 5, 240_007  # 1200035 elements: 1024 blocks of 4 x 256 per chunk, 1 to 2 chunks each
     mask = torch.tensor([True, False, True, True, True])
@@ -1307,6 +1304,26 @@ def test_cuda_kernels_emulated_grouped_builds(emu):
     assert emu.emu_take_launches() == 0
 
 
+
+def test_cuda_kernels_emulated_grouped_tile_sizes(emu):
+    """The grouped forward's loss tiles from one block of the per-task kernel (a single 2-pixel block of the pixel
+    cross entropy: task_slots gives it a slot of its own) to the most per tile: the same gradients bitwise (each element
+    is computed alike), losses within float32 rounding (the slots are summed in other groupings), and every slot a
+    tile writes inside the task's share (a poisoned workspace shows otherwise)."""
+    torch.manual_seed(7)
+    seg, seg_t = make_ce((3, 13, 16, 32), "contiguous", torch.bfloat16, device="cpu")
+    depth, depth_t = make_dense("l1", (3, 1, 16, 32), "contiguous", torch.bfloat16, device="cpu")
+    tasks = [(seg, seg_t, make_mask(3, "random", device="cpu"), "ce"), (depth, depth_t.bfloat16(), None, "l1")]
+    default = _emu_multitask_forward(emu, tasks, None)
+    _check_multitask(tasks, None, *default, lead=-1)
+    for tile_bytes in (1, 4096, 1 << 20):
+        out = _emu_multitask_forward(emu, tasks, None, group_tile_bytes=tile_bytes)
+        _check_multitask(tasks, None, *out, lead=-1)
+        for a, b in zip(default[3], out[3], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(default[1], out[1], strict=True):
+            assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+
 @pytest.mark.parametrize("C", [40, 100, 200, 300])
 def test_cuda_kernels_emulated_grouped_rows(emu, C):
     """The grouped launch's rows tile functions for wide rows (16 and 32 threads per row, 4 or 8 logits cached per
@@ -1443,7 +1460,6 @@ def test_cuda_kernels_emulated_scale_grads(emu, capacity):
     """Whole 16-byte-aligned chunks in vectors, the tails and a misaligned tensor one element at a time; on the
     small devices the grid is smaller than the 25 chunks, so each block strides across tasks. A scale of exactly 1
     out of place still copies. Nothing outside the outputs is written."""
-    import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16(),
              torch.randn(4097)[1:], torch.randn(36000).half()]  # fmt: skip
@@ -1467,7 +1483,6 @@ def test_cuda_kernels_emulated_scale_grads(emu, capacity):
 @pytest.mark.parametrize("capacity", [(0, 2048), (132, 128)])
 def test_cuda_kernels_emulated_scale_grads_refuses_a_device_without_room(emu, capacity):
     """No SMs, or SMs that cannot hold one 256-thread block: refused (cudaErrorInvalidValue), nothing launched."""
-    import ctypes
 
     g = torch.randn(10)
     emu.emu_take_launches()
@@ -1484,7 +1499,6 @@ def test_cuda_kernels_emulated_scale_grads_refuses_a_device_without_room(emu, ca
 def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, with_factor, capacity):
     """The backward of masked_multitask_loss_forward: scale_t = (g_total * w_t + g_task[t]) * factor[t] in the kernel
     (no factor: 1, what the CUDA forward's already-divided gradients need)."""
-    import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(), torch.randn(10),
              torch.randn(20000)]  # fmt: skip
@@ -1511,7 +1525,6 @@ def test_cuda_kernels_emulated_scale_grads_by(emu, with_total, with_weights, wit
 
 def test_cuda_kernels_emulated_scale_by_one_in_place_leaves_the_gradients(emu):
     """A scale of exactly 1 in place (the usual training step) skips the task; values unchanged."""
-    import ctypes
 
     grads = [torch.randn(3, 700), torch.randn(4000).bfloat16()]
     before = [g.clone() for g in grads]
@@ -1563,7 +1576,6 @@ def test_cuda_kernels_emulated_scale_grads_in_place(emu, capacity):
     """masked_loss_scale_grads_ launches the same kernel with in == out: each element is read before it is written.
     Tasks scaled by exactly 1 are skipped between the others; those still get every chunk (small devices: the
     blocks' strides cross the skipped tasks), and nothing outside them is written."""
-    import ctypes
 
     values = [torch.randn(3, 700), torch.randn(9000), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(),
               torch.randn(17000).bfloat16()]  # fmt: skip

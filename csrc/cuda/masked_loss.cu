@@ -43,7 +43,7 @@ static_assert(kMaxCountBlocks % kThreads == 0, "each loss-kernel thread reads kM
 constexpr int kElementwiseItems = 2;  // vectors per thread in elementwise_kernel
 constexpr int kScaleItems = 8;        // elements per thread in scale_grads_kernel
 constexpr int kPixelVec = 4;          // neighbouring pixels per thread in ce_pixel_vec_kernel
-constexpr int kGroupPixelVec = 2;     // the same in the grouped forward, held to 64 registers (16 logits per pixel)
+constexpr int kGroupPixelVec = 2;     // the same in the grouped forward (its registers: 80 at 3 blocks per SM)
 constexpr int kMaxCountTasks = 16;    // tasks per count_tasks_kernel launch (the table is a kernel argument)
 
 // One task's count pass: in count_tasks_kernel, or in the count blocks of a loss launch (ChainLinks::next).
@@ -1568,10 +1568,18 @@ std::vector<int> chain_order(const LossTask* tasks, int n) {
   return order;
 }
 
-// Each task's first slot in buf.psum / buf.pcount (task t owns loss_blocks(t) slots after those of tasks < t).
+// A task's slots in buf.psum / buf.pcount: one per block of its loss kernel (the chain), and at least one per block of
+// the grouped forward's pixel tiles (2 pixels per thread rather than the kernel's 4), so that a grouped loss tile can
+// be a single block.
+int64_t task_slots(const LossTask& task) {
+  const int64_t blocks = loss_blocks(task);
+  return task.is_ce ? std::max(blocks, task.geom.N * ceil_div(task.geom.S, kGroupPixelVec * kThreads)) : blocks;
+}
+
+// Each task's first slot in buf.psum / buf.pcount (task t owns task_slots(t) slots after those of tasks < t).
 std::vector<int64_t> first_slots(const LossTask* tasks, int n) {
   std::vector<int64_t> first(n + 1, 0);
-  for (int t = 0; t < n; ++t) first[t + 1] = first[t] + loss_blocks(tasks[t]);
+  for (int t = 0; t < n; ++t) first[t + 1] = first[t] + task_slots(tasks[t]);
   return first;
 }
 
@@ -1671,7 +1679,7 @@ void ce_group_variant(const P* pred, const P* grad, const CeGeometry& g, GroupVa
 
 size_t dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
-constexpr int64_t kGroupTileBytes = 48 * 1024;  // the least a loss tile moves, where a task is large enough
+constexpr int64_t kGroupTileBytes = 48 * 1024;  // the least a loss tile moves, where a task is large enough (default)
 constexpr int64_t kGroupMaxBlocksPerTile = 8;
 
 // Task `index` of the op as a grouped task (the schedule is filled in by forward_grouped).
@@ -1720,15 +1728,16 @@ GroupTask group_task(const LossTask& task, int index, const MultitaskBuffers& bu
   }
   gt.count_elems = gt.count_vec ? static_cast<int64_t>(kThreads) * kGroupCountVecs * (16 / target_size) : kCountChunk;
   gt.count_tiles = ceil_div(count_items(task), gt.count_elems);
-  const int64_t task_slots = loss_blocks(task);  // what masked_loss_multitask_slots gave the task
-  gt.blocks = task.is_ce ? task.geom.N * gt.s_blocks : task_slots;
+  const int64_t slots_of_task = task_slots(task);  // what masked_loss_multitask_slots gave the task
+  gt.blocks = task.is_ce ? task.geom.N * gt.s_blocks : loss_blocks(task);
   // Bytes a block of the per-task kernel moves (preds and gradients, targets): a loss tile runs enough of them to move
   // kGroupTileBytes, so that its fixed costs (the tile id, a block reduction, its slot) stay small beside its loads.
   const int64_t pred_bytes = pred_elements(task) * static_cast<int64_t>(dtype_size(task.dtype));
   const int64_t bytes = 2 * pred_bytes + count_items(task) * static_cast<int64_t>(target_size);
   const int64_t per_block = std::max<int64_t>(1, bytes / std::max<int64_t>(1, gt.blocks));
-  gt.blocks_per_tile = std::min(kGroupMaxBlocksPerTile, std::max<int64_t>(1, ceil_div(kGroupTileBytes, per_block)));
-  gt.blocks_per_tile = std::max(gt.blocks_per_tile, ceil_div(gt.blocks, task_slots));  // a slot per tile
+  const int64_t tile_bytes = buf.group_tile_bytes > 0 ? buf.group_tile_bytes : kGroupTileBytes;
+  gt.blocks_per_tile = std::min(kGroupMaxBlocksPerTile, std::max<int64_t>(1, ceil_div(tile_bytes, per_block)));
+  gt.blocks_per_tile = std::max(gt.blocks_per_tile, ceil_div(gt.blocks, slots_of_task));  // a slot per tile
   gt.loss_tiles = ceil_div(gt.blocks, gt.blocks_per_tile);
   return gt;
 }
@@ -1895,7 +1904,7 @@ cudaError_t masked_loss_multitask_forward(const LossTask* tasks, int num_tasks, 
       TaskSlots& slots = links.prev;
       slots.psum = buf.psum + first[prev];
       slots.pcount = buf.pcount + first[prev];
-      slots.num = first[prev + 1] - first[prev];
+      slots.num = loss_blocks(tasks[prev]);  // the slots its launch wrote (task_slots may hold more)
       slots.loss = tasks[prev].loss;
       slots.loss_copy = buf.losses + prev;
       if (i == 1) {  // the lead's gradient was stored undivided: its factor

@@ -156,6 +156,7 @@ struct MultitaskBuffers {
   unsigned* ticket = nullptr;      // [1] workspace
   bool grouped = true;             // false: never the grouped launch (tests of the chain)
   int group_blocks = 0;            // resident blocks per SM the grouped kernel is built for: 2, 3 or 4; 0: 3
+  int64_t group_tile_bytes = 0;    // bytes a loss tile of the grouped forward moves at least; 0: 48 KB
 };
 
 // The number of slots (psum / pcount) masked_loss_multitask_forward needs for these tasks: every task's loss blocks.

@@ -291,6 +291,21 @@ int group_blocks_from_env() {
   return value[0] - '0';
 }
 
+// FASTMTL_CUDA_GROUP_TILE_KB: the least a loss tile of the grouped forward moves, in KiB (4 to 1024; unset or empty:
+// 48), so that tile sizes can be timed side by side (benchmarks/group_blocks_experiment.py). Read at every call;
+// anything else raises before any launch. Returns bytes, or 0 for the default.
+int64_t group_tile_bytes_from_env() {
+  const char* env = std::getenv("FASTMTL_CUDA_GROUP_TILE_KB");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string value(env);
+  int64_t kb = -1;
+  if (value.size() <= 4 && value.find_first_not_of("0123456789") == std::string::npos) kb = std::stoll(value);
+  TORCH_CHECK(kb >= 4 && kb <= 1024,
+              "FASTMTL_CUDA_GROUP_TILE_KB must be a whole number of KiB from 4 to 1024 (the least a loss tile of the "
+              "grouped masked-loss kernel moves), got '", value, "'");
+  return kb * 1024;
+}
+
 // All tasks, by masked_loss_multitask_forward (masked_loss.h): one grouped launch, or a chain (mixed dtypes, over 8
 // tasks with elements).
 // Returns (total, losses, grad_scale, grads): grads[t] * grad_scale[t] = d L_t / d pred_t, where grad_scale[t] is 1
@@ -305,6 +320,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   TORCH_CHECK(n > 0 && targets.size() == n && masks.size() == n && kinds.size() == n && compute_grad.size() == n,
               "masked_multitask_loss_forward (CUDA): one pred, target, mask, kind and compute_grad per task");
   const int group_blocks = group_blocks_from_env();
+  const int64_t group_tile_bytes = group_tile_bytes_from_env();
   const c10::cuda::CUDAGuard guard(preds[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(preds[0].device().index()).stream();
   const auto options = preds[0].options().dtype(at::kFloat);
@@ -343,6 +359,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   buffers.losses = work.floats(T);
   buffers.ticket = work.ticket();
   buffers.group_blocks = group_blocks;
+  buffers.group_tile_bytes = group_tile_bytes;
   check_cuda(cuda::masked_loss_multitask_forward(tasks.data(), num_tasks, buffers, stream), "multi-task forward");
   for (const TaskLaunch& launch : launches) launch.finish();
   return {total, losses, grad_scale, grads};
