@@ -501,7 +501,7 @@ constexpr int kMaxPixelVecClasses = 16;
 // instruction); each exponential is computed once (ex2, exp_diff) and kept as a float for the gradient. The target
 // class is handled apart rather than with a compare and select per class: its logit is read again (an L1 hit: the
 // thread just loaded it), and its gradient element, stored after its class plane's, overwrites it (same thread, same
-// address: in order). (Before all this: ~700 instructions per thread and 2 pixels, H100 SASS counters, 2026-11-28.)
+// address: in order). (Before all this: ~700 instructions per thread and 2 pixels, H100 SASS counters, 2026-11-27.)
 // The logits' loads depend on the sample mask only, not on the targets: both are in flight together (an unlabelled
 // sample reads neither; a labelled pixel whose target is ignored is read anyway).
 template <typename P, int C, int PIX>
@@ -914,7 +914,7 @@ __device__ __forceinline__ int count_vec_tile(const T* __restrict__ target, cons
   const int64_t end = begin + count_elems < total ? begin + count_elems : total;
   // A tile inside one sample (the usual case: a tile is 16 KB, a sample's targets mostly more) reads its mask once:
   // an unlabelled one reads nothing, a labelled one tests no mask per element. (Per element, the mask lookup and its
-  // division were most of the count tiles' instructions: H100 profile, 2026-11-28.)
+  // division were most of the count tiles' instructions: H100 profile, 2026-11-27.)
   bool whole = false;
   if (mask == nullptr) {
     whole = true;
@@ -1138,10 +1138,10 @@ __device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile
 // block out of tiles takes a ticket; the block that takes the last one (every slot written) finalizes every task
 // and writes the total.
 // MIN_BLOCKS: the resident blocks per SM the kernel is built for (registers: 65536 / (256 * MIN_BLOCKS)). Memory-bound
-// tiles need the warps: at 2 blocks per SM (the widest tile function's 128 registers for every tile) the H100 run of
-// 2026-11-27 ran the NYUv2-like batch at 16% of DRAM bandwidth. Side by side on that H100 (forward + backward of the
-// batch in a graph): 2 blocks 0.102 ms, 3 blocks 0.084 ms, 4 blocks 0.089 ms (64 registers: spills), hence the
-// default (MultitaskBuffers::group_blocks). The pixel tiles take 2 pixels per thread to fit.
+// tiles need the warps, the widest tile function sets the registers of all. Side by side on an H100 (forward + backward
+// of the NYUv2-like batch in a graph, benchmarks/results/2026-11-27-h100-5/): 2 blocks 0.0545 ms, 3 blocks 0.0525 ms
+// (80 registers, no spills), 4 blocks 0.0573 ms (64 registers: spills), hence the default
+// (MultitaskBuffers::group_blocks). The pixel tiles take 2 pixels per thread to fit.
 constexpr int kDefaultGroupBlocks = 3;
 template <typename P, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)

@@ -140,7 +140,7 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
 
 // VEC elements of T held as raw 32-bit words (element 0 in the low bits of word 0): the form the pixel cross entropy
 // keeps its logits in. Held as a Pack of 16-bit elements, a pair was split into halves by the compiler and rejoined
-// (a PRMT) around every packed instruction (sm_90 SASS, 2026-11-28); as words it is not.
+// (a PRMT) around every packed instruction (sm_90 SASS, 2026-11-27); as words it is not.
 template <typename T, int VEC>
 struct Words {
   static_assert(VEC * sizeof(T) % 4 == 0, "whole 32-bit words");
