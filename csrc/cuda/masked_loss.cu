@@ -964,10 +964,11 @@ __device__ __forceinline__ void group_count_tile(const GroupTask& task, int64_t 
   int sum = 0;
   if (task.variant != GroupVariant::kElementwise) {
     const int64_t* target = static_cast<const int64_t*>(task.target);
-    const int64_t ignore_index = task.ignore_index, C = task.geom.C;
+    const int64_t ignore_index = task.ignore_index;
+    const uint64_t classes = static_cast<uint64_t>(task.geom.C);  // 0 <= t < C as one unsigned compare
     sum = task.count_vec ? count_vec_tile(target, task.mask, task.geom, local * task.count_elems, task.count_elems,
                                           [=](int64_t t) {
-                                            return static_cast<uint64_t>(t) < static_cast<uint64_t>(C) && t != ignore_index;
+                                            return static_cast<uint64_t>(t) < classes && t != ignore_index;
                                           })
                          : count_ce_block(target, task.mask, task.geom, ignore_index, local, task.count_tiles);
   } else {
@@ -1027,7 +1028,7 @@ __device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t 
   const CeGeometry& g = task.geom;
   const int64_t ii = task.ignore_index, sb = task.s_blocks;
   switch (task.variant) {
-    case GroupVariant::kCePixelVec:  // group_loss_blocks takes these
+    case GroupVariant::kCePixelVec:  // group_loss_tile runs these, with the class count as a constant
       break;
     case GroupVariant::kCePixel16:
       ce_pixel_tile<P, 16>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
