@@ -493,8 +493,8 @@ constexpr int kMaxPixelVecClasses = 16;
 // NCHW logits with contiguous pixels (p_ss == g_ss == 1) and C = g.C classes, a constant (with_classes): PIX
 // neighbouring pixels per thread, so every load and store of a class plane moves PIX elements at once. The launcher
 // checks that S and the sample and class strides are multiples of PIX, that pred and grad are aligned to PIX elements
-// and that C * stride < 2^31 (pixel_vec_ok).
-// Written for the instruction count: the NYUv2-like batch's 13-class logits are 80M elements, and the op is meant to
+// and that C * stride * sizeof(P) fits in 32 bits (pixel_vec_ok).
+// Written for the instruction count: the NYUv2-like batch has 11.5M 13-class logits, and the op is meant to
 // run near memory bandwidth. C as a constant leaves no test per class (a runtime C cost two or three instructions per
 // class and pass, and put the logits in local memory); class planes are addressed by 32-bit byte offsets. The logits
 // stay in registers as raw words of their own dtype; their max is taken in it (exact; two 16-bit elements per

@@ -239,7 +239,7 @@ __device__ __forceinline__ Words<T, VEC> words_max(const Words<T, VEC>& a, const
 
 // 2^x and log2(x) on the special-function unit (ex2 / lg2.approx.ftz: a few ulp; results under 2^-126 flush to 0).
 // The accurate expf / logf wrap the same instruction in several more (range reduction, denormal handling), and the
-// pixel cross entropy computes one exponential per logit (80M for the NYUv2-like batch). Triton's exp and log are
+// pixel cross entropy computes one exponential per logit (11.5M for the NYUv2-like batch). Triton's exp and log are
 // these instructions too. The CPU emulation of the kernels uses exp2f / log2f.
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
