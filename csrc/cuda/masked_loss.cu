@@ -155,19 +155,21 @@ __device__ __forceinline__ float reduction_grad_factor(const LossReduction& red,
   return stored;
 }
 
-// The sums of num slots (psum, and pcount when given) in a fixed order, by the whole block (every thread gets them).
-// The slots may have been written by other blocks of this launch: read through L2.
-__device__ __forceinline__ void sum_slots(const float* psum, const int32_t* pcount, int64_t num, double& sum,
-                                          long long& count) {
-  constexpr int kUnroll = 4;  // loads in flight per thread: one block walks every slot (many for huge tasks)
+// One thread's share of the sums of num slots (psum, and pcount when given): slots first, first + STRIDE, ... in that
+// order, STRIDE threads (a block or a warp) side by side. The slots may have been written by other blocks of this
+// launch: read through L2.
+template <int STRIDE>
+__device__ __forceinline__ void sum_slots_strided(const float* psum, const int32_t* pcount, int64_t num, int first,
+                                                  double& sum, long long& count) {
+  constexpr int kUnroll = 4;  // loads in flight per thread: one block or warp walks every slot (many for huge tasks)
   sum = 0.0;
   count = 0;
-  for (int64_t base = threadIdx.x; base < num; base += kThreads * kUnroll) {
+  for (int64_t base = first; base < num; base += STRIDE * kUnroll) {
     float s[kUnroll];
     int32_t c[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * kThreads;
+      const int64_t i = base + u * STRIDE;
       s[u] = i < num ? __ldcg(psum + i) : 0.0f;
       c[u] = i < num && pcount != nullptr ? __ldcg(pcount + i) : 0;
     }
@@ -177,6 +179,12 @@ __device__ __forceinline__ void sum_slots(const float* psum, const int32_t* pcou
       count += c[u];
     }
   }
+}
+
+// The sums of num slots (psum, and pcount when given) in a fixed order, by the whole block (every thread gets them).
+__device__ __forceinline__ void sum_slots(const float* psum, const int32_t* pcount, int64_t num, double& sum,
+                                          long long& count) {
+  sum_slots_strided<kThreads>(psum, pcount, num, threadIdx.x, sum, count);
   sum = block_sum(sum);
   count = block_sum(count);
 }
@@ -1097,16 +1105,10 @@ __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, 
 // whole warp: lane l sums slots l, l + 32, ... in float64, then a fixed butterfly, so the result is the same every run.
 __device__ __noinline__ void finalize_group_task(const float* slots, int64_t num, unsigned long long word,
                                                  float stored, float* loss_out, float* loss_copy, float* grad_scale) {
-  constexpr int kUnroll = 4;  // loads in flight per lane
   const int lane = threadIdx.x & 31;
   double sum = 0.0;
-  for (int64_t base = lane; base < num; base += 32 * kUnroll) {
-    float v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = base + 32 * u < num ? __ldcg(slots + base + 32 * u) : 0.0f;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) sum += v[u];
-  }
+  long long unused = 0;
+  sum_slots_strided<32>(slots, nullptr, num, lane, sum, unused);
   sum = warp_sum(sum);
   if (lane != 0) return;
   const long long count = static_cast<long long>(word & kCountMask);
