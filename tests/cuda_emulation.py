@@ -338,8 +338,8 @@ def build(out_dir: pathlib.Path, kernels: dict[str, int], headers: list[str], sh
     (out_dir / "emu_cuda.h").write_text(HEADER)
     for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
         (inc / name).write_text('#pragma once\n#include "../emu_cuda.h"\n')
-    for name in headers:
-        shutil.copy(CSRC_CUDA / name, inc / name)
+    for name in headers:  # rewritten too: device code in a header may declare __shared__ arrays
+        (inc / name).write_text(rewrite((CSRC_CUDA / name).read_text(), 0))
     sources = []
     for name, min_launches in kernels.items():
         path = out_dir / (pathlib.Path(name).stem + "_emulated.cpp")

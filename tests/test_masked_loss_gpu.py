@@ -669,7 +669,7 @@ def test_triton_scale_in_place_matches_copy(tri):
     assert_scales_in_place_like_copy(tri.scale_grads, tri.scale_grads_, grads, torch.rand(len(grads), device=DEVICE))
 
 
-# ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss.cu compiled by g++ against tests/cuda_emulation.py ------
+# ---- the CUDA kernels on the CPU: csrc/cuda/masked_loss*.cu compiled by g++ against tests/cuda_emulation.py -----
 # It checks the kernels' arithmetic, indexing, masking and reductions (and the launchers' choice of kernel), not
 # memory-model or timing behaviour, and not the ATen glue (the @pytest.mark.cuda tests do).
 
@@ -789,11 +789,16 @@ int emu_max_count_blocks() { return kMaxCountBlocks; }
 """
 
 
+# The masked loss's .cu files (with the kernel launches each holds) and the headers they include.
+_EMU_KERNELS = {"masked_loss.cu": 8, "masked_loss_grouped.cu": 3, "masked_loss_scale.cu": 1}
+_EMU_HEADERS = ["masked_loss.h", "masked_loss_grouped.h", "masked_loss_reduce.cuh", "masked_loss_count.cuh",
+                "masked_loss_ce.cuh", "masked_loss_elementwise.cuh", "masked_loss_plan.cuh", "numeric.cuh"]
+
+
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    """The CUDA launchers of masked_loss.cu built for the CPU emulation, loaded with ctypes."""
-    return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"), {"masked_loss.cu": 8},
-                                ["masked_loss.h", "numeric.cuh"], _EMU_SHIM)
+    """The CUDA launchers of the masked loss built for the CPU emulation, loaded with ctypes."""
+    return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"), _EMU_KERNELS, _EMU_HEADERS, _EMU_SHIM)
 
 
 _EMU_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -1214,7 +1219,7 @@ def _emulated_task(draw):
 
 
 def _grouped_applies(tasks):
-    """Whether masked_loss.cu runs these tasks in its grouped launch: 1 to 8 tasks with elements, one pred dtype."""
+    """Whether masked_loss_grouped.cu runs these tasks in one grouped launch: 1 to 8 tasks with elements, one dtype."""
     with_elements = [pred for pred, target, _, _ in tasks if target.numel() > 0]
     return 1 <= len(with_elements) <= 8 and len({pred.dtype for pred in with_elements}) == 1
 

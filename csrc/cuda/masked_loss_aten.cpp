@@ -1,6 +1,6 @@
 // CUDA implementations of fastmtl::masked_loss, fastmtl::masked_loss_scale_grads(_) and
 // fastmtl::masked_multitask_loss_forward (schemas in csrc/ops.cpp):
-// tensor preparation (layouts, workspaces) around the raw-pointer launchers of masked_loss.cu. Arguments are
+// tensor preparation (layouts, workspaces) around the raw-pointer launchers of masked_loss.h. Arguments are
 // validated in Python (fastmtl/ops/masked_loss.py); the checks here only guard against calls that would make a
 // kernel read out of bounds. Nothing here synchronises with the host.
 

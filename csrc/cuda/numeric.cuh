@@ -1,5 +1,5 @@
 // Scalar conversions, vector packs and launch arithmetic shared by the CUDA kernels (conv_bias_relu.cu,
-// relu_bias_grad.cu, masked_loss.cu). torch builds with the implicit half / bfloat16 conversions disabled, hence the
+// relu_bias_grad.cu, masked_loss*.cu). torch builds with the implicit half / bfloat16 conversions disabled, hence the
 // explicit ones. No torch headers.
 #pragma once
 
