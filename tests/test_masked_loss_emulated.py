@@ -351,13 +351,16 @@ def test_cuda_pixel_vec_every_class_count_emulated(emu, C):
         ("mse", torch.float32, torch.float32, False),
     ],
 )
-def test_cuda_kernels_emulated_elementwise(emu, kind, dtype, target_dtype, misaligned):
-    """16-byte vectors where aligned (scalar path otherwise), odd sizes (vector tail), mixed target dtype."""
-    pred, target = make_dense(kind, (3, 1201), "contiguous", dtype, device="cpu")
+@pytest.mark.parametrize("shape", [(3, 1201), (5, 1200)])
+def test_cuda_kernels_emulated_elementwise(emu, kind, dtype, target_dtype, misaligned, shape):
+    """16-byte vectors where aligned (scalar path otherwise), mixed target dtype; a sample size that is not a multiple
+    of the vector (a vector may span two samples, and the last is partial) and one that is (one mask read per vector;
+    a thread's second vector past the end)."""
+    pred, target = make_dense(kind, shape, "contiguous", dtype, device="cpu")
     target = target.to(target_dtype)
     if misaligned:
-        pred = torch.cat([pred.new_zeros(1), pred.flatten()])[1:].view(3, 1201)
-    mask = torch.tensor([True, False, True])
+        pred = torch.cat([pred.new_zeros(1), pred.flatten()])[1:].view(shape)
+    mask = torch.tensor([True, False, True, True, False][: shape[0]])
     loss, grad = _emu_elementwise(emu, pred, target, mask, kind)
     ref_loss, ref_grad = reference(pred, target, mask, kind)
     tol = TOLERANCES["loss"][dtype]
