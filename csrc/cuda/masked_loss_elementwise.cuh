@@ -4,8 +4,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
 #include "masked_loss.h"
 #include "masked_loss_reduce.cuh"
@@ -38,83 +36,6 @@ __device__ __forceinline__ void element_loss(float p, float t, float& loss, floa
 template <int KIND>
 __host__ __device__ constexpr float stored_factor() {
   return KIND == static_cast<int>(ElementwiseKind::kMSE) ? 0.5f : 1.0f;
-}
-
-// VEC elements of T as a thread loads them: raw 32-bit words where they fill whole words, else a Pack. A Pack of
-// 16-bit elements is held split into 16-bit halves, and the split (a PRMT per element) right after the load waits for
-// the load's data there: the next item's loads would not be issued before it (sm_90 SASS, 2026-11-28).
-template <typename T, int VEC>
-using Loaded = std::conditional_t<(VEC * sizeof(T)) % 4 == 0, Words<T, VEC>, Pack<T, VEC>>;
-
-template <typename T, int VEC>
-__device__ __forceinline__ float loaded_elem(const Words<T, VEC>& x, int j) {
-  return word_elem(x, j);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ float loaded_elem(const Pack<T, VEC>& x, int j) {
-  return to_acc(x.v[j]);
-}
-
-// VEC elements from p, aligned to the vector: 16-byte accesses.
-template <typename T, int VEC>
-__device__ __forceinline__ Loaded<T, VEC> load_vector(const T* p) {
-  if constexpr (std::is_same_v<Loaded<T, VEC>, Words<T, VEC>>)
-    return load_words<T, VEC>(p);
-  else
-    return load_pack<T, VEC>(p);
-}
-
-// Element e of p where ok[e], else +0.0, one at a time. Words are assembled with integer operations, so that both
-// ways of loading leave the same registers (a Pack copied into words is split into 16-bit halves again).
-template <typename T, int VEC>
-__device__ __forceinline__ Loaded<T, VEC> load_elements(const T* p, const bool (&ok)[VEC]) {
-  if constexpr (std::is_same_v<Loaded<T, VEC>, Words<T, VEC>>) {
-    Words<T, VEC> out;
-    if constexpr (sizeof(T) == 4) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const T v = ok[e] ? p[e] : T{};
-        memcpy(&out.w[e], &v, 4);
-      }
-    } else {
-      static_assert(sizeof(T) == 2, "16- or 32-bit elements");
-#pragma unroll
-      for (int k = 0; k < VEC / 2; ++k) {
-        const T v0 = ok[2 * k] ? p[2 * k] : T{}, v1 = ok[2 * k + 1] ? p[2 * k + 1] : T{};
-        uint16_t lo, hi;
-        memcpy(&lo, &v0, 2);
-        memcpy(&hi, &v1, 2);
-        out.w[k] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-      }
-    }
-    return out;
-  } else {
-    Pack<T, VEC> out;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) out.v[e] = ok[e] ? p[e] : T{};
-    return out;
-  }
-}
-
-// g rounded to T at p: one vector store when `whole` (aligned, all VEC in range), else the first `left` elements one
-// at a time.
-template <typename T, int VEC>
-__device__ __forceinline__ void store_elements(T* p, const float (&g)[VEC], bool whole, int64_t left) {
-  if (whole) {
-    if constexpr (std::is_same_v<Loaded<T, VEC>, Words<T, VEC>>) {
-      store_words(p, words_from_floats<T, VEC>(g));
-    } else {
-      Pack<T, VEC> pk;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) pk.v[e] = from_float<T>(g[e]);
-      store_pack(p, pk);
-    }
-    return;
-  }
-#pragma unroll
-  for (int e = 0; e < VEC; ++e)
-    if (e < left) p[e] = from_float<T>(g[e]);
 }
 
 // For each of ITEMS vectors of VEC elements (item k from base[k]): which elements are in range (< total) and belong to

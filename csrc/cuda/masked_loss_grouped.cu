@@ -122,26 +122,30 @@ __device__ __forceinline__ int count_vec_tile(const T* __restrict__ target, cons
       whole = true;
     }
   }
+  // Whole vectors in the loop, the loads of a thread's kGroupCountVecs vectors issued together (load_words_if: a
+  // vector of unlabelled samples is zeros, not a load). A partial vector (the end of the targets) is read element by
+  // element after the loop: with that path inside it, the copy between the two ways' registers right after each vector
+  // load had every load wait for the one before (sm_90 SASS, 2026-11-28).
   int local = 0;
   for (int64_t base = begin + static_cast<int64_t>(threadIdx.x) * V; base < end;
        base += static_cast<int64_t>(kThreads) * V * kGroupCountVecs) {
-    Pack<T, V> pk[kGroupCountVecs];
+    Words<T, V> pk[kGroupCountVecs];
     unsigned bits[kGroupCountVecs];
 #pragma unroll
     for (int u = 0; u < kGroupCountVecs; ++u) {
       const int64_t i = base + static_cast<int64_t>(u) * kThreads * V;
-      bits[u] = whole ? labelled_bits<V>(nullptr, g, i, end) : labelled_bits<V>(mask, g, i, end);
-      if (bits[u] != 0 && i + V <= total) {
-        pk[u] = load_pack<T, V>(target + i);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) pk[u].v[e] = (bits[u] >> e) & 1u ? target[i + e] : T{};
-      }
+      bits[u] = i + V > end ? 0u : whole ? labelled_bits<V>(nullptr, g, i, end) : labelled_bits<V>(mask, g, i, end);
+      pk[u] = load_words_if<T, V>(target + i, bits[u] != 0);
     }
 #pragma unroll
     for (int u = 0; u < kGroupCountVecs; ++u)
 #pragma unroll
-      for (int e = 0; e < V; ++e) local += (bits[u] >> e) & 1u && valid(pk[u].v[e]) ? 1 : 0;
+      for (int e = 0; e < V; ++e) local += (bits[u] >> e) & 1u && valid(loaded_value(pk[u], e)) ? 1 : 0;
+  }
+  const int64_t tail = end - end % V;  // a partial vector at [tail, end): only where end == total
+  if (tail < end && tail >= begin && ((tail - begin) / V) % kThreads == threadIdx.x) {
+    const unsigned bits = whole ? labelled_bits<V>(nullptr, g, tail, end) : labelled_bits<V>(mask, g, tail, end);
+    for (int e = 0; e < end - tail; ++e) local += (bits >> e) & 1u && valid(target[tail + e]) ? 1 : 0;
   }
   return block_sum(local);
 }

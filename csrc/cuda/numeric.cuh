@@ -156,6 +156,39 @@ __device__ __forceinline__ Words<T, VEC> load_words(const T* p) {
   return out;
 }
 
+// load_words(p) where `cond`, else zero bits; p need not point to memory where cond is false. On the device the zeros
+// are put in the destination registers and one predicated load per access overwrites them. Written as `if (cond) x =
+// load_words(p)`, the loaded and the zero value got registers of their own, and the copy of one into the other right
+// after the load waited for its data there: a thread's next load was not issued before (sm_90 SASS, 2026-11-28).
+template <typename T, int VEC>
+__device__ __forceinline__ Words<T, VEC> load_words_if(const T* p, bool cond) {
+  Words<T, VEC> out;
+#pragma unroll
+  for (int k = 0; k < Words<T, VEC>::kNum; ++k) out.w[k] = 0u;
+#if defined(__CUDA_ARCH__)
+  constexpr int kNum = Words<T, VEC>::kNum;
+  static_assert(kNum % 4 == 0 || kNum < 4, "16-byte accesses, or one smaller one");
+  const unsigned c = cond ? 1u : 0u;
+  const char* q = reinterpret_cast<const char*>(p);
+  if constexpr (kNum >= 4) {
+#pragma unroll
+    for (int k = 0; k < kNum; k += 4)
+      asm("{\n .reg .pred p;\n setp.ne.u32 p, %5, 0;\n @p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+          : "+r"(out.w[k]), "+r"(out.w[k + 1]), "+r"(out.w[k + 2]), "+r"(out.w[k + 3])
+          : "l"(q + 4 * k), "r"(c));
+  } else if constexpr (kNum == 2) {
+    asm("{\n .reg .pred p;\n setp.ne.u32 p, %3, 0;\n @p ld.global.v2.u32 {%0, %1}, [%2];\n}"
+        : "+r"(out.w[0]), "+r"(out.w[1])
+        : "l"(q), "r"(c));
+  } else {
+    asm("{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p ld.global.u32 %0, [%1];\n}" : "+r"(out.w[0]) : "l"(q), "r"(c));
+  }
+#else
+  if (cond) out = load_words<T, VEC>(p);
+#endif
+  return out;
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void store_words(T* p, const Words<T, VEC>& x) {
   constexpr int kBytes = static_cast<int>(sizeof(T)) * VEC;
@@ -210,6 +243,96 @@ __device__ __forceinline__ Words<T, VEC> words_from_floats(const float (&v)[VEC]
     memcpy(out.w, &pk, sizeof(out.w));
     return out;
   }
+}
+
+// VEC elements of T as a thread loads them: raw 32-bit words where they fill whole words, else a Pack. A Pack of
+// 16-bit elements is held split into 16-bit halves, and the split (a PRMT per element) right after the load waits for
+// the load's data there: the next item's loads would not be issued before it (sm_90 SASS of the masked loss, 2026-11-28).
+template <typename T, int VEC>
+using Loaded = std::conditional_t<(VEC * sizeof(T)) % 4 == 0, Words<T, VEC>, Pack<T, VEC>>;
+
+// Element j (a constant once unrolled) as a float, or as a T.
+template <typename T, int VEC>
+__device__ __forceinline__ float loaded_elem(const Words<T, VEC>& x, int j) {
+  return word_elem(x, j);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ float loaded_elem(const Pack<T, VEC>& x, int j) {
+  return to_acc(x.v[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ T loaded_value(const Words<T, VEC>& x, int j) {
+  T v;
+  memcpy(&v, reinterpret_cast<const char*>(x.w) + j * sizeof(T), sizeof(T));
+  return v;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ T loaded_value(const Pack<T, VEC>& x, int j) {
+  return x.v[j];
+}
+
+// VEC elements from p, aligned to the vector: 16-byte accesses.
+template <typename T, int VEC>
+__device__ __forceinline__ Loaded<T, VEC> load_vector(const T* p) {
+  if constexpr (std::is_same_v<Loaded<T, VEC>, Words<T, VEC>>)
+    return load_words<T, VEC>(p);
+  else
+    return load_pack<T, VEC>(p);
+}
+
+// Element e of p where ok[e], else zero bits (+0.0), one at a time. Words are assembled with integer operations, so
+// that both ways of loading leave the same registers (a Pack copied into words is split into 16-bit halves again).
+template <typename T, int VEC>
+__device__ __forceinline__ Loaded<T, VEC> load_elements(const T* p, const bool (&ok)[VEC]) {
+  if constexpr (std::is_same_v<Loaded<T, VEC>, Words<T, VEC>>) {
+    Words<T, VEC> out;
+    if constexpr (sizeof(T) >= 4) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const T v = ok[e] ? p[e] : T{};
+        memcpy(&out.w[e * sizeof(T) / 4], &v, sizeof(T));
+      }
+    } else {
+      static_assert(sizeof(T) == 2, "16-bit elements, or whole words");
+#pragma unroll
+      for (int k = 0; k < VEC / 2; ++k) {
+        const T v0 = ok[2 * k] ? p[2 * k] : T{}, v1 = ok[2 * k + 1] ? p[2 * k + 1] : T{};
+        uint16_t lo, hi;
+        memcpy(&lo, &v0, 2);
+        memcpy(&hi, &v1, 2);
+        out.w[k] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+    }
+    return out;
+  } else {
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out.v[e] = ok[e] ? p[e] : T{};
+    return out;
+  }
+}
+
+// g rounded to T at p: one vector store when `whole` (aligned, all VEC in range), else the first `left` elements one
+// at a time.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_elements(T* p, const float (&g)[VEC], bool whole, int64_t left) {
+  if (whole) {
+    if constexpr (std::is_same_v<Loaded<T, VEC>, Words<T, VEC>>) {
+      store_words(p, words_from_floats<T, VEC>(g));
+    } else {
+      Pack<T, VEC> pk;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) pk.v[e] = from_float<T>(g[e]);
+      store_pack(p, pk);
+    }
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e)
+    if (e < left) p[e] = from_float<T>(g[e]);
 }
 
 // Elementwise max in T's own dtype (exact; on the device one max.bf16x2 / f16x2 per pair). A NaN loses to a number,
