@@ -81,6 +81,10 @@ log "grouped masked-loss kernel: its builds for 2, 3 and 4 blocks per SM and its
 t=$(limit ${GROUP_BLOCKS_TIMEOUT:-90})
 enough "$t" "group blocks experiment" && run_for "$t" $PY -P benchmarks/group_blocks_experiment.py 2>&1 | tee "$OUT/group_blocks.txt"
 
+log "grouped masked-loss kernel: its tiles traced (per-SM busy time, count waits, tile durations)"
+t=$(limit ${GROUP_TRACE_TIMEOUT:-30})
+enough "$t" "group trace" && run_for "$t" $PY -P benchmarks/group_trace.py "$OUT" 2>&1 | tee "$OUT/group_trace.txt"
+
 log "profile of one conv_bias_relu training step (per-kernel device time)"
 t=$(limit ${PROFILE_CONV_TIMEOUT:-${PROFILE_TIMEOUT:-40}})
 enough "$t" "profile_conv" && run_for "$t" $PY -P benchmarks/profile_conv.py 2>&1 | tee "$OUT/profile_conv.txt"

@@ -101,11 +101,13 @@ static std::vector<LossTask> tasks_of(const void** preds, const int* dtypes, con
 int64_t emu_multitask_slots(EMU_TASK_ARGS) { return masked_loss_multitask_slots(EMU_TASKS.data(), n); }
 int emu_multitask_forward(EMU_TASK_ARGS, float* total, const float* weights, float* grad_scale, int32_t* counts,
                           float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket, int grouped,
-                          int group_blocks, int64_t group_tile_bytes) {
+                          int group_blocks, int64_t group_tile_bytes, int64_t* trace, int64_t trace_len) {
   MultitaskBuffers buf;
   buf.grouped = grouped != 0;
   buf.group_blocks = group_blocks;
   buf.group_tile_bytes = group_tile_bytes;
+  buf.group_trace = trace;
+  buf.group_trace_len = trace_len;
   buf.total = total;
   buf.weights = weights;
   buf.grad_scale = grad_scale;
@@ -144,6 +146,7 @@ int emu_scale_by(const void** ins, void** outs, const int64_t* numels, const int
   return masked_loss_scale_grads_by(tasks, n, f, DeviceCapacity{sms, threads_per_sm}, nullptr);
 }
 int emu_count_blocks(int64_t total) { return masked_loss_count_blocks(total); }
+int emu_group_trace_fields() { return kGroupTraceFields; }
 int emu_max_count_blocks() { return kMaxCountBlocks; }
 }
 """
@@ -262,12 +265,12 @@ def _emu_elementwise(lib, pred, target, mask, kind):
 
 
 def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True, group_blocks=0, expect=0,
-                           group_tile_bytes=0):
+                           group_tile_bytes=0, trace=None):
     """masked_loss_multitask_forward (what masked_multitask_loss_forward_cuda runs) on poisoned outputs and
     workspaces. tasks: (pred, target, mask, kind). Returns (total, losses, grad_scale, grads); grads[t] is None where
     compute_grad[t] is false. grouped=False: the chain even where the grouped launch applies; group_blocks: the
     grouped kernel's build (0: the default); expect: the launcher's return code; group_tile_bytes: the least a grouped
-    loss tile moves (0: the default)."""
+    loss tile moves (0: the default); trace: an int64 [rows, fields] tensor for the grouped forward's tile records."""
     n = len(tasks)
     compute_grad = compute_grad or [True] * n
     grads = [torch.full_like(pred, float("nan")) if c else None for (pred, *_), c in zip(tasks, compute_grad)]
@@ -283,7 +286,8 @@ def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True,
     ticket = torch.full((1,), -1, dtype=torch.int32)
     assert lib.emu_multitask_forward(*args, _ptr(total), _ptr(weights), _ptr(grad_scale), _ptr(counts), _ptr(psum),
                                      _ptr(pcount), _ptr(loss_copies), _ptr(ticket), int(grouped),
-                                     group_blocks, ctypes.c_int64(group_tile_bytes)) == expect  # fmt: skip
+                                     group_blocks, ctypes.c_int64(group_tile_bytes), _ptr(trace),
+                                     ctypes.c_int64(0 if trace is None else trace.shape[0])) == expect  # fmt: skip
     return total, losses, grad_scale, grads
 
 
@@ -690,6 +694,37 @@ def test_cuda_kernels_emulated_grouped_tile_sizes(emu):
             assert torch.equal(a, b)
         for a, b in zip(default[1], out[1], strict=True):
             assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+
+
+def test_cuda_kernels_emulated_grouped_trace(emu):
+    """The grouped forward's trace (FASTMTL_CUDA_GROUP_TRACE): one record per tile, in tile-id rows, count tiles
+    before loss tiles, each tile of its task's kind and task, start <= counted <= end (a loss tile's count wait ends
+    after its task's last count tile), then the finalize's row; rows past it untouched, results the same as without
+    a trace."""
+    torch.manual_seed(11)
+    tasks = [(*make_ce((4, 5, 40, 30), "contiguous", device="cpu"), make_mask(4, "random", device="cpu"), "ce"),
+             (*make_dense("l1", (4, 3, 40, 30), "contiguous", device="cpu"), None, "l1"),
+             (*make_dense("mse", (4, 7), "contiguous", device="cpu"), make_mask(4, "random", device="cpu"), "mse")]
+    fields = emu.emu_group_trace_fields()
+    trace = torch.full((4096, fields), -1, dtype=torch.int64)
+    plain = _emu_multitask_forward(emu, tasks, None, group_tile_bytes=4096)
+    traced = _emu_multitask_forward(emu, tasks, None, group_tile_bytes=4096, trace=trace)
+    assert_bitwise_equal(plain, traced)
+    rows = trace[trace[:, 0] >= 0]
+    finalize, rows = rows[-1], rows[:-1]
+    assert finalize[6] == -1 and finalize[7] == 2, "the row after the last tile's: the finalize"
+    assert finalize[1] >= rows[:, 3].max() and finalize[3] >= finalize[1]
+    tile, start, counted, end = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    task, is_loss = rows[:, 6], rows[:, 7]
+    assert torch.equal(tile, torch.arange(len(rows))), "one record per tile, in tile-id rows"
+    assert len(rows) > 10 and (trace[len(rows) + 1 :] == -1).all()
+    assert is_loss.min() == 0 and is_loss.max() == 1
+    assert torch.equal(is_loss, torch.sort(is_loss).values), "count tiles first"
+    assert set(task.tolist()) == {0, 1, 2} and (start <= counted).all() and (counted <= end).all()
+    for t in range(3):  # a task's loss tiles start only once its count tiles are done
+        last_count_end = end[(task == t) & (is_loss == 0)].max()
+        assert (counted[(task == t) & (is_loss == 1)] >= last_count_end).all()
+    assert (counted[is_loss == 0] == start[is_loss == 0]).all()
 
 
 @pytest.mark.parametrize("C", [40, 100, 200, 300])

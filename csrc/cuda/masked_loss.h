@@ -157,6 +157,24 @@ struct MultitaskBuffers {
   bool grouped = true;             // false: never the grouped launch (tests of the chain)
   int group_blocks = 0;            // resident blocks per SM the grouped kernel is built for: 2, 3 or 4; 0: 3
   int64_t group_tile_bytes = 0;    // bytes a loss tile of the grouped forward moves at least; 0: 48 KB
+  int64_t* group_trace = nullptr;  // experiments: [group_trace_len, kGroupTraceFields] tile records (GroupTraceField)
+  int64_t group_trace_len = 0;     // of the grouped forward, by tile id; later tiles are not recorded
+};
+
+// A tile record of the grouped forward's trace (MultitaskBuffers::group_trace, written by the block that ran the tile):
+// times are the GPU's global timer (ns), comparable across SMs. A count tile's kCounted is its start; a loss tile's is
+// when its block saw its task's count complete (the wait for the count tiles ends there). The row after the last
+// tile's records the launch's finalize (task -1, kind 2), by the block that finished last.
+enum GroupTraceField : int {
+  kTraceTile = 0,   // the tile id (the record's row)
+  kTraceStart,      // ns
+  kTraceCounted,    // ns
+  kTraceEnd,        // ns: the tile's slot or count written
+  kTraceSm,         // the SM that ran it
+  kTraceBlock,      // its block
+  kTraceTask,       // the op's task index
+  kTraceIsLoss,     // 1: a loss tile, 0: a count tile, 2: the finalize
+  kGroupTraceFields
 };
 
 // The number of slots (psum / pcount) masked_loss_multitask_forward needs for these tasks: every task's loss blocks.

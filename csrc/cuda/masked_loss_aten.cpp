@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -306,6 +307,32 @@ int64_t group_tile_bytes_from_env() {
   return kb * 1024;
 }
 
+// FASTMTL_CUDA_GROUP_TRACE=<path>: experiments only (benchmarks/group_trace.py). The grouped forward records every
+// tile (cuda::GroupTraceField: task, kind, SM, block, and its start, count-wait end and end on the GPU's global timer)
+// and the call writes the records to <path> as CSV, after waiting for the launch (a host synchronisation). Read at
+// every call; unset or empty: nothing recorded.
+constexpr int64_t kMaxTraceTiles = 1 << 16;
+
+std::string group_trace_path_from_env() {
+  const char* env = std::getenv("FASTMTL_CUDA_GROUP_TRACE");
+  return env == nullptr ? std::string() : std::string(env);
+}
+
+void write_group_trace(const at::Tensor& trace, const std::string& path) {
+  const at::Tensor host = trace.cpu();  // waits for the launch
+  const int64_t* r = host.data_ptr<int64_t>();
+  std::ofstream out(path);
+  TORCH_CHECK(out.good(), "FASTMTL_CUDA_GROUP_TRACE: cannot write '", path, "'");
+  out << "tile,task,is_loss,sm,block,start_ns,counted_ns,end_ns\n";
+  for (int64_t k = 0; k < host.size(0); ++k, r += cuda::kGroupTraceFields) {
+    if (r[cuda::kTraceTile] < 0) continue;  // not a tile of this launch (or no grouped launch)
+    out << r[cuda::kTraceTile] << ',' << r[cuda::kTraceTask] << ',' << r[cuda::kTraceIsLoss] << ','
+        << r[cuda::kTraceSm] << ',' << r[cuda::kTraceBlock] << ',' << r[cuda::kTraceStart] << ','
+        << r[cuda::kTraceCounted] << ',' << r[cuda::kTraceEnd] << '\n';
+  }
+  TORCH_CHECK(out.good(), "FASTMTL_CUDA_GROUP_TRACE: writing '", path, "' failed");
+}
+
 // All tasks, by masked_loss_multitask_forward (masked_loss.h): one grouped launch, or a chain (mixed dtypes, over 8
 // tasks with elements).
 // Returns (total, losses, grad_scale, grads): grads[t] * grad_scale[t] = d L_t / d pred_t, where grad_scale[t] is 1
@@ -321,6 +348,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
               "masked_multitask_loss_forward (CUDA): one pred, target, mask, kind and compute_grad per task");
   const int group_blocks = group_blocks_from_env();
   const int64_t group_tile_bytes = group_tile_bytes_from_env();
+  const std::string trace_path = group_trace_path_from_env();
   const c10::cuda::CUDAGuard guard(preds[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(preds[0].device().index()).stream();
   const auto options = preds[0].options().dtype(at::kFloat);
@@ -360,7 +388,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   buffers.ticket = work.ticket();
   buffers.group_blocks = group_blocks;
   buffers.group_tile_bytes = group_tile_bytes;
+  at::Tensor trace;
+  if (!trace_path.empty()) {
+    trace = at::full({kMaxTraceTiles, cuda::kGroupTraceFields}, -1, options.dtype(at::kLong));
+    buffers.group_trace = trace.data_ptr<int64_t>();
+    buffers.group_trace_len = kMaxTraceTiles;
+  }
   check_cuda(cuda::masked_loss_multitask_forward(tasks.data(), num_tasks, buffers, stream), "multi-task forward");
+  if (trace.defined()) write_group_trace(trace, trace_path);
   for (const TaskLaunch& launch : launches) launch.finish();
   return {total, losses, grad_scale, grads};
 }

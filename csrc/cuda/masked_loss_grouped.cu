@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -58,6 +59,8 @@ struct GroupTable {
   int64_t count_end, tile_end;
   const float* weights;
   float* total;
+  int64_t* trace;  // or nullptr: MultitaskBuffers::group_trace
+  int64_t trace_len;
 };
 
 // A task's count word: (count tiles done << kDoneShift) + valid targets, so that one 64-bit load sees both.
@@ -264,6 +267,35 @@ __device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t 
   }
 }
 
+// The GPU's global timer in ns (one clock for every SM) and the SM this thread runs on, for the trace.
+__device__ __forceinline__ int64_t global_time_ns() {
+#if defined(__CUDA_ARCH__)
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<int64_t>(t);
+#else
+  return static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now().time_since_epoch())
+                                  .count());
+#endif
+}
+
+__device__ __forceinline__ int sm_id() {
+#if defined(__CUDA_ARCH__)
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return static_cast<int>(id);
+#else
+  return 0;
+#endif
+}
+
+// The trace record of `tile` (thread 0; nothing without a trace or past its length).
+__device__ __forceinline__ int64_t* trace_record(const GroupTable& table, int64_t tile) {
+  if (table.trace == nullptr || tile >= table.trace_len) return nullptr;
+  return table.trace + tile * kGroupTraceFields;
+}
+
 // Loss tile `local` of table task i: its count word (waited for once per block and task, then kept in `counted`),
 // then its blocks of the per-task kernel with the gradient already divided by the count, and the tile's loss sum
 // in its slot. No fence or atomic per tile: the kernel's last block finalizes every task.
@@ -272,6 +304,9 @@ __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, 
                                                 unsigned long long* counted) {
   const GroupTask& task = table.task[i];
   if (threadIdx.x == 0 && counted[i] == 0) counted[i] = wait_counted(&state->count[i], task.count_tiles);
+  if (threadIdx.x == 0 && table.trace != nullptr) {
+    if (int64_t* record = trace_record(table, task.loss_first + local)) record[kTraceCounted] = global_time_ns();
+  }
   __syncthreads();
   const long long count = static_cast<long long>(counted[i] & kCountMask);
   const float gi = task.stored > 0.0f ? task.stored : (count > 0 ? 1.0f / static_cast<float>(count) : 0.0f);
@@ -328,6 +363,43 @@ __device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile
   group_loss_tile<P>(table, i, tile - table.task[i].loss_first, state, counted);
 }
 
+// The trace record of a finished tile (thread 0): which task and kind, where and when (kTraceCounted was written by
+// group_loss_tile; a count tile's is its start).
+__device__ __noinline__ void trace_tile(const GroupTable& table, int64_t tile, int64_t start) {
+  int64_t* record = trace_record(table, tile);
+  if (record == nullptr) return;
+  const bool is_loss = tile >= table.count_end;
+  int i = 0;
+  if (is_loss) {
+    while (tile >= table.task[i].loss_first + table.task[i].loss_tiles) ++i;
+  } else {
+    while (tile >= table.task[i].count_first + table.task[i].count_tiles) ++i;
+    record[kTraceCounted] = start;
+  }
+  record[kTraceTile] = tile;
+  record[kTraceStart] = start;
+  record[kTraceEnd] = global_time_ns();
+  record[kTraceSm] = sm_id();
+  record[kTraceBlock] = blockIdx.x;
+  record[kTraceTask] = table.task[i].index;
+  record[kTraceIsLoss] = is_loss ? 1 : 0;
+}
+
+// The trace record of the launch's finalize (thread 0 of the last block), in the row after the last tile's: task -1,
+// kind 2.
+__device__ __noinline__ void trace_finalize(const GroupTable& table, int64_t start) {
+  int64_t* record = trace_record(table, table.tile_end);
+  if (record == nullptr) return;
+  record[kTraceTile] = table.tile_end;
+  record[kTraceStart] = start;
+  record[kTraceCounted] = start;
+  record[kTraceEnd] = global_time_ns();
+  record[kTraceSm] = sm_id();
+  record[kTraceBlock] = blockIdx.x;
+  record[kTraceTask] = -1;
+  record[kTraceIsLoss] = 2;
+}
+
 // Every task's count, loss, gradient and the total in one launch. Blocks take tile ids in order from a counter
 // (the next one fetched while the current tile runs), so every count tile has been taken by a running block before
 // any loss tile starts: a loss tile's wait for its task's count always ends, whatever the grid and residency. A
@@ -353,8 +425,12 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     __syncthreads();  // every thread has read tile_id
     unsigned long long next = 0;
     if (threadIdx.x == 0) next = atomicAdd(&state->next_tile, 1ULL);  // in flight while this tile runs
+    const int64_t start = table.trace != nullptr && threadIdx.x == 0 ? global_time_ns() : 0;
     group_tile<P>(table, static_cast<int64_t>(tile), state, counted);
-    if (threadIdx.x == 0) tile_id[0] = next;
+    if (threadIdx.x == 0) {
+      tile_id[0] = next;
+      if (table.trace != nullptr) trace_tile(table, static_cast<int64_t>(tile), start);
+    }
     __syncthreads();
     tile = tile_id[0];
   }
@@ -365,6 +441,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   __syncthreads();
   if (last[0] == 0u) return;
   __threadfence();
+  const int64_t finalize_start = table.trace != nullptr && threadIdx.x == 0 ? global_time_ns() : 0;
   // This block works alone now (the launch's tail): warp w finalizes tasks w, w + 8, ... side by side.
   for (int i = threadIdx.x / 32; i < table.num; i += kThreads / 32) {
     const GroupTask& task = table.task[i];
@@ -373,6 +450,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   }
   __syncthreads();  // every loss copy written (bar.sync orders the block's global writes too)
   if (threadIdx.x == 0) write_total(table.total, losses, table.weights, table.num_tasks);
+  if (threadIdx.x == 0 && table.trace != nullptr) trace_finalize(table, finalize_start);
 }
 
 // The cross-entropy tile function for g's layout (launch_ce's choice) and its tiles per sample.
@@ -517,6 +595,8 @@ cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>
   table.num_tasks = n;
   table.weights = buf.weights;
   table.total = buf.total;
+  table.trace = buf.group_trace_len > 0 ? buf.group_trace : nullptr;
+  table.trace_len = buf.group_trace_len;
   int64_t next = 0;
   for (int i = 0; i < table.num; ++i) {
     table.task[i] = group_task(tasks[order[i]], order[i], buf, buf.psum + first[order[i]]);

@@ -247,7 +247,8 @@ __device__ __forceinline__ Words<T, VEC> words_from_floats(const float (&v)[VEC]
 
 // VEC elements of T as a thread loads them: raw 32-bit words where they fill whole words, else a Pack. A Pack of
 // 16-bit elements is held split into 16-bit halves, and the split (a PRMT per element) right after the load waits for
-// the load's data there: the next item's loads would not be issued before it (sm_90 SASS of the masked loss, 2026-11-28).
+// the load's data there: the next item's loads would not be issued before it (sm_90 SASS of the masked loss,
+// 2026-11-28).
 template <typename T, int VEC>
 using Loaded = std::conditional_t<(VEC * sizeof(T)) % 4 == 0, Words<T, VEC>, Pack<T, VEC>>;
 
