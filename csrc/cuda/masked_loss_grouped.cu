@@ -365,7 +365,7 @@ __device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile
 
 // The trace record of a finished tile (thread 0): which task and kind, where and when (kTraceCounted was written by
 // group_loss_tile; a count tile's is its start).
-__device__ __noinline__ void trace_tile(const GroupTable& table, int64_t tile, int64_t start) {
+__device__ __forceinline__ void trace_tile(const GroupTable& table, int64_t tile, int64_t start) {
   int64_t* record = trace_record(table, tile);
   if (record == nullptr) return;
   const bool is_loss = tile >= table.count_end;
@@ -387,7 +387,7 @@ __device__ __noinline__ void trace_tile(const GroupTable& table, int64_t tile, i
 
 // The trace record of the launch's finalize (thread 0 of the last block), in the row after the last tile's: task -1,
 // kind 2.
-__device__ __noinline__ void trace_finalize(const GroupTable& table, int64_t start) {
+__device__ __forceinline__ void trace_finalize(const GroupTable& table, int64_t start) {
   int64_t* record = trace_record(table, table.tile_end);
   if (record == nullptr) return;
   record[kTraceTile] = table.tile_end;
@@ -417,6 +417,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   __shared__ unsigned long long tile_id[1];
   __shared__ unsigned long long counted[kMaxGroupTasks];  // count words seen complete (0: not yet)
   __shared__ unsigned last[1];
+  __shared__ int64_t trace_start[1];  // shared, not a register live across the tile: registers are the limit here
   if (threadIdx.x < kMaxGroupTasks) counted[threadIdx.x] = 0;
   if (threadIdx.x == 0) tile_id[0] = atomicAdd(&state->next_tile, 1ULL);
   __syncthreads();
@@ -425,11 +426,11 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     __syncthreads();  // every thread has read tile_id
     unsigned long long next = 0;
     if (threadIdx.x == 0) next = atomicAdd(&state->next_tile, 1ULL);  // in flight while this tile runs
-    const int64_t start = table.trace != nullptr && threadIdx.x == 0 ? global_time_ns() : 0;
+    if (table.trace != nullptr && threadIdx.x == 0) trace_start[0] = global_time_ns();
     group_tile<P>(table, static_cast<int64_t>(tile), state, counted);
     if (threadIdx.x == 0) {
       tile_id[0] = next;
-      if (table.trace != nullptr) trace_tile(table, static_cast<int64_t>(tile), start);
+      if (table.trace != nullptr) trace_tile(table, static_cast<int64_t>(tile), trace_start[0]);
     }
     __syncthreads();
     tile = tile_id[0];
@@ -441,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   __syncthreads();
   if (last[0] == 0u) return;
   __threadfence();
-  const int64_t finalize_start = table.trace != nullptr && threadIdx.x == 0 ? global_time_ns() : 0;
+  if (table.trace != nullptr && threadIdx.x == 0) trace_start[0] = global_time_ns();
   // This block works alone now (the launch's tail): warp w finalizes tasks w, w + 8, ... side by side.
   for (int i = threadIdx.x / 32; i < table.num; i += kThreads / 32) {
     const GroupTask& task = table.task[i];
@@ -450,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   }
   __syncthreads();  // every loss copy written (bar.sync orders the block's global writes too)
   if (threadIdx.x == 0) write_total(table.total, losses, table.weights, table.num_tasks);
-  if (threadIdx.x == 0 && table.trace != nullptr) trace_finalize(table, finalize_start);
+  if (threadIdx.x == 0 && table.trace != nullptr) trace_finalize(table, trace_start[0]);
 }
 
 // The cross-entropy tile function for g's layout (launch_ce's choice) and its tiles per sample.
