@@ -3,6 +3,7 @@ validation errors, the class-range check, and CUDA tests (cuda backend parity, n
 
 from __future__ import annotations
 
+import csv
 
 import pytest
 import torch
@@ -768,6 +769,48 @@ def test_cuda_group_tile_kb_keeps_gradients_and_a_bad_value_raises(monkeypatch):
         monkeypatch.setenv("FASTMTL_CUDA_GROUP_TILE_KB", bad)
         with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_TILE_KB must be"):
             fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+
+
+@pytest.mark.cuda
+def test_cuda_group_trace_records_every_tile(monkeypatch, tmp_path):
+    """FASTMTL_CUDA_GROUP_TRACE=path: the grouped forward's results are bitwise unchanged, and the file holds one record
+    per tile (tile ids 0..n-1, count tiles first, start <= counted <= end, a loss tile's count wait ending after its
+    task's count tiles) and the finalize last; refused while capturing a CUDA graph."""
+    preds, targets, kinds, masks = batch("cuda")
+
+    def run():
+        with fastmtl.use_backend("cuda"):
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        return [total, *per_task.values(), *torch.autograd.grad(total, list(preds.values()))]
+
+    plain = run()
+    path = tmp_path / "trace.csv"
+    monkeypatch.setenv("FASTMTL_CUDA_GROUP_TRACE", str(path))
+    traced = run()
+    for a, b in zip(plain, traced, strict=True):
+        assert torch.equal(a, b)
+    rows = list(csv.DictReader(path.open()))
+    finalize, tiles = rows[-1], rows[:-1]
+    assert int(finalize["is_loss"]) == 2 and int(finalize["task"]) == -1
+    assert [int(r["tile"]) for r in tiles] == list(range(len(tiles))) and len(tiles) >= 2 * len(preds)
+    kinds_seen = [int(r["is_loss"]) for r in tiles]
+    assert kinds_seen == sorted(kinds_seen) and set(kinds_seen) == {0, 1}
+    for r in tiles:
+        assert int(r["start_ns"]) <= int(r["counted_ns"]) <= int(r["end_ns"]) <= int(finalize["start_ns"])
+        assert 0 <= int(r["task"]) < len(preds) and int(r["sm"]) >= 0
+    for t in range(len(preds)):
+        count_end = max(int(r["end_ns"]) for r in tiles if int(r["task"]) == t and r["is_loss"] == "0")
+        assert all(int(r["counted_ns"]) >= count_end for r in tiles if int(r["task"]) == t and r["is_loss"] == "1")
+    graph = torch.cuda.CUDAGraph()
+    with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError) as raised:
+        with torch.cuda.graph(graph):
+            fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    error, messages = raised.value, []
+    while error is not None:  # ours, or the context of an error the end of the capture raised on top of it
+        messages.append(str(error))
+        error = error.__context__
+    assert any("unset it while capturing" in m for m in messages), messages
+
 
 def _chain_batch(name, dtype):
     """Batches for the GPU forwards' launch paths (CUDA grouped launch, or chain with a lead for mixed dtypes and

@@ -757,6 +757,37 @@ def test_cuda_kernels_emulated_grouped_many_tiles(emu, dtype):
     _check_multitask(tasks, weights, *out, lead=-1)
 
 
+@pytest.mark.parametrize("last_valid", [True, False])
+def test_cuda_kernels_emulated_grouped_count_tail(emu, last_valid):
+    """A task whose last count tile is a single partial 16-byte vector of targets (one element past a whole number of
+    tiles: 2048 int64, 8192 bfloat16 or 4096 float32 targets per count tile), in the grouped launch. Every target but
+    the last (last_valid) or but one inside the first tile has no label, so a tail counted twice or not at all shows in
+    the loss: it is the one valid element's own."""
+    torch.manual_seed(17)
+    tasks = []
+    for kind, n_elems, target_dtype in [("ce", 2049, torch.int64), ("l1", 8193, torch.bfloat16),
+                                        ("mse", 4097, torch.float32)]:  # fmt: skip
+        if kind == "ce":
+            pred = torch.randn(1, 3, n_elems).to(torch.bfloat16)
+            target = torch.full((1, n_elems), -100, dtype=torch.int64)
+            target[0, -1] = 2 if last_valid else -100
+            target[0, 7] = 1 if not last_valid else -100  # a task with one other valid target
+        else:
+            pred = torch.randn(1, n_elems).to(torch.bfloat16)
+            target = torch.full((1, n_elems), float("nan"), dtype=target_dtype)
+            target[0, -1] = 0.5 if last_valid else float("nan")
+            if not last_valid:
+                target[0, 7] = 0.25
+        tasks.append((pred, target, None, kind))
+    emu.emu_take_launches()
+    out = _emu_multitask_forward(emu, tasks, None)
+    assert emu.emu_take_launches() == 1, "the grouped launch"
+    _check_multitask(tasks, None, *out, lead=-1)
+    for (pred, target, _, kind), loss in zip(tasks, out[1]):
+        assert loss.item() == pytest.approx(reference(pred, target, None, kind)[0].item(), rel=1e-2)
+        assert loss.item() > 0.0
+
+
 def test_cuda_kernels_emulated_multitask_forward_over_16_tasks(emu):
     """18 tasks: the chain has no task limit (each launch counts the next task)."""
     torch.manual_seed(0)

@@ -2,11 +2,13 @@
 // fastmtl::masked_multitask_loss_forward (schemas in csrc/ops.cpp):
 // tensor preparation (layouts, workspaces) around the raw-pointer launchers of masked_loss.h. Arguments are
 // validated in Python (fastmtl/ops/masked_loss.py); the checks here only guard against calls that would make a
-// kernel read out of bounds. Nothing here synchronises with the host.
+// kernel read out of bounds. Nothing here synchronises with the host, except the experiments' trace
+// (FASTMTL_CUDA_GROUP_TRACE), which waits for its launch to write the records out.
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -321,6 +323,9 @@ std::string group_trace_path_from_env() {
 void write_group_trace(const at::Tensor& trace, const std::string& path) {
   const at::Tensor host = trace.cpu();  // waits for the launch
   const int64_t* r = host.data_ptr<int64_t>();
+  if (r[(host.size(0) - 1) * cuda::kGroupTraceFields + cuda::kTraceTile] >= 0)
+    TORCH_WARN("FASTMTL_CUDA_GROUP_TRACE: the launch had more than ", host.size(0) - 1,
+               " tiles; the records stop there (and the finalize is not recorded)");
   std::ofstream out(path);
   TORCH_CHECK(out.good(), "FASTMTL_CUDA_GROUP_TRACE: cannot write '", path, "'");
   out << "tile,task,is_loss,sm,block,start_ns,counted_ns,end_ns\n";
@@ -350,6 +355,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   const int64_t group_tile_bytes = group_tile_bytes_from_env();
   const std::string trace_path = group_trace_path_from_env();
   const c10::cuda::CUDAGuard guard(preds[0].device());
+  TORCH_CHECK(trace_path.empty() ||
+                  c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "FASTMTL_CUDA_GROUP_TRACE waits for the launch to write its records: unset it while capturing a CUDA "
+              "graph");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(preds[0].device().index()).stream();
   const auto options = preds[0].options().dtype(at::kFloat);
   at::Tensor weights_c;

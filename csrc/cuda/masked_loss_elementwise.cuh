@@ -39,8 +39,9 @@ __host__ __device__ constexpr float stored_factor() {
 }
 
 // For each of ITEMS vectors of VEC elements (item k from base[k]): which elements are in range (< total) and belong to
-// a labelled sample, into ok[k], and whether any does, into any[k]. The mask reads of all items come before any test,
-// so that they are in flight together.
+// a labelled sample, into ok[k], and whether any does, into any[k]. Where a vector lies in one sample (M % VEC == 0,
+// the common case), the mask reads of all items come before any test, so that they are in flight together; else each
+// element's sample is looked up in turn.
 template <int VEC, int ITEMS>
 __device__ __forceinline__ void labelled_elements(const bool* __restrict__ mask, const int64_t (&base)[ITEMS],
                                                   int64_t total, int64_t M, bool (&ok)[ITEMS][VEC],

@@ -162,9 +162,40 @@ __device__ __forceinline__ int group_count_float(const GroupTask& task, int64_t 
                         [](T t) { return !isnan(to_acc(t)); });
 }
 
-// Count tile `local` of a grouped task: its valid targets go into the task's count word with one more tile done.
+// The GPU's global timer in ns (one clock for every SM) and the SM this thread runs on, for the trace.
+__device__ __forceinline__ int64_t global_time_ns() {
+#if defined(__CUDA_ARCH__)
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<int64_t>(t);
+#else
+  return static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now().time_since_epoch())
+                                  .count());
+#endif
+}
+
+__device__ __forceinline__ int sm_id() {
+#if defined(__CUDA_ARCH__)
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return static_cast<int>(id);
+#else
+  return 0;
+#endif
+}
+
+// The trace record of `tile` (thread 0; nothing without a trace or past its length).
+__device__ __forceinline__ int64_t* trace_record(const GroupTable& table, int64_t tile) {
+  if (table.trace == nullptr || tile >= table.trace_len) return nullptr;
+  return table.trace + tile * kGroupTraceFields;
+}
+
+// Count tile `local` of a grouped task (schedule tile `tile`): its valid targets go into the task's count word with one
+// more tile done. Traced, its end is taken before that release, so that no loss tile's count wait seems to end first.
 template <typename P>
-__device__ __forceinline__ void group_count_tile(const GroupTask& task, int64_t local, unsigned long long* word) {
+__device__ __forceinline__ void group_count_tile(const GroupTable& table, int64_t tile, const GroupTask& task,
+                                                 int64_t local, unsigned long long* word) {
   int sum = 0;
   if (task.variant != GroupVariant::kElementwise) {
     const int64_t* target = static_cast<const int64_t*>(task.target);
@@ -178,7 +209,12 @@ __device__ __forceinline__ void group_count_tile(const GroupTask& task, int64_t 
   } else {
     sum = task.target_f32 ? group_count_float<float>(task, local) : group_count_float<P>(task, local);
   }
-  if (threadIdx.x == 0) atomicAdd(word, (1ULL << kDoneShift) + static_cast<unsigned long long>(sum));
+  if (threadIdx.x == 0) {
+    if (table.trace != nullptr) {
+      if (int64_t* record = trace_record(table, tile)) record[kTraceEnd] = global_time_ns();
+    }
+    atomicAdd(word, (1ULL << kDoneShift) + static_cast<unsigned long long>(sum));
+  }
 }
 
 // The task's count word once all `tiles` count tiles have added to it (thread 0 waits; loss tiles come after every
@@ -267,35 +303,6 @@ __device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t 
   }
 }
 
-// The GPU's global timer in ns (one clock for every SM) and the SM this thread runs on, for the trace.
-__device__ __forceinline__ int64_t global_time_ns() {
-#if defined(__CUDA_ARCH__)
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return static_cast<int64_t>(t);
-#else
-  return static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                  std::chrono::steady_clock::now().time_since_epoch())
-                                  .count());
-#endif
-}
-
-__device__ __forceinline__ int sm_id() {
-#if defined(__CUDA_ARCH__)
-  unsigned id;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
-  return static_cast<int>(id);
-#else
-  return 0;
-#endif
-}
-
-// The trace record of `tile` (thread 0; nothing without a trace or past its length).
-__device__ __forceinline__ int64_t* trace_record(const GroupTable& table, int64_t tile) {
-  if (table.trace == nullptr || tile >= table.trace_len) return nullptr;
-  return table.trace + tile * kGroupTraceFields;
-}
-
 // Loss tile `local` of table task i: its count word (waited for once per block and task, then kept in `counted`),
 // then its blocks of the per-task kernel with the gradient already divided by the count, and the tile's loss sum
 // in its slot. No fence or atomic per tile: the kernel's last block finalizes every task.
@@ -349,39 +356,43 @@ __device__ __noinline__ void finalize_group_task(const float* slots, int64_t num
     *grad_scale = 1.0f;
 }
 
+// The table index of the task that schedule tile `tile` belongs to (its count tiles, then its loss tiles).
+__device__ __forceinline__ int task_of_tile(const GroupTable& table, int64_t tile) {
+  int i = 0;
+  if (tile < table.count_end) {
+    while (tile >= table.task[i].count_first + table.task[i].count_tiles) ++i;
+  } else {
+    while (tile >= table.task[i].loss_first + table.task[i].loss_tiles) ++i;
+  }
+  return i;
+}
+
 // Tile `tile` of the schedule: a count tile or a loss tile of one of the table's tasks.
 template <typename P>
 __device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile, GroupState* state,
                                            unsigned long long* counted) {
-  int i = 0;
-  if (tile < table.count_end) {
-    while (tile >= table.task[i].count_first + table.task[i].count_tiles) ++i;
-    group_count_tile<P>(table.task[i], tile - table.task[i].count_first, &state->count[i]);
-    return;
-  }
-  while (tile >= table.task[i].loss_first + table.task[i].loss_tiles) ++i;
-  group_loss_tile<P>(table, i, tile - table.task[i].loss_first, state, counted);
+  const int i = task_of_tile(table, tile);
+  if (tile < table.count_end)
+    group_count_tile<P>(table, tile, table.task[i], tile - table.task[i].count_first, &state->count[i]);
+  else
+    group_loss_tile<P>(table, i, tile - table.task[i].loss_first, state, counted);
 }
 
-// The trace record of a finished tile (thread 0): which task and kind, where and when (kTraceCounted was written by
-// group_loss_tile; a count tile's is its start).
+// The trace record of finished tile `tile` (thread 0): which task and kind, where and when (group_loss_tile wrote a
+// loss tile's kTraceCounted, group_count_tile a count tile's kTraceEnd).
 __device__ __forceinline__ void trace_tile(const GroupTable& table, int64_t tile, int64_t start) {
   int64_t* record = trace_record(table, tile);
   if (record == nullptr) return;
   const bool is_loss = tile >= table.count_end;
-  int i = 0;
-  if (is_loss) {
-    while (tile >= table.task[i].loss_first + table.task[i].loss_tiles) ++i;
-  } else {
-    while (tile >= table.task[i].count_first + table.task[i].count_tiles) ++i;
+  if (is_loss)
+    record[kTraceEnd] = global_time_ns();
+  else
     record[kTraceCounted] = start;
-  }
   record[kTraceTile] = tile;
   record[kTraceStart] = start;
-  record[kTraceEnd] = global_time_ns();
   record[kTraceSm] = sm_id();
   record[kTraceBlock] = blockIdx.x;
-  record[kTraceTask] = table.task[i].index;
+  record[kTraceTask] = table.task[task_of_tile(table, tile)].index;
   record[kTraceIsLoss] = is_loss ? 1 : 0;
 }
 
@@ -523,6 +534,8 @@ GroupTask group_task(const LossTask& task, int index, const MultitaskBuffers& bu
     target_size = dtype_size(task.target_dtype);
     gt.count_vec = aligned(task.target, 16);
   }
+  // A count_vec tile is a whole number of 16-byte vectors, so that the only partial one is at the end of the targets
+  // (count_vec_tile counts it after its loop).
   gt.count_elems = gt.count_vec ? static_cast<int64_t>(kThreads) * kGroupCountVecs * (16 / target_size) : kCountChunk;
   gt.count_tiles = ceil_div(count_items(task), gt.count_elems);
   const int64_t slots_of_task = task_slots(task);  // what masked_loss_multitask_slots gave the task
