@@ -195,25 +195,10 @@ cudaError_t launch_ce(const void* pred, DType dtype, const int64_t* target, cons
     P* gx = static_cast<P*>(grad);
     const CeKernel kernel = ce_kernel_for(x, gx, g);
     if (kernel == CeKernel::kRows) {
-      switch (rows_variant(g.C)) {
-        case GroupVariant::kCeRows4x4:
-          launch_rows<P, 4, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-          break;
-        case GroupVariant::kCeRows8x4:
-          launch_rows<P, 8, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-          break;
-        case GroupVariant::kCeRows16x4:
-          launch_rows<P, 16, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-          break;
-        case GroupVariant::kCeRows32x4:
-          launch_rows<P, 32, 4>(x, target, mask, gx, g, ignore_index, red, links, stream);
-          break;
-        case GroupVariant::kCeRows32x8:
-          launch_rows<P, 32, 8>(x, target, mask, gx, g, ignore_index, red, links, stream);
-          break;
-        default:
-          launch_rows<P, 32, 0>(x, target, mask, gx, g, ignore_index, red, links, stream);
-      }
+      with_rows_shape(rows_variant(g.C), [&](auto tpr, auto vpl) {
+        launch_rows<P, decltype(tpr)::value, decltype(vpl)::value>(x, target, mask, gx, g, ignore_index, red, links,
+                                                                   stream);
+      });
     } else if (kernel == CeKernel::kPixelVec) {
       const int64_t s_blocks = ceil_div(g.S / kPixelVec, kThreads);
       with_classes(g.C, [&](auto classes) {

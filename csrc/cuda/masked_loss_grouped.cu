@@ -277,22 +277,15 @@ __device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t 
       ce_pixel_tile<P, 0>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
       break;
     case GroupVariant::kCeRows4x4:
-      ce_rows_tile<P, 4, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
-      break;
     case GroupVariant::kCeRows8x4:
-      ce_rows_tile<P, 8, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
-      break;
     case GroupVariant::kCeRows16x4:
-      ce_rows_tile<P, 16, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
-      break;
     case GroupVariant::kCeRows32x4:
-      ce_rows_tile<P, 32, 4>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
-      break;
     case GroupVariant::kCeRows32x8:
-      ce_rows_tile<P, 32, 8>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
-      break;
     case GroupVariant::kCeRows32x0:
-      ce_rows_tile<P, 32, 0>(x, t, task.mask, gx, g, ii, sb, block, gi, loss, valid);
+      with_rows_shape(task.variant, [&](auto tpr, auto vpl) {
+        ce_rows_tile<P, decltype(tpr)::value, decltype(vpl)::value>(x, t, task.mask, gx, g, ii, sb, block, gi, loss,
+                                                                    valid);
+      });
       break;
     case GroupVariant::kElementwise:
       if (task.target_f32)

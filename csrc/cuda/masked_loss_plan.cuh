@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "masked_loss.h"
@@ -70,6 +71,39 @@ inline GroupVariant rows_variant(int64_t C) {
          : C <= 128 ? GroupVariant::kCeRows32x4
          : C <= 256 ? GroupVariant::kCeRows32x8
                     : GroupVariant::kCeRows32x0;
+}
+
+// f(threads per row, logits cached per lane), both as std::integral_constant, for a rows variant (nothing for the
+// others): the one switch from a variant to the template arguments of ce_rows_tile, for the per-task launcher (host)
+// and the grouped forward (device), hence the check disabled.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+__host__ __device__ __forceinline__ void with_rows_shape(GroupVariant variant, F&& f) {
+  using std::integral_constant;
+  switch (variant) {
+    case GroupVariant::kCeRows4x4:
+      f(integral_constant<int, 4>{}, integral_constant<int, 4>{});
+      break;
+    case GroupVariant::kCeRows8x4:
+      f(integral_constant<int, 8>{}, integral_constant<int, 4>{});
+      break;
+    case GroupVariant::kCeRows16x4:
+      f(integral_constant<int, 16>{}, integral_constant<int, 4>{});
+      break;
+    case GroupVariant::kCeRows32x4:
+      f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+      break;
+    case GroupVariant::kCeRows32x8:
+      f(integral_constant<int, 32>{}, integral_constant<int, 8>{});
+      break;
+    case GroupVariant::kCeRows32x0:
+      f(integral_constant<int, 32>{}, integral_constant<int, 0>{});
+      break;
+    default:
+      break;
+  }
 }
 
 enum class CeKernel { kRows, kPixelVec, kPixel };
