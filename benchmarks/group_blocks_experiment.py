@@ -1,12 +1,13 @@
-"""Experiment (CUDA only): the grouped masked-loss forward built for 2, 3 and 4 resident blocks per SM, and its loss
-tile size, side by side.
+"""Experiment (CUDA only): the grouped masked-loss forward's builds (2 or 3 resident blocks per SM, with or without
+the L2 prefetch of its loss tiles) and its loss tile size, side by side.
 
     python benchmarks/group_blocks_experiment.py
 
 Times the NYUv2-like batch of benchmarks/bandwidth.py (forward kernels alone and forward + backward, CUDA graph
-replays, twice each for the spread) with FASTMTL_CUDA_GROUP_BLOCKS set to each value (default tile size), then with
-FASTMTL_CUDA_GROUP_TILE_KB set to each of TILE_KB (default build), and checks each against the torch backend on a fresh
-batch first. Prints ms and the fraction of the measured copy bandwidth.
+replays, twice each for the spread) under each setting of CONFIGS (FASTMTL_CUDA_GROUP_BLOCKS,
+FASTMTL_CUDA_GROUP_PREFETCH, FASTMTL_CUDA_GROUP_TILE_KB), and checks each against the torch backend on a fresh batch
+first. The default comes first and again last, so that a drift over the run shows. Prints ms and the fraction of the
+measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bandwidth  # noqa: E402
 
 
-TILE_KB = ("16", "24", "96")  # beside the default 48
+# Each a setting of the experiment's variables ({}: the defaults, 3 blocks per SM, no prefetch, 48 KiB tiles).
+CONFIGS = (
+    {},
+    {"FASTMTL_CUDA_GROUP_BLOCKS": "2"},
+    {"FASTMTL_CUDA_GROUP_PREFETCH": "1"},
+    {"FASTMTL_CUDA_GROUP_PREFETCH": "1", "FASTMTL_CUDA_GROUP_BLOCKS": "2"},
+    {"FASTMTL_CUDA_GROUP_PREFETCH": "1", "FASTMTL_CUDA_GROUP_TILE_KB": "96"},
+    {"FASTMTL_CUDA_GROUP_PREFETCH": "1", "FASTMTL_CUDA_GROUP_BLOCKS": "2", "FASTMTL_CUDA_GROUP_TILE_KB": "96"},
+    {"FASTMTL_CUDA_GROUP_TILE_KB": "16"},
+    {"FASTMTL_CUDA_GROUP_TILE_KB": "96"},
+    {},
+)
 
 
 def parity(seed: int) -> float:
@@ -67,16 +79,18 @@ def main() -> int:
     shape, nbytes, cases = bandwidth.loss_cases()
     names = ["cuda masked_multitask_loss_forward (fwd kernels), graph", "cuda masked_multitask_loss fwd+bwd, graph"]
     print(f"copy {copy:.0f} GB/s; {shape}; {nbytes / 1e6:.1f} MB")
-    configs = [("FASTMTL_CUDA_GROUP_BLOCKS", b) for b in ("2", "3", "4")]  # 3: the default
-    configs += [("FASTMTL_CUDA_GROUP_TILE_KB", kb) for kb in TILE_KB]  # 48: the default
-    for seed, (var, value) in enumerate(configs):
-        os.environ[var] = value
-        print(f"{var}={value}: parity vs torch (bf16) max rel err {parity(seed):.2e}")
-        for name in names:
-            times = [graph_replay_ms(cases[name][1]) for _ in range(2)]
-            pct = [100 * nbytes / t / 1e6 / copy for t in times]
-            print(f"  {name:58s} {times[0]:.4f} / {times[1]:.4f} ms  {pct[0]:.1f} / {pct[1]:.1f}% of copy")
-        os.environ.pop(var)
+    for seed, config in enumerate(CONFIGS):
+        os.environ.update(config)
+        label = " ".join(f"{k}={v}" for k, v in config.items()) or "default"
+        try:
+            print(f"{label}: parity vs torch (bf16) max rel err {parity(seed):.2e}")
+            for name in names:
+                times = [graph_replay_ms(cases[name][1]) for _ in range(2)]
+                pct = [100 * nbytes / t / 1e6 / copy for t in times]
+                print(f"  {name:58s} {times[0]:.4f} / {times[1]:.4f} ms  {pct[0]:.1f} / {pct[1]:.1f}% of copy")
+        finally:
+            for k in config:
+                os.environ.pop(k)
     return 0
 
 

@@ -6,8 +6,9 @@ Runs the forward kernels of the NYUv2-like batch of benchmarks/bandwidth.py with
 the grouped kernel records every tile it runs (task, count or loss tile, SM, block, and its start, the end of its wait
 for the task's count, and its end, on the GPU's global timer), and prints what the records say: how long each SM had
 work, when the SMs started and ran out of tiles, the count phase, the loss tiles' waits, the last block's finalize,
-and tile durations by task and kind. The records of the last call are kept as group_trace.csv in OUT_DIR (default:
-the current directory).
+and tile durations by task and kind. It does so for each build of BUILDS (the default, and the one that prefetches its
+loss tiles' reads to L2). The records of each build's last call are kept as group_trace_<build>.csv in OUT_DIR
+(default: the current directory).
 
 The times are those of a plain call (no CUDA graph), after warm-up calls; reading the timer adds a few instructions per
 tile.
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bandwidth  # noqa: E402
 
 TRACE_CALLS = 3  # the last one is reported
+BUILDS = {"default": {}, "prefetch": {"FASTMTL_CUDA_GROUP_PREFETCH": "1"}}  # name: its variables
 
 
 def read_trace(path: str) -> list[dict[str, int]]:
@@ -96,27 +98,31 @@ def main(argv: list[str]) -> int:
         return 0
     out_dir = argv[0] if argv else "."
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "group_trace.csv")
     shape, _, cases = bandwidth.loss_cases()
     forward = cases["cuda masked_multitask_loss_forward (fwd kernels), graph"][1]
-    for _ in range(5):
-        forward()
-    torch.cuda.synchronize()
-    os.environ["FASTMTL_CUDA_GROUP_TRACE"] = path
-    try:
-        for _ in range(TRACE_CALLS):
-            forward()
-    finally:
-        os.environ.pop("FASTMTL_CUDA_GROUP_TRACE")
-    records = read_trace(path)
-    print(f"{shape}: grouped forward trace, call {TRACE_CALLS} of {TRACE_CALLS} ({path})")
-    if not records:
-        print("no tile records: the grouped launch did not run")
-        return 1
-    for line in summarize(records, ["seg", "depth", "normals", "cls"]):
-        print(line)
-    return 0
-
+    status = 0
+    for build, variables in BUILDS.items():
+        path = os.path.join(out_dir, f"group_trace_{build}.csv")
+        os.environ.update(variables)
+        try:
+            for _ in range(5):
+                forward()
+            torch.cuda.synchronize()
+            os.environ["FASTMTL_CUDA_GROUP_TRACE"] = path
+            for _ in range(TRACE_CALLS):
+                forward()
+        finally:
+            for k in ("FASTMTL_CUDA_GROUP_TRACE", *variables):
+                os.environ.pop(k, None)
+        records = read_trace(path)
+        print(f"{shape}: grouped forward trace, {build} build, call {TRACE_CALLS} of {TRACE_CALLS} ({path})")
+        if not records:
+            print("no tile records: the grouped launch did not run")
+            status = 1
+            continue
+        for line in summarize(records, ["seg", "depth", "normals", "cls"]):
+            print(line)
+    return status
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

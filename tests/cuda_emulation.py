@@ -15,9 +15,10 @@ Limits, which the kernels under test respect: a thread that returns early must n
 ``__syncthreads`` of the same block after it (its end-of-block arrival stands in for one), the threads of a warp call
 a shuffle together (a full-warp mask; a power-of-two width), and ``__shared__`` arrays are declared where every
 thread of the block passes. ``build`` returns the library loaded with ctypes: the test shim's functions,
-``emu_take_launches()`` (kernel launches since its last call) and ``emu_set_block_order(seed)`` (0: blocks by index;
+``emu_take_launches()`` (kernel launches since its last call), ``emu_take_prefetches`` (the addresses the kernels
+prefetched to L2 since its last call: ``take_prefetches``) and ``emu_set_block_order(seed)`` (0: blocks by index;
 else each launch runs its blocks in a random order drawn from the seed and the launches since it was set, so a seed
-gives the same orders again).
+gives the same orders again). The emulation defines ``FASTMTL_CUDA_EMULATION`` for the kernels' test hooks.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ HEADER = r"""
 #include <random>
 #include <thread>
 #include <vector>
+
+#define FASTMTL_CUDA_EMULATION 1  // kernels' hooks for tests (numeric.cuh's prefetch_l2)
+
+// The addresses the kernels prefetched (numeric.cuh's prefetch_l2) since emu_take_prefetches last took them.
+inline std::mutex emu_prefetch_mutex;
+inline std::vector<uintptr_t> emu_prefetches;
+inline void emu_prefetch_l2(const void* p) {
+  std::lock_guard<std::mutex> lock(emu_prefetch_mutex);
+  emu_prefetches.push_back(reinterpret_cast<uintptr_t>(p));
+}
 
 struct dim3 {
   unsigned x, y, z;
@@ -316,6 +327,14 @@ extern "C" int emu_take_launches() {
   emu_launches = 0;
   return n;
 }
+// The number of addresses prefetched since the last call; the first `capacity` of them go to `out`.
+extern "C" long long emu_take_prefetches(unsigned long long* out, long long capacity) {
+  std::lock_guard<std::mutex> lock(emu_prefetch_mutex);
+  const long long n = static_cast<long long>(emu_prefetches.size());
+  for (long long i = 0; i < n && i < capacity; ++i) out[i] = emu_prefetches[i];
+  emu_prefetches.clear();
+  return n;
+}
 extern "C" void emu_set_block_order(unsigned seed) {
   emu_block_order_seed = seed;
   emu_block_order_launches = 0;
@@ -357,3 +376,13 @@ def build(out_dir: pathlib.Path, kernels: dict[str, int], headers: list[str], sh
 def ptr(t) -> ctypes.c_void_p:
     """A tensor's data pointer for a ctypes call (null for None)."""
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def take_prefetches(lib: ctypes.CDLL, capacity: int = 1 << 20) -> list[int]:
+    """The addresses the emulated kernels prefetched to L2 (numeric.cuh's prefetch_l2) since the last call, in the
+    order they were issued (at most ``capacity``: more fails)."""
+    lib.emu_take_prefetches.restype = ctypes.c_longlong
+    out = (ctypes.c_ulonglong * capacity)()
+    n = lib.emu_take_prefetches(out, ctypes.c_longlong(capacity))
+    assert n <= capacity, f"{n} prefetches, more than the {capacity} asked for"
+    return list(out[:n])

@@ -730,22 +730,32 @@ def test_cuda_multitask_loss_launches(backend):
 
 
 @pytest.mark.cuda
-def test_cuda_group_blocks_builds_agree_and_a_bad_value_raises(monkeypatch):
-    """FASTMTL_CUDA_GROUP_BLOCKS picks the grouped forward's build (2, 3 or 4 resident blocks per SM): every build gives
-    bitwise the same losses and gradients as the default; any other value raises, naming the variable."""
+def test_cuda_group_builds_agree_and_bad_values_raise(monkeypatch):
+    """FASTMTL_CUDA_GROUP_BLOCKS (2 or 3 resident blocks per SM) and FASTMTL_CUDA_GROUP_PREFETCH (0 or 1: the loss
+    tiles' reads prefetched to L2) pick the grouped forward's build: every build gives bitwise the same losses and
+    gradients as the default; any other value raises, naming the variable."""
     preds, targets, kinds, masks = batch("cuda")
     outs = []
-    for value in ("", "2", "3", "4"):
-        monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", value)
-        with fastmtl.use_backend("cuda"):
-            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
-        outs.append([total, *per_task.values(), *torch.autograd.grad(total, list(preds.values()))])
+    for blocks in ("", "2", "3"):
+        for prefetch in ("", "0", "1"):
+            monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", blocks)
+            monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", prefetch)
+            with fastmtl.use_backend("cuda"):
+                total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+            outs.append([total, *per_task.values(), *torch.autograd.grad(total, list(preds.values()))])
     for out in outs[1:]:
         for a, b in zip(outs[0], out, strict=True):
             assert torch.equal(a, b)
-    monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", "5")
-    with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_BLOCKS must be 2, 3 or 4"):
-        fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", "")
+    for bad in ("4", "5"):
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", bad)
+        with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_BLOCKS must be 2 or 3"):
+            fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", "")
+    for bad in ("2", "yes", "on"):
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", bad)
+        with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_PREFETCH must be 0 or 1"):
+            fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
 
 
 @pytest.mark.cuda

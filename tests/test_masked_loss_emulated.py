@@ -101,11 +101,13 @@ static std::vector<LossTask> tasks_of(const void** preds, const int* dtypes, con
 int64_t emu_multitask_slots(EMU_TASK_ARGS) { return masked_loss_multitask_slots(EMU_TASKS.data(), n); }
 int emu_multitask_forward(EMU_TASK_ARGS, float* total, const float* weights, float* grad_scale, int32_t* counts,
                           float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket, int grouped,
-                          int group_blocks, int64_t group_tile_bytes, int64_t* trace, int64_t trace_len) {
+                          int group_blocks, int64_t group_tile_bytes, int64_t* trace, int64_t trace_len,
+                          int group_prefetch) {
   MultitaskBuffers buf;
   buf.grouped = grouped != 0;
   buf.group_blocks = group_blocks;
   buf.group_tile_bytes = group_tile_bytes;
+  buf.group_prefetch = group_prefetch != 0;
   buf.group_trace = trace;
   buf.group_trace_len = trace_len;
   buf.total = total;
@@ -153,9 +155,10 @@ int emu_max_count_blocks() { return kMaxCountBlocks; }
 
 
 # The masked loss's .cu files (with the kernel launches each holds) and the headers they include.
-_EMU_KERNELS = {"masked_loss.cu": 8, "masked_loss_grouped.cu": 3, "masked_loss_scale.cu": 1}
+_EMU_KERNELS = {"masked_loss.cu": 8, "masked_loss_grouped.cu": 1, "masked_loss_scale.cu": 1}
 _EMU_HEADERS = ["masked_loss.h", "masked_loss_grouped.h", "masked_loss_reduce.cuh", "masked_loss_count.cuh",
-                "masked_loss_ce.cuh", "masked_loss_elementwise.cuh", "masked_loss_plan.cuh", "numeric.cuh"]
+                "masked_loss_ce.cuh", "masked_loss_elementwise.cuh", "masked_loss_plan.cuh", "masked_loss_prefetch.cuh",
+                "numeric.cuh"]
 
 
 @pytest.fixture(scope="module")
@@ -265,12 +268,13 @@ def _emu_elementwise(lib, pred, target, mask, kind):
 
 
 def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True, group_blocks=0, expect=0,
-                           group_tile_bytes=0, trace=None):
+                           group_tile_bytes=0, trace=None, group_prefetch=False):
     """masked_loss_multitask_forward (what masked_multitask_loss_forward_cuda runs) on poisoned outputs and
     workspaces. tasks: (pred, target, mask, kind). Returns (total, losses, grad_scale, grads); grads[t] is None where
     compute_grad[t] is false. grouped=False: the chain even where the grouped launch applies; group_blocks: the
     grouped kernel's build (0: the default); expect: the launcher's return code; group_tile_bytes: the least a grouped
-    loss tile moves (0: the default); trace: an int64 [rows, fields] tensor for the grouped forward's tile records."""
+    loss tile moves (0: the default); trace: an int64 [rows, fields] tensor for the grouped forward's tile records;
+    group_prefetch: the grouped build that prefetches its loss tiles' reads."""
     n = len(tasks)
     compute_grad = compute_grad or [True] * n
     grads = [torch.full_like(pred, float("nan")) if c else None for (pred, *_), c in zip(tasks, compute_grad)]
@@ -287,7 +291,8 @@ def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True,
     assert lib.emu_multitask_forward(*args, _ptr(total), _ptr(weights), _ptr(grad_scale), _ptr(counts), _ptr(psum),
                                      _ptr(pcount), _ptr(loss_copies), _ptr(ticket), int(grouped),
                                      group_blocks, ctypes.c_int64(group_tile_bytes), _ptr(trace),
-                                     ctypes.c_int64(0 if trace is None else trace.shape[0])) == expect  # fmt: skip
+                                     ctypes.c_int64(0 if trace is None else trace.shape[0]),
+                                     int(group_prefetch)) == expect  # fmt: skip
     return total, losses, grad_scale, grads
 
 
@@ -662,18 +667,57 @@ def test_cuda_kernels_emulated_grouped_forward(emu, dtype):
 
 
 def test_cuda_kernels_emulated_grouped_builds(emu):
-    """The grouped kernel's builds for 2, 3 and 4 resident blocks per SM run the same arithmetic: bitwise the same
-    results as the default build; another value is refused (cudaErrorInvalidValue) before any launch."""
+    """The grouped kernel's builds for 2 and 3 resident blocks per SM, each with and without the loss tiles' L2
+    prefetch, run the same arithmetic: bitwise the same results as the default build; another block count is refused
+    (cudaErrorInvalidValue) before any launch."""
     torch.manual_seed(6)
     seg, seg_t = make_ce((2, 7, 8, 8), "contiguous", torch.bfloat16, device="cpu")
     depth, depth_t = make_dense("l1", (2, 1, 8, 8), "contiguous", torch.bfloat16, device="cpu")
     tasks = [(seg, seg_t, make_mask(2, "random", device="cpu"), "ce"), (depth, depth_t.bfloat16(), None, "l1")]
     default = _emu_multitask_forward(emu, tasks, None)
-    for blocks in (2, 3, 4):
-        assert_bitwise_equal(default, _emu_multitask_forward(emu, tasks, None, group_blocks=blocks))
+    for blocks in (2, 3):
+        for prefetch in (False, True):
+            out = _emu_multitask_forward(emu, tasks, None, group_blocks=blocks, group_prefetch=prefetch)
+            assert_bitwise_equal(default, out)
     emu.emu_take_launches()
-    _emu_multitask_forward(emu, tasks, None, group_blocks=5, expect=1)
+    for blocks in (4, 5):
+        _emu_multitask_forward(emu, tasks, None, group_blocks=blocks, expect=1)
     assert emu.emu_take_launches() == 0
+
+
+def _labelled_ranges(t, mask):
+    """The byte ranges [begin, end) of a contiguous [N, ...] tensor's labelled samples."""
+    per = t[0].numel() * t.element_size()
+    return [(t.data_ptr() + n * per, t.data_ptr() + (n + 1) * per) for n in range(t.shape[0]) if mask[n]]
+
+
+@pytest.mark.parametrize("tile_bytes", [1, 0])  # one block per loss tile; the default (several)
+def test_cuda_kernels_emulated_grouped_prefetch(emu, tile_bytes):
+    """The prefetching build of the grouped forward asks the L2 for exactly the labelled samples' reads of its pixel
+    and elementwise loss tiles: every 128-byte line of a labelled sample's logits, class targets, predictions and float
+    targets, none inside an unlabelled sample's (nor anywhere else), nothing for a task whose tiles span more than
+    kPrefetchMaxSamples samples; the results bitwise those of the build without prefetch, which prefetches nothing."""
+    torch.manual_seed(12)
+    seg, seg_t = make_ce((4, 13, 24, 40), "contiguous", torch.bfloat16, device="cpu")  # 2 blocks per sample
+    depth, depth_t = make_dense("l1", (4, 1, 40, 48), "contiguous", torch.bfloat16, device="cpu")
+    normals, normals_t = make_dense("l1", (4, 3, 40, 48), "contiguous", torch.bfloat16, device="cpu")  # f32 targets
+    attr, attr_t = make_dense("mse", (40, 7), "contiguous", torch.bfloat16, device="cpu")
+    masks = [torch.tensor(m) for m in ([True, False, True, True], [False, True, True, False], [True, True, False, True])]
+    attr_mask = make_mask(40, "random", device="cpu")
+    tasks = [(seg, seg_t, masks[0], "ce"), (depth, depth_t.bfloat16(), masks[1], "l1"),
+             (normals, normals_t, masks[2], "l1"), (attr, attr_t.bfloat16(), attr_mask, "mse")]  # fmt: skip
+    cuda_emulation.take_prefetches(emu)
+    plain = _emu_multitask_forward(emu, tasks, None, group_tile_bytes=tile_bytes)
+    assert cuda_emulation.take_prefetches(emu) == []
+    out = _emu_multitask_forward(emu, tasks, None, group_tile_bytes=tile_bytes, group_prefetch=True)
+    assert_bitwise_equal(plain, out)
+    lines = {a // 128 for a in cuda_emulation.take_prefetches(emu)}
+    labelled = [r for pred, target, mask, _ in tasks[:3] for t in (pred, target) for r in _labelled_ranges(t, mask)]
+    for begin, end in labelled:
+        missing = set(range(begin // 128, (end - 1) // 128 + 1)) - lines
+        assert not missing, f"{len(missing)} lines of a labelled sample not prefetched"
+    inside = {line for begin, end in labelled for line in range(begin // 128, (end - 1) // 128 + 1)}
+    assert lines <= inside, "a line prefetched outside every labelled sample's reads (an unlabelled sample's?)"
 
 
 def test_cuda_kernels_emulated_grouped_tile_sizes(emu):

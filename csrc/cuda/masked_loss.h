@@ -155,8 +155,9 @@ struct MultitaskBuffers {
   float* losses = nullptr;         // [T] workspace: a copy of every task's loss, for the total
   unsigned* ticket = nullptr;      // [1] workspace
   bool grouped = true;             // false: never the grouped launch (tests of the chain)
-  int group_blocks = 0;            // resident blocks per SM the grouped kernel is built for: 2, 3 or 4; 0: 3
+  int group_blocks = 0;            // resident blocks per SM the grouped kernel is built for: 2 or 3; 0: 3
   int64_t group_tile_bytes = 0;    // bytes a loss tile of the grouped forward moves at least; 0: 48 KB
+  bool group_prefetch = false;     // experiments: each grouped loss tile's reads prefetched to L2 first
   int64_t* group_trace = nullptr;  // experiments: [group_trace_len, kGroupTraceFields] tile records (GroupTraceField)
   int64_t group_trace_len = 0;     // of the grouped forward, by tile id; later tiles are not recorded
 };

@@ -282,15 +282,15 @@ std::tuple<at::Tensor, at::Tensor> masked_loss_cuda(const at::Tensor& pred, cons
 }
 
 // FASTMTL_CUDA_GROUP_BLOCKS: which build of the grouped forward runs, by the resident blocks per SM it is built for
-// (2, 3 or 4; unset or empty: 3, the fastest measured), so that the builds can be timed side by side
+// (2 or 3; unset or empty: 3, the fastest measured), so that the builds can be timed side by side
 // (benchmarks/group_blocks_experiment.py). Read at every call; anything else raises before any launch.
 int group_blocks_from_env() {
   const char* env = std::getenv("FASTMTL_CUDA_GROUP_BLOCKS");
   if (env == nullptr || *env == '\0') return 0;
   const std::string value(env);
-  TORCH_CHECK(value == "2" || value == "3" || value == "4",
-              "FASTMTL_CUDA_GROUP_BLOCKS must be 2, 3 or 4 (resident blocks per SM of the grouped masked-loss "
-              "kernel), got '", value, "'");
+  TORCH_CHECK(value == "2" || value == "3",
+              "FASTMTL_CUDA_GROUP_BLOCKS must be 2 or 3 (resident blocks per SM of the grouped masked-loss kernel), "
+              "got '", value, "'");
   return value[0] - '0';
 }
 
@@ -307,6 +307,19 @@ int64_t group_tile_bytes_from_env() {
               "FASTMTL_CUDA_GROUP_TILE_KB must be a whole number of KiB from 4 to 1024 (the least a loss tile of the "
               "grouped masked-loss kernel moves), got '", value, "'");
   return kb * 1024;
+}
+
+// FASTMTL_CUDA_GROUP_PREFETCH: 1 prefetches each loss tile's reads of the grouped forward to L2 before the tile runs
+// (masked_loss_prefetch.cuh), 0 does not (unset or empty: 0, until it is timed on a GPU), so that both can be timed
+// side by side (benchmarks/group_blocks_experiment.py). Read at every call; anything else raises before any launch.
+bool group_prefetch_from_env() {
+  const char* env = std::getenv("FASTMTL_CUDA_GROUP_PREFETCH");
+  if (env == nullptr || *env == '\0') return false;
+  const std::string value(env);
+  TORCH_CHECK(value == "0" || value == "1",
+              "FASTMTL_CUDA_GROUP_PREFETCH must be 0 or 1 (L2 prefetch of the grouped masked-loss kernel's loss "
+              "tiles), got '", value, "'");
+  return value == "1";
 }
 
 // FASTMTL_CUDA_GROUP_TRACE=<path>: experiments only (benchmarks/group_trace.py). The grouped forward records every
@@ -353,6 +366,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
               "masked_multitask_loss_forward (CUDA): one pred, target, mask, kind and compute_grad per task");
   const int group_blocks = group_blocks_from_env();
   const int64_t group_tile_bytes = group_tile_bytes_from_env();
+  const bool group_prefetch = group_prefetch_from_env();
   const std::string trace_path = group_trace_path_from_env();
   const c10::cuda::CUDAGuard guard(preds[0].device());
   TORCH_CHECK(trace_path.empty() ||
@@ -397,6 +411,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   buffers.ticket = work.ticket();
   buffers.group_blocks = group_blocks;
   buffers.group_tile_bytes = group_tile_bytes;
+  buffers.group_prefetch = group_prefetch;
   at::Tensor trace;
   if (!trace_path.empty()) {
     trace = at::full({kMaxTraceTiles, cuda::kGroupTraceFields}, -1, options.dtype(at::kLong));

@@ -18,6 +18,7 @@
 #include "masked_loss_elementwise.cuh"
 #include "masked_loss_grouped.h"
 #include "masked_loss_plan.cuh"
+#include "masked_loss_prefetch.cuh"
 #include "masked_loss_reduce.cuh"
 #include "numeric.cuh"
 
@@ -296,13 +297,43 @@ __device__ __forceinline__ void group_loss_block(const GroupTask& task, int64_t 
   }
 }
 
+// The reads of a loss tile's blocks [first, end), prefetched to L2 (the pixel and elementwise tiles; the others read as
+// they go).
+template <typename P>
+__device__ __forceinline__ void prefetch_loss_tile(const GroupTask& task, int64_t first, int64_t end) {
+  const P* pred = static_cast<const P*>(task.pred);
+  if (task.variant == GroupVariant::kCePixelVec) {
+    prefetch_ce_pixel_blocks<P, kGroupPixelVec>(pred, static_cast<const int64_t*>(task.target), task.mask, task.geom,
+                                                task.s_blocks, first, end);
+  } else if (task.variant == GroupVariant::kElementwise) {
+    constexpr int V = 16 / sizeof(P);
+    if (task.target_f32) {
+      const float* t = static_cast<const float*>(task.target);
+      if (task.vec)
+        prefetch_elementwise_blocks<P, float, V>(pred, t, task.mask, task.total, task.M, first, end);
+      else
+        prefetch_elementwise_blocks<P, float, 1>(pred, t, task.mask, task.total, task.M, first, end);
+    } else {
+      const P* t = static_cast<const P*>(task.target);
+      if (task.vec)
+        prefetch_elementwise_blocks<P, P, V>(pred, t, task.mask, task.total, task.M, first, end);
+      else
+        prefetch_elementwise_blocks<P, P, 1>(pred, t, task.mask, task.total, task.M, first, end);
+    }
+  }
+}
+
 // Loss tile `local` of table task i: its count word (waited for once per block and task, then kept in `counted`),
 // then its blocks of the per-task kernel with the gradient already divided by the count, and the tile's loss sum
-// in its slot. No fence or atomic per tile: the kernel's last block finalizes every task.
-template <typename P>
+// in its slot. No fence or atomic per tile: the kernel's last block finalizes every task. PREFETCH: the tile's reads
+// are prefetched first, so that they arrive during the count wait and the first block's loads.
+template <typename P, bool PREFETCH>
 __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, int64_t local, GroupState* state,
                                                 unsigned long long* counted) {
   const GroupTask& task = table.task[i];
+  const int64_t first = local * task.blocks_per_tile;
+  const int64_t end = first + task.blocks_per_tile < task.blocks ? first + task.blocks_per_tile : task.blocks;
+  if (PREFETCH) prefetch_loss_tile<P>(task, first, end);
   if (threadIdx.x == 0 && counted[i] == 0) counted[i] = wait_counted(&state->count[i], task.count_tiles);
   if (threadIdx.x == 0 && table.trace != nullptr) {
     if (int64_t* record = trace_record(table, task.loss_first + local)) record[kTraceCounted] = global_time_ns();
@@ -312,8 +343,6 @@ __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, 
   const float gi = task.stored > 0.0f ? task.stored : (count > 0 ? 1.0f / static_cast<float>(count) : 0.0f);
   float loss = 0.0f;
   int valid = 0;
-  const int64_t first = local * task.blocks_per_tile;
-  const int64_t end = first + task.blocks_per_tile < task.blocks ? first + task.blocks_per_tile : task.blocks;
   if (task.variant == GroupVariant::kCePixelVec) {  // the class count as a constant: one dispatch per tile
     with_classes(task.geom.C, [&](auto classes) {
       for (int64_t block = first; block < end; ++block)
@@ -361,14 +390,14 @@ __device__ __forceinline__ int task_of_tile(const GroupTable& table, int64_t til
 }
 
 // Tile `tile` of the schedule: a count tile or a loss tile of one of the table's tasks.
-template <typename P>
+template <typename P, bool PREFETCH>
 __device__ __forceinline__ void group_tile(const GroupTable& table, int64_t tile, GroupState* state,
                                            unsigned long long* counted) {
   const int i = task_of_tile(table, tile);
   if (tile < table.count_end)
     group_count_tile<P>(table, tile, table.task[i], tile - table.task[i].count_first, &state->count[i]);
   else
-    group_loss_tile<P>(table, i, tile - table.task[i].loss_first, state, counted);
+    group_loss_tile<P, PREFETCH>(table, i, tile - table.task[i].loss_first, state, counted);
 }
 
 // The trace record of finished tile `tile` (thread 0): which task and kind, where and when (group_loss_tile wrote a
@@ -412,10 +441,13 @@ __device__ __forceinline__ void trace_finalize(const GroupTable& table, int64_t 
 // MIN_BLOCKS: the resident blocks per SM the kernel is built for (registers: 65536 / (256 * MIN_BLOCKS)). Memory-bound
 // tiles need the warps, the widest tile function sets the registers of all. Side by side on an H100 (forward + backward
 // of the NYUv2-like batch in a graph, benchmarks/results/2026-11-27-h100-5/): 2 blocks 0.0545 ms, 3 blocks 0.0525 ms
-// (80 registers, no spills), 4 blocks 0.0573 ms (64 registers: spills), hence the default
+// (80 registers, no spills), 4 blocks 0.0573 ms (64 registers: spills; no longer built), hence the default
 // (MultitaskBuffers::group_blocks). The pixel tiles take 2 pixels per thread to fit.
+// PREFETCH (MultitaskBuffers::group_prefetch): each loss tile's reads prefetched to L2 first (masked_loss_prefetch.cuh),
+// in builds of their own, so that the default build keeps its registers (sm_90: with the prefetch, the 3-block build
+// spills 32 bytes, the 2-block build nothing).
 constexpr int kDefaultGroupBlocks = 3;
-template <typename P, int MIN_BLOCKS>
+template <typename P, int MIN_BLOCKS, bool PREFETCH>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     grouped_forward_kernel(GroupTable table, GroupState* state, float* losses) {
   __shared__ unsigned long long tile_id[1];
@@ -431,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     unsigned long long next = 0;
     if (threadIdx.x == 0) next = atomicAdd(&state->next_tile, 1ULL);  // in flight while this tile runs
     if (table.trace != nullptr && threadIdx.x == 0) trace_start[0] = global_time_ns();
-    group_tile<P>(table, static_cast<int64_t>(tile), state, counted);
+    group_tile<P, PREFETCH>(table, static_cast<int64_t>(tile), state, counted);
     if (threadIdx.x == 0) {
       tile_id[0] = next;
       if (table.trace != nullptr) trace_tile(table, static_cast<int64_t>(tile), trace_start[0]);
@@ -547,7 +579,7 @@ GroupTask group_task(const LossTask& task, int index, const MultitaskBuffers& bu
 
 // Blocks of the grouped launch: what the device keeps resident (one wave; the blocks loop over the tiles), at most
 // one per tile.
-template <typename P, int MIN_BLOCKS>
+template <typename P, int MIN_BLOCKS, bool PREFETCH>
 unsigned group_grid(int64_t tiles) {
   static std::atomic<int> per_sm_cache{0}, sms_cache{0};  // one device kind per process is the norm; else re-queried
   int device = 0, sms = 0, per_sm = per_sm_cache.load(std::memory_order_relaxed);
@@ -557,8 +589,8 @@ unsigned group_grid(int64_t tiles) {
     sms = 132;
   }
   if (per_sm <= 0 || sms != sms_cache.load(std::memory_order_relaxed)) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_forward_kernel<P, MIN_BLOCKS>, kThreads, 0) !=
-            cudaSuccess ||
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_forward_kernel<P, MIN_BLOCKS, PREFETCH>,
+                                                      kThreads, 0) != cudaSuccess ||
         per_sm <= 0) {
       cudaGetLastError();
       per_sm = 2;
@@ -567,6 +599,14 @@ unsigned group_grid(int64_t tiles) {
     sms_cache.store(sms, std::memory_order_relaxed);
   }
   return static_cast<unsigned>(std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm));
+}
+
+// One build of the grouped forward, launched over the table.
+template <typename P, int MIN_BLOCKS, bool PREFETCH>
+cudaError_t launch_grouped(const GroupTable& table, GroupState* state, float* losses, cudaStream_t stream) {
+  grouped_forward_kernel<P, MIN_BLOCKS, PREFETCH>
+      <<<group_grid<P, MIN_BLOCKS, PREFETCH>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -617,16 +657,14 @@ cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>
   }
   table.tile_end = next;
   const int min_blocks = buf.group_blocks == 0 ? kDefaultGroupBlocks : buf.group_blocks;
-  if (min_blocks < 2 || min_blocks > 4) return cudaErrorInvalidValue;
+  if (min_blocks < 2 || min_blocks > 3) return cudaErrorInvalidValue;
   err = dispatch_dtype(tasks[order[0]].dtype, [&](auto zero) {
     using P = decltype(zero);
     if (min_blocks == 2)
-      grouped_forward_kernel<P, 2><<<group_grid<P, 2>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
-    else if (min_blocks == 4)
-      grouped_forward_kernel<P, 4><<<group_grid<P, 4>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
-    else
-      grouped_forward_kernel<P, 3><<<group_grid<P, 3>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
-    return cudaSuccess;
+      return buf.group_prefetch ? launch_grouped<P, 2, true>(table, state, losses, stream)
+                                : launch_grouped<P, 2, false>(table, state, losses, stream);
+    return buf.group_prefetch ? launch_grouped<P, 3, true>(table, state, losses, stream)
+                              : launch_grouped<P, 3, false>(table, state, losses, stream);
   });
   return err != cudaSuccess ? err : cudaGetLastError();
 }

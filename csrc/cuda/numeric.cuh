@@ -93,6 +93,19 @@ __device__ __forceinline__ typename NativeVec<BYTES>::type load_native(const voi
   return v;
 }
 
+// A hint that the 128-byte line holding p will be read soon: the L2 fetches it, and the thread does not wait (no
+// register is written). A prefetch of an address outside any allocation does nothing. The CPU emulation of the kernels
+// (tests/cuda_emulation.py, FASTMTL_CUDA_EMULATION) records the address, so tests can check what a kernel prefetches.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#elif defined(FASTMTL_CUDA_EMULATION)
+  emu_prefetch_l2(p);
+#else
+  (void)p;
+#endif
+}
+
 template <int BYTES>
 __device__ __forceinline__ void store_native(void* p, const typename NativeVec<BYTES>::type& v) {
 #if defined(__CUDA_ARCH__)
