@@ -71,12 +71,12 @@ __device__ __forceinline__ float reduction_grad_factor(const LossReduction& red,
 }
 
 // One thread's share of the sums of num slots (psum, and pcount when given): slots first, first + STRIDE, ... in that
-// order, STRIDE threads (a block or a warp) side by side. The slots may have been written by other blocks of this
+// order, STRIDE threads (a block or a warp) side by side, kUnroll slots loaded at once (the sum is the same for any
+// kUnroll: each thread adds its slots in the same order). The slots may have been written by other blocks of this
 // launch: read through L2.
-template <int STRIDE>
+template <int STRIDE, int kUnroll = 4>
 __device__ __forceinline__ void sum_slots_strided(const float* psum, const int32_t* pcount, int64_t num, int first,
                                                   double& sum, long long& count) {
-  constexpr int kUnroll = 4;  // loads in flight per thread: one block or warp walks every slot (many for huge tasks)
   sum = 0.0;
   count = 0;
   for (int64_t base = first; base < num; base += STRIDE * kUnroll) {
