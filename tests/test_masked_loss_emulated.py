@@ -906,7 +906,7 @@ def test_cuda_kernels_emulated_float16_gradients_keep_their_precision(emu):
     assert flushed(divided) > 0.03, "the case must be one where dividing in float16 loses the small entries"
 
 
-# (SMs, threads per SM): one small SM (4 blocks: the grid strides across tasks), sm_86-like (6 per SM), an H100
+# (SMs, threads per SM): one small SM (2 blocks: the grid strides across tasks), sm_86-like, an H100
 _CAPACITIES = [(1, 1024), (7, 1536), (132, 2048)]
 
 
@@ -926,12 +926,12 @@ def _assert_margins_untouched(buffer, view):
 
 @pytest.mark.parametrize("capacity", _CAPACITIES)
 def test_cuda_kernels_emulated_scale_grads(emu, capacity):
-    """Whole 16-byte-aligned chunks in vectors, the tails and a misaligned tensor one element at a time; on the
-    small devices the grid is smaller than the 25 chunks, so each block strides across tasks. A scale of exactly 1
-    out of place still copies. Nothing outside the outputs is written."""
+    """Whole 16-byte-aligned chunks in vectors (float32, bfloat16, float16), the tails and a misaligned tensor one
+    element at a time; on the smallest device the grid (2 blocks) is smaller than the 14 chunks, so each block strides
+    across tasks. A scale of exactly 1 out of place still copies. Nothing outside the outputs is written."""
 
-    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(4000).bfloat16(),
-             torch.randn(4097)[1:], torch.randn(36000).half()]  # fmt: skip
+    grads = [torch.randn(3, 700), torch.randn(2, 5).half(), torch.randn(0, 3), torch.randn(20000).bfloat16(),
+             torch.randn(4097)[1:], torch.randn(36000).half(), torch.randn(17000)]  # fmt: skip
     guarded = [_guarded(torch.empty_like(g)) for g in grads]
     outs = [view.fill_(float("nan")) for _, view in guarded]
     scales = torch.randn(len(grads))
@@ -1042,13 +1042,14 @@ def test_cuda_kernels_emulated_scale_by_one_in_place_moves_no_memory(emu):
 
 @pytest.mark.parametrize("capacity", _CAPACITIES)
 def test_cuda_kernels_emulated_scale_grads_in_place(emu, capacity):
-    """masked_loss_scale_grads_ launches the same kernel with in == out: each element is read before it is written.
-    Tasks scaled by exactly 1 are skipped between the others; those still get every chunk (small devices: the
-    blocks' strides cross the skipped tasks), and nothing outside them is written."""
+    """masked_loss_scale_grads_ launches the same kernel with in == out: each element is read before it is written
+    (whole chunks in vectors and tails alike). Tasks scaled by exactly 1 are skipped between the others; those still
+    get every chunk (smallest device: the blocks' strides cross the skipped tasks), and nothing outside them is
+    written."""
 
     values = [torch.randn(3, 700), torch.randn(9000), torch.randn(2, 5).half(), torch.randn(4000).bfloat16(),
-              torch.randn(17000).bfloat16()]  # fmt: skip
-    factors = (0.5, 1.0, -2.0, 3.0, 1.0)
+              torch.randn(17000).bfloat16(), torch.randn(20000)]  # fmt: skip
+    factors = (0.5, 1.0, -2.0, 1.0, 3.0, -0.25)
     want = [(v.double() * s).to(v.dtype) for v, s in zip(values, factors)]
     guarded = [_guarded(v) for v in values]
     grads = [view for _, view in guarded]

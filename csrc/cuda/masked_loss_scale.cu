@@ -17,7 +17,7 @@ namespace fastmtl {
 namespace cuda {
 namespace {
 
-constexpr int kScaleItems = 8;  // elements per thread in scale_grads_kernel
+constexpr int kScaleItems = 32;  // elements per thread per chunk in scale_grads_kernel (16-bit: 4 vectors, f32: 8)
 
 struct ScaleTable {
   const void* in[kMaxScaleTasks];
@@ -32,34 +32,50 @@ struct ScaleTable {
 static_assert(kMaxScaleTasks <= kThreads, "one thread per task computes the block's task scales");
 
 constexpr int64_t kScaleChunk = static_cast<int64_t>(kThreads) * kScaleItems;  // elements per block per step
-// The most blocks an SM keeps resident (2048 threads: sm_70, sm_80, sm_90); __launch_bounds__ holds the kernel to the
-// registers that allows. The grid takes what the device actually holds (DeviceCapacity).
-constexpr int kScaleBlocksPerSM = 2048 / kThreads;
+// Blocks per SM in the grid (DeviceCapacity caps it at what the device holds). Each thread keeps a chunk's
+// kScaleItems elements in flight (32 KB per SM at 2 blocks), so a few blocks per SM move memory as fast as a full
+// SM of one-vector threads would, and the usual step, where every task is skipped, launches 4x fewer blocks that do
+// nothing but read the scales (before: 8 blocks per SM of one vector per thread).
+constexpr int kScaleBlocksPerSM = 2;
 
 // One block's chunk of kScaleChunk elements: 16-byte vectors when aligned and whole, else one element at a time.
-// Each element is read and written by the same thread, so in == out (in place) is safe.
+// Every load of the thread is issued before its first store (in and out may alias, so the compiler would otherwise
+// keep each load behind the store before it: one memory latency per item). Each element is read and written by the
+// same thread, so in == out (in place) is safe.
 template <typename X>
 __device__ __forceinline__ void scale_chunk(const void* in, void* out, int64_t numel, int64_t base, float scale,
                                             bool vec) {
   const X* a = static_cast<const X*>(in);
   X* b = static_cast<X*>(out);
   constexpr int V = 16 / sizeof(X);
+  constexpr int kVectors = kScaleItems / V;
   static_assert(kScaleItems % V == 0, "a chunk is a whole number of vectors per thread");
   if (vec && base + kScaleChunk <= numel) {
+    Words<X, V> w[kVectors];  // 32-bit words: a 16-bit element split out right after its load would wait for it
 #pragma unroll
-    for (int k = 0; k < kScaleItems / V; ++k) {
-      const int64_t i = base + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * V;
-      Pack<X, V> pk = load_pack<X, V>(a + i);
+    for (int k = 0; k < kVectors; ++k) w[k] = load_words<X, V>(a + base + (k * kThreads + threadIdx.x) * V);
 #pragma unroll
-      for (int j = 0; j < V; ++j) pk.v[j] = from_float<X>(to_acc(pk.v[j]) * scale);
-      store_pack(b + i, pk);
+    for (int k = 0; k < kVectors; ++k) {
+      float v[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = word_elem(w[k], j) * scale;
+      store_words(b + base + (k * kThreads + threadIdx.x) * V, words_from_floats<X, V>(v));
     }
     return;
   }
+  constexpr int kGroup = 8;  // element loads in flight at once here (a tensor's last chunk, or a misaligned tensor)
+  for (int k0 = 0; k0 < kScaleItems; k0 += kGroup) {
+    X x[kGroup];
 #pragma unroll
-  for (int k = 0; k < kScaleItems; ++k) {
-    const int64_t i = base + static_cast<int64_t>(k) * kThreads + threadIdx.x;
-    if (i < numel) b[i] = from_float<X>(to_acc(a[i]) * scale);
+    for (int k = 0; k < kGroup; ++k) {
+      const int64_t i = base + static_cast<int64_t>(k0 + k) * kThreads + threadIdx.x;
+      if (i < numel) x[k] = a[i];
+    }
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      const int64_t i = base + static_cast<int64_t>(k0 + k) * kThreads + threadIdx.x;
+      if (i < numel) b[i] = from_float<X>(to_acc(x[k]) * scale);
+    }
   }
 }
 
