@@ -77,12 +77,12 @@ log "bandwidth check"
 t=$(limit ${BW_TIMEOUT:-60})
 enough "$t" "bandwidth check" && run_for "$t" $PY -P benchmarks/bandwidth.py --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
 
-log "grouped masked-loss kernel: its builds (2 or 3 blocks per SM, L2 prefetch or not) and tile sizes side by side"
-t=$(limit ${GROUP_BLOCKS_TIMEOUT:-120})
+log "grouped masked-loss kernel: builds (2 or 3 blocks per SM, L2 prefetch or not), tile sizes, small tail side by side"
+t=$(limit ${GROUP_BLOCKS_TIMEOUT:-180})
 enough "$t" "group blocks experiment" && run_for "$t" $PY -P benchmarks/group_blocks_experiment.py 2>&1 | tee "$OUT/group_blocks.txt"
 
-log "grouped masked-loss kernel: its tiles traced, with and without prefetch (per-SM busy time, count waits, tiles)"
-t=$(limit ${GROUP_TRACE_TIMEOUT:-40})
+log "grouped masked-loss kernel: its tiles traced (default, prefetch, small tail): per-SM busy time, waits, tiles"
+t=$(limit ${GROUP_TRACE_TIMEOUT:-50})
 enough "$t" "group trace" && run_for "$t" $PY -P benchmarks/group_trace.py "$OUT" 2>&1 | tee "$OUT/group_trace.txt"
 
 log "profile of one conv_bias_relu training step (per-kernel device time)"

@@ -5,8 +5,8 @@ the L2 prefetch of its loss tiles) and its loss tile size, side by side.
 
 Times the NYUv2-like batch of benchmarks/bandwidth.py (forward kernels alone and forward + backward, CUDA graph
 replays, twice each for the spread) under each setting of CONFIGS (FASTMTL_CUDA_GROUP_BLOCKS,
-FASTMTL_CUDA_GROUP_PREFETCH, FASTMTL_CUDA_GROUP_TILE_KB), and checks each against the torch backend on a fresh batch
-first. The default comes first and again last, so that a drift over the run shows. Prints ms and the fraction of the
+FASTMTL_CUDA_GROUP_PREFETCH, FASTMTL_CUDA_GROUP_SMALL_TAIL, FASTMTL_CUDA_GROUP_TILE_KB), and checks each against the
+torch backend on a fresh batch first. The default comes first and again last, so that a drift over the run shows. Prints ms and the fraction of the
 measured copy bandwidth.
 """
 
@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bandwidth  # noqa: E402
 
 
-# Each a setting of the experiment's variables ({}: the defaults, 3 blocks per SM, no prefetch, 48 KiB tiles).
+# Each a setting of the experiment's variables ({}: the defaults, 3 blocks per SM, no prefetch, 48 KiB tiles all the way
+# to the end of the schedule).
 CONFIGS = (
     {},
     {"FASTMTL_CUDA_GROUP_BLOCKS": "2"},
@@ -29,6 +30,9 @@ CONFIGS = (
     {"FASTMTL_CUDA_GROUP_PREFETCH": "1", "FASTMTL_CUDA_GROUP_BLOCKS": "2"},
     {"FASTMTL_CUDA_GROUP_PREFETCH": "1", "FASTMTL_CUDA_GROUP_TILE_KB": "96"},
     {"FASTMTL_CUDA_GROUP_PREFETCH": "1", "FASTMTL_CUDA_GROUP_BLOCKS": "2", "FASTMTL_CUDA_GROUP_TILE_KB": "96"},
+    {"FASTMTL_CUDA_GROUP_SMALL_TAIL": "1"},
+    {"FASTMTL_CUDA_GROUP_SMALL_TAIL": "1", "FASTMTL_CUDA_GROUP_PREFETCH": "1"},
+    {"FASTMTL_CUDA_GROUP_SMALL_TAIL": "1", "FASTMTL_CUDA_GROUP_PREFETCH": "1", "FASTMTL_CUDA_GROUP_BLOCKS": "2"},
     {"FASTMTL_CUDA_GROUP_TILE_KB": "16"},
     {"FASTMTL_CUDA_GROUP_TILE_KB": "96"},
     {},

@@ -6,8 +6,8 @@ Runs the forward kernels of the NYUv2-like batch of benchmarks/bandwidth.py with
 the grouped kernel records every tile it runs (task, count or loss tile, SM, block, and its start, the end of its wait
 for the task's count, and its end, on the GPU's global timer), and prints what the records say: how long each SM had
 work, when the SMs started and ran out of tiles, the count phase, the loss tiles' waits, the last block's finalize,
-and tile durations by task and kind. It does so for each build of BUILDS (the default, and the one that prefetches its
-loss tiles' reads to L2). The records of each build's last call are kept as group_trace_<build>.csv in OUT_DIR
+and tile durations by task and kind. It does so for each setting of BUILDS (the default, the build that prefetches
+its loss tiles' reads to L2, one-block tiles at the end of the schedule). The records of each build's last call are kept as group_trace_<build>.csv in OUT_DIR
 (default: the current directory).
 
 The times are those of a plain call (no CUDA graph), after warm-up calls; reading the timer adds a few instructions per
@@ -28,7 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bandwidth  # noqa: E402
 
 TRACE_CALLS = 3  # the last one is reported
-BUILDS = {"default": {}, "prefetch": {"FASTMTL_CUDA_GROUP_PREFETCH": "1"}}  # name: its variables
+BUILDS = {  # name: its variables
+    "default": {},
+    "prefetch": {"FASTMTL_CUDA_GROUP_PREFETCH": "1"},
+    "small_tail": {"FASTMTL_CUDA_GROUP_SMALL_TAIL": "1"},
+}
 
 
 def read_trace(path: str) -> list[dict[str, int]]:

@@ -759,6 +759,31 @@ def test_cuda_group_builds_agree_and_bad_values_raise(monkeypatch):
 
 
 @pytest.mark.cuda
+def test_cuda_group_small_tail_keeps_gradients_and_a_bad_value_raises(monkeypatch):
+    """FASTMTL_CUDA_GROUP_SMALL_TAIL=1 runs the grouped schedule's last wave of loss work as one-block tiles: gradients
+    bitwise the same (each element is computed alike), losses within float32 rounding (slots summed in other
+    groupings), with and without the prefetch; anything but 0 or 1 raises, naming the variable."""
+    preds, targets, kinds, masks = batch("cuda")
+    outs = []
+    for value, prefetch in (("", ""), ("0", ""), ("1", ""), ("1", "1")):
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_SMALL_TAIL", value)
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", prefetch)
+        with fastmtl.use_backend("cuda"):
+            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+        outs.append(([total, *per_task.values()], torch.autograd.grad(total, list(preds.values()))))
+    for losses, grads in outs[1:]:
+        for a, b in zip(outs[0][1], grads, strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(outs[0][0], losses, strict=True):
+            assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+    monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", "")
+    for bad in ("2", "true"):
+        monkeypatch.setenv("FASTMTL_CUDA_GROUP_SMALL_TAIL", bad)
+        with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_SMALL_TAIL must be 0 or 1"):
+            fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+
+
+@pytest.mark.cuda
 def test_cuda_group_tile_kb_keeps_gradients_and_a_bad_value_raises(monkeypatch):
     """FASTMTL_CUDA_GROUP_TILE_KB sets how much a loss tile of the grouped forward moves (4 to 1024 KiB): gradients are
     bitwise the same for every tile size (each element is computed alike), losses and total within float32 rounding

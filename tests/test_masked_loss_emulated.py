@@ -102,12 +102,13 @@ int64_t emu_multitask_slots(EMU_TASK_ARGS) { return masked_loss_multitask_slots(
 int emu_multitask_forward(EMU_TASK_ARGS, float* total, const float* weights, float* grad_scale, int32_t* counts,
                           float* psum, int32_t* pcount, float* loss_copies, unsigned* ticket, int grouped,
                           int group_blocks, int64_t group_tile_bytes, int64_t* trace, int64_t trace_len,
-                          int group_prefetch) {
+                          int group_prefetch, int group_small_tail) {
   MultitaskBuffers buf;
   buf.grouped = grouped != 0;
   buf.group_blocks = group_blocks;
   buf.group_tile_bytes = group_tile_bytes;
   buf.group_prefetch = group_prefetch != 0;
+  buf.group_small_tail = group_small_tail != 0;
   buf.group_trace = trace;
   buf.group_trace_len = trace_len;
   buf.total = total;
@@ -268,13 +269,14 @@ def _emu_elementwise(lib, pred, target, mask, kind):
 
 
 def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True, group_blocks=0, expect=0,
-                           group_tile_bytes=0, trace=None, group_prefetch=False):
+                           group_tile_bytes=0, trace=None, group_prefetch=False, group_small_tail=False):
     """masked_loss_multitask_forward (what masked_multitask_loss_forward_cuda runs) on poisoned outputs and
     workspaces. tasks: (pred, target, mask, kind). Returns (total, losses, grad_scale, grads); grads[t] is None where
     compute_grad[t] is false. grouped=False: the chain even where the grouped launch applies; group_blocks: the
     grouped kernel's build (0: the default); expect: the launcher's return code; group_tile_bytes: the least a grouped
     loss tile moves (0: the default); trace: an int64 [rows, fields] tensor for the grouped forward's tile records;
-    group_prefetch: the grouped build that prefetches its loss tiles' reads."""
+    group_prefetch: the grouped build that prefetches its loss tiles' reads; group_small_tail: the schedule's last wave
+    of loss work in one-block tiles."""
     n = len(tasks)
     compute_grad = compute_grad or [True] * n
     grads = [torch.full_like(pred, float("nan")) if c else None for (pred, *_), c in zip(tasks, compute_grad)]
@@ -292,7 +294,7 @@ def _emu_multitask_forward(lib, tasks, weights, compute_grad=None, grouped=True,
                                      _ptr(pcount), _ptr(loss_copies), _ptr(ticket), int(grouped),
                                      group_blocks, ctypes.c_int64(group_tile_bytes), _ptr(trace),
                                      ctypes.c_int64(0 if trace is None else trace.shape[0]),
-                                     int(group_prefetch)) == expect  # fmt: skip
+                                     int(group_prefetch), int(group_small_tail)) == expect  # fmt: skip
     return total, losses, grad_scale, grads
 
 
@@ -769,6 +771,37 @@ def test_cuda_kernels_emulated_grouped_trace(emu):
         last_count_end = end[(task == t) & (is_loss == 0)].max()
         assert (counted[(task == t) & (is_loss == 1)] >= last_count_end).all()
     assert (counted[is_loss == 0] == start[is_loss == 0]).all()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cuda_kernels_emulated_grouped_small_tail(emu, prefetch):
+    """FASTMTL_CUDA_GROUP_SMALL_TAIL: the schedule's last wave of loss work (8 blocks here: 4 emulated SMs x 2) runs as
+    one-block tiles, taken from the last task back (tiles of up to 8 blocks: the tile-size knob at 1 MiB): the last
+    task's 2 blocks become 2 tiles, the last 6 of the 12 blocks before them 6 tiles beside a tile of the first 6, the
+    largest task keeps its 1 tile of 8. Gradients bitwise the same, losses within float32 rounding (other slot
+    groupings); with the prefetch too."""
+    torch.manual_seed(13)
+    seg, seg_t = make_ce((4, 13, 24, 40), "contiguous", torch.bfloat16, device="cpu")  # 8 blocks of 512 pixels
+    normals, normals_t = make_dense("l1", (4, 3, 80, 48), "contiguous", torch.bfloat16, device="cpu")  # 12 of 4096
+    depth, depth_t = make_dense("l1", (4, 1, 40, 48), "contiguous", torch.bfloat16, device="cpu")  # 2 of 4096
+    tasks = [(seg, seg_t, make_mask(4, "random", device="cpu"), "ce"), (depth, depth_t.bfloat16(), None, "l1"),
+             (normals, normals_t, make_mask(4, "random", device="cpu"), "l1")]  # fmt: skip
+    fields = emu.emu_group_trace_fields()
+    runs = {}
+    for small_tail in (False, True):
+        trace = torch.full((256, fields), -1, dtype=torch.int64)
+        out = _emu_multitask_forward(emu, tasks, None, group_tile_bytes=1 << 20, trace=trace,
+                                     group_prefetch=prefetch, group_small_tail=small_tail)  # fmt: skip
+        _check_multitask(tasks, None, *out, lead=-1)
+        rows = trace[(trace[:, 0] >= 0) & (trace[:, 7] == 1)]
+        runs[small_tail] = out, {t: int((rows[:, 6] == t).sum()) for t in range(3)}
+    (plain, plain_tiles), (split, split_tiles) = runs[False], runs[True]
+    assert plain_tiles == {0: 1, 1: 1, 2: 2}
+    assert split_tiles == {0: 1, 1: 2, 2: 7}
+    for a, b in zip(plain[3], split[3], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(plain[1], split[1], strict=True):
+        assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
 
 
 @pytest.mark.parametrize("C", [40, 100, 200, 300])

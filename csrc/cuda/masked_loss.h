@@ -158,6 +158,7 @@ struct MultitaskBuffers {
   int group_blocks = 0;            // resident blocks per SM the grouped kernel is built for: 2 or 3; 0: 3
   int64_t group_tile_bytes = 0;    // bytes a loss tile of the grouped forward moves at least; 0: 48 KB
   bool group_prefetch = false;     // experiments: each grouped loss tile's reads prefetched to L2 first
+  bool group_small_tail = false;   // experiments: the grouped schedule's last wave of loss tiles one block each
   int64_t* group_trace = nullptr;  // experiments: [group_trace_len, kGroupTraceFields] tile records (GroupTraceField)
   int64_t group_trace_len = 0;     // of the grouped forward, by tile id; later tiles are not recorded
 };

@@ -311,14 +311,15 @@ int64_t group_tile_bytes_from_env() {
 
 // FASTMTL_CUDA_GROUP_PREFETCH: 1 prefetches each loss tile's reads of the grouped forward to L2 before the tile runs
 // (masked_loss_prefetch.cuh), 0 does not (unset or empty: 0, until it is timed on a GPU), so that both can be timed
-// side by side (benchmarks/group_blocks_experiment.py). Read at every call; anything else raises before any launch.
-bool group_prefetch_from_env() {
-  const char* env = std::getenv("FASTMTL_CUDA_GROUP_PREFETCH");
+// side by side (benchmarks/group_blocks_experiment.py).
+// FASTMTL_CUDA_GROUP_SMALL_TAIL: 1 runs the last wave of the grouped forward's loss work (one block's worth per
+// resident block) as tiles of one block each, 0 does not (unset or empty: 0, until it is timed on a GPU).
+// Both: read at every call; anything else raises before any launch.
+bool group_flag_from_env(const char* name, const char* what) {
+  const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return false;
   const std::string value(env);
-  TORCH_CHECK(value == "0" || value == "1",
-              "FASTMTL_CUDA_GROUP_PREFETCH must be 0 or 1 (L2 prefetch of the grouped masked-loss kernel's loss "
-              "tiles), got '", value, "'");
+  TORCH_CHECK(value == "0" || value == "1", name, " must be 0 or 1 (", what, "), got '", value, "'");
   return value == "1";
 }
 
@@ -366,7 +367,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
               "masked_multitask_loss_forward (CUDA): one pred, target, mask, kind and compute_grad per task");
   const int group_blocks = group_blocks_from_env();
   const int64_t group_tile_bytes = group_tile_bytes_from_env();
-  const bool group_prefetch = group_prefetch_from_env();
+  const bool group_prefetch =
+      group_flag_from_env("FASTMTL_CUDA_GROUP_PREFETCH", "L2 prefetch of the grouped masked-loss kernel's loss tiles");
+  const bool group_small_tail = group_flag_from_env(
+      "FASTMTL_CUDA_GROUP_SMALL_TAIL", "one-block loss tiles at the end of the grouped masked-loss kernel's schedule");
   const std::string trace_path = group_trace_path_from_env();
   const c10::cuda::CUDAGuard guard(preds[0].device());
   TORCH_CHECK(trace_path.empty() ||
@@ -412,6 +416,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   buffers.group_blocks = group_blocks;
   buffers.group_tile_bytes = group_tile_bytes;
   buffers.group_prefetch = group_prefetch;
+  buffers.group_small_tail = group_small_tail;
   at::Tensor trace;
   if (!trace_path.empty()) {
     trace = at::full({kMaxTraceTiles, cuda::kGroupTraceFields}, -1, options.dtype(at::kLong));

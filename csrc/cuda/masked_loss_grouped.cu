@@ -28,7 +28,8 @@ namespace {
 
 // One task of grouped_forward_kernel: its arguments, outputs and place in the schedule (tile ids [count_first,
 // count_first + count_tiles) count its valid targets, [loss_first, loss_first + loss_tiles) compute its loss and
-// gradient, each as blocks_per_tile blocks of the per-task kernel in turn).
+// gradient: the first big_tiles as blocks_per_tile blocks of the per-task kernel in turn, over blocks [0,
+// split_block), then one block each over [split_block, blocks): tile_blocks).
 struct GroupTask {
   GroupVariant variant;
   ElementwiseKind kind;
@@ -50,7 +51,8 @@ struct GroupTask {
   float* slots;  // [loss_tiles]: each loss tile's loss sum
   int64_t count_first, count_tiles, count_elems;  // count_elems: targets per count tile
   int64_t loss_first, loss_tiles;
-  int64_t blocks, blocks_per_tile;  // the per-task kernel's blocks; loss tile k runs blocks [k, k + 1) * per tile
+  int64_t blocks, blocks_per_tile;  // the per-task kernel's blocks; loss tile k < big_tiles runs [k, k + 1) * per tile
+  int64_t split_block, big_tiles;   // blocks from split_block on run one per tile (split_tail; else split_block = blocks)
 };
 
 struct GroupTable {
@@ -323,6 +325,17 @@ __device__ __forceinline__ void prefetch_loss_tile(const GroupTask& task, int64_
   }
 }
 
+// The blocks [first, end) of the per-task kernel that loss tile `local` of a task runs.
+__device__ __forceinline__ void tile_blocks(const GroupTask& task, int64_t local, int64_t& first, int64_t& end) {
+  if (local < task.big_tiles) {
+    first = local * task.blocks_per_tile;
+    end = first + task.blocks_per_tile < task.split_block ? first + task.blocks_per_tile : task.split_block;
+  } else {
+    first = task.split_block + (local - task.big_tiles);
+    end = first + 1;
+  }
+}
+
 // Loss tile `local` of table task i: its count word (waited for once per block and task, then kept in `counted`),
 // then its blocks of the per-task kernel with the gradient already divided by the count, and the tile's loss sum
 // in its slot. No fence or atomic per tile: the kernel's last block finalizes every task. PREFETCH: the tile's reads
@@ -331,9 +344,11 @@ template <typename P, bool PREFETCH>
 __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, int64_t local, GroupState* state,
                                                 unsigned long long* counted) {
   const GroupTask& task = table.task[i];
-  const int64_t first = local * task.blocks_per_tile;
-  const int64_t end = first + task.blocks_per_tile < task.blocks ? first + task.blocks_per_tile : task.blocks;
-  if (PREFETCH) prefetch_loss_tile<P>(task, first, end);
+  if constexpr (PREFETCH) {
+    int64_t first = 0, end = 0;
+    tile_blocks(task, local, first, end);
+    prefetch_loss_tile<P>(task, first, end);
+  }
   if (threadIdx.x == 0 && counted[i] == 0) counted[i] = wait_counted(&state->count[i], task.count_tiles);
   if (threadIdx.x == 0 && table.trace != nullptr) {
     if (int64_t* record = trace_record(table, task.loss_first + local)) record[kTraceCounted] = global_time_ns();
@@ -343,6 +358,8 @@ __device__ __forceinline__ void group_loss_tile(const GroupTable& table, int i, 
   const float gi = task.stored > 0.0f ? task.stored : (count > 0 ? 1.0f / static_cast<float>(count) : 0.0f);
   float loss = 0.0f;
   int valid = 0;
+  int64_t first = 0, end = 0;  // found again here, not kept over the wait: the registers are short
+  tile_blocks(task, local, first, end);
   if (task.variant == GroupVariant::kCePixelVec) {  // the class count as a constant: one dispatch per tile
     with_classes(task.geom.C, [&](auto classes) {
       for (int64_t block = first; block < end; ++block)
@@ -448,7 +465,8 @@ __device__ __forceinline__ void trace_finalize(const GroupTable& table, int64_t 
 // (MultitaskBuffers::group_blocks). The pixel tiles take 2 pixels per thread to fit.
 // PREFETCH (MultitaskBuffers::group_prefetch): each loss tile's reads prefetched to L2 first (masked_loss_prefetch.cuh),
 // in builds of their own, so that the default build keeps its registers (sm_90: with the prefetch, the 3-block build
-// spills 32 bytes, the 2-block build nothing).
+// spills the next tile id, whose store then waits for its atomic at each tile's start; the 2-block build spills
+// nothing).
 constexpr int kDefaultGroupBlocks = 3;
 template <typename P, int MIN_BLOCKS, bool PREFETCH>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
@@ -577,7 +595,27 @@ GroupTask group_task(const LossTask& task, int index, const MultitaskBuffers& bu
   gt.blocks_per_tile = std::min(kGroupMaxBlocksPerTile, std::max<int64_t>(1, ceil_div(tile_bytes, per_block)));
   gt.blocks_per_tile = std::max(gt.blocks_per_tile, ceil_div(gt.blocks, slots_of_task));  // a slot per tile
   gt.loss_tiles = ceil_div(gt.blocks, gt.blocks_per_tile);
+  gt.split_block = gt.blocks;
+  gt.big_tiles = gt.loss_tiles;
   return gt;
+}
+
+// MultitaskBuffers::group_small_tail: the last `blocks` blocks of the schedule's loss work (from its last task back)
+// run as tiles of one block each, so that when the tile counter runs out the blocks are left with short tiles, and
+// finish closer together (a tile of the NYUv2-like batch's segmentation task is 2 blocks, 61 KB). A task keeps at most
+// one tile per slot of its own.
+void split_tail(GroupTable& table, const LossTask* tasks, const std::vector<int>& order, int64_t blocks) {
+  for (int i = table.num - 1; i >= 0 && blocks > 0; --i) {
+    GroupTask& gt = table.task[i];
+    int64_t k = std::min(blocks, gt.blocks);
+    blocks -= k;
+    if (gt.blocks_per_tile == 1) continue;  // its tiles are single blocks already
+    const int64_t slots = task_slots(tasks[order[i]]);
+    while (k > 0 && ceil_div(gt.blocks - k, gt.blocks_per_tile) + k > slots) --k;
+    gt.split_block = gt.blocks - k;
+    gt.big_tiles = ceil_div(gt.split_block, gt.blocks_per_tile);
+    gt.loss_tiles = gt.big_tiles + k;
+  }
 }
 
 // Blocks of the grouped launch: what the device keeps resident (one wave; the blocks loop over the tiles), at most
@@ -602,6 +640,21 @@ unsigned group_grid(int64_t tiles) {
     sms_cache.store(sms, std::memory_order_relaxed);
   }
   return static_cast<unsigned>(std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm));
+}
+
+// The blocks build <P, min_blocks, prefetch> of the grouped forward keeps resident: its grid for a long schedule.
+unsigned group_capacity(DType dtype, int min_blocks, bool prefetch) {
+  constexpr int64_t kMany = int64_t{1} << 40;
+  unsigned blocks = 0;
+  dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    if (min_blocks == 2)
+      blocks = prefetch ? group_grid<P, 2, true>(kMany) : group_grid<P, 2, false>(kMany);
+    else
+      blocks = prefetch ? group_grid<P, 3, true>(kMany) : group_grid<P, 3, false>(kMany);
+    return cudaSuccess;
+  });
+  return blocks;
 }
 
 // One build of the grouped forward, launched over the table.
@@ -654,13 +707,15 @@ cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>
     next += table.task[i].count_tiles;
   }
   table.count_end = next;
+  const int min_blocks = buf.group_blocks == 0 ? kDefaultGroupBlocks : buf.group_blocks;
+  if (min_blocks < 2 || min_blocks > 3) return cudaErrorInvalidValue;
+  if (buf.group_small_tail)
+    split_tail(table, tasks, order, group_capacity(tasks[order[0]].dtype, min_blocks, buf.group_prefetch));
   for (int i = 0; i < table.num; ++i) {
     table.task[i].loss_first = next;
     next += table.task[i].loss_tiles;
   }
   table.tile_end = next;
-  const int min_blocks = buf.group_blocks == 0 ? kDefaultGroupBlocks : buf.group_blocks;
-  if (min_blocks < 2 || min_blocks > 3) return cudaErrorInvalidValue;
   err = dispatch_dtype(tasks[order[0]].dtype, [&](auto zero) {
     using P = decltype(zero);
     if (min_blocks == 2)
