@@ -1,13 +1,15 @@
 """Experiment (CUDA only): the grouped masked-loss forward's builds (2 or 3 resident blocks per SM, with or without
-the L2 prefetch of its loss tiles) and its loss tile size, side by side.
+the L2 prefetch of its loss tiles), its loss tile size and its one-block tiles at the end of the schedule, side by
+side.
 
     python benchmarks/group_blocks_experiment.py
 
 Times the NYUv2-like batch of benchmarks/bandwidth.py (forward kernels alone and forward + backward, CUDA graph
 replays, twice each for the spread) under each setting of CONFIGS (FASTMTL_CUDA_GROUP_BLOCKS,
 FASTMTL_CUDA_GROUP_PREFETCH, FASTMTL_CUDA_GROUP_SMALL_TAIL, FASTMTL_CUDA_GROUP_TILE_KB), and checks each against the
-torch backend on a fresh batch first. The default comes first and again last, so that a drift over the run shows. Prints ms and the fraction of the
-measured copy bandwidth.
+torch backend on a fresh batch first. The default comes first and again last, so that a drift over the run shows.
+The variables are unset for the run (each setting sets its own). Prints ms and the fraction of the measured copy
+bandwidth.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def main() -> int:
     shape, nbytes, cases = bandwidth.loss_cases()
     names = ["cuda masked_multitask_loss_forward (fwd kernels), graph", "cuda masked_multitask_loss fwd+bwd, graph"]
     print(f"copy {copy:.0f} GB/s; {shape}; {nbytes / 1e6:.1f} MB")
+    for k in {k for config in CONFIGS for k in config}:  # a value left in the shell would skew the defaults
+        os.environ.pop(k, None)
     for seed, config in enumerate(CONFIGS):
         os.environ.update(config)
         label = " ".join(f"{k}={v}" for k, v in config.items()) or "default"

@@ -7,8 +7,9 @@ the grouped kernel records every tile it runs (task, count or loss tile, SM, blo
 for the task's count, and its end, on the GPU's global timer), and prints what the records say: how long each SM had
 work, when the SMs started and ran out of tiles, the count phase, the loss tiles' waits, the last block's finalize,
 and tile durations by task and kind. It does so for each setting of BUILDS (the default, the build that prefetches
-its loss tiles' reads to L2, one-block tiles at the end of the schedule). The records of each build's last call are kept as group_trace_<build>.csv in OUT_DIR
-(default: the current directory).
+its loss tiles' reads to L2, one-block tiles at the end of the schedule). The records of each setting's last call
+are kept as group_trace_<name>.csv in OUT_DIR (default: the current directory). In the prefetch build a loss tile's
+"wait for the count" includes issuing its prefetches.
 
 The times are those of a plain call (no CUDA graph), after warm-up calls; reading the timer adds a few instructions per
 tile.
@@ -96,6 +97,15 @@ def summarize(records: list[dict[str, int]], task_names: list[str]) -> list[str]
     return lines
 
 
+def _restore(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as they were (None: unset)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -107,6 +117,7 @@ def main(argv: list[str]) -> int:
     status = 0
     for build, variables in BUILDS.items():
         path = os.path.join(out_dir, f"group_trace_{build}.csv")
+        saved = {k: os.environ.get(k) for k in ("FASTMTL_CUDA_GROUP_TRACE", *variables)}
         os.environ.update(variables)
         try:
             for _ in range(5):
@@ -116,8 +127,7 @@ def main(argv: list[str]) -> int:
             for _ in range(TRACE_CALLS):
                 forward()
         finally:
-            for k in ("FASTMTL_CUDA_GROUP_TRACE", *variables):
-                os.environ.pop(k, None)
+            _restore(saved)
         records = read_trace(path)
         print(f"{shape}: grouped forward trace, {build} build, call {TRACE_CALLS} of {TRACE_CALLS} ({path})")
         if not records:
@@ -127,6 +137,7 @@ def main(argv: list[str]) -> int:
         for line in summarize(records, ["seg", "depth", "normals", "cls"]):
             print(line)
     return status
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -713,8 +713,10 @@ def test_cuda_kernels_emulated_grouped_prefetch(emu, tile_bytes):
     assert cuda_emulation.take_prefetches(emu) == []
     out = _emu_multitask_forward(emu, tasks, None, group_tile_bytes=tile_bytes, group_prefetch=True)
     assert_bitwise_equal(plain, out)
-    lines = {a // 128 for a in cuda_emulation.take_prefetches(emu)}
+    addresses = cuda_emulation.take_prefetches(emu)
+    lines = {a // 128 for a in addresses}
     labelled = [r for pred, target, mask, _ in tasks[:3] for t in (pred, target) for r in _labelled_ranges(t, mask)]
+    assert all(any(begin <= a < end for begin, end in labelled) for a in addresses), "an address outside the reads"
     for begin, end in labelled:
         missing = set(range(begin // 128, (end - 1) // 128 + 1)) - lines
         assert not missing, f"{len(missing)} lines of a labelled sample not prefetched"

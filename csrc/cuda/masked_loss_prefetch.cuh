@@ -1,10 +1,12 @@
 // L2 prefetch of a grouped loss tile's reads (MultitaskBuffers::group_prefetch, an experiment knob: off by default
-// until timed on a GPU). At the start of a loss tile, before its wait for the task's count, the block's threads ask the
-// L2 for every 128-byte line the tile's blocks will read (labelled samples only): the prefetches cost no register and no
-// wait, so the whole tile's reads are in flight at once, and the tile's loads then mostly hit the L2. Without them a
-// thread has only its own few loads in flight between computing (a latency-bound kernel: the H100 profile of
-// 2026-11-27 had the issue slots 26% busy, long-scoreboard stalls first). CUB's DeviceTransform prefetches its tiles
-// the same way on Hopper.
+// until timed on a GPU). At the start of a pixel cross-entropy or elementwise loss tile, before its wait for the task's
+// count, the block's threads ask the L2 for every 128-byte line the tile's blocks will read: a prefetch writes no
+// register and is not waited for, so the whole tile's reads are in flight at once, and the tile's loads then mostly
+// hit the L2. Without them a thread has only its own few loads in flight between computing (a latency-bound kernel:
+// the H100 profile of 2026-11-27 had the issue slots 26% busy, long-scoreboard stalls first). CUB's DeviceTransform
+// prefetches its tiles the same way on Hopper. Unlabelled samples are skipped, except under a per-pixel mask (not
+// read here: all is prefetched); an elementwise tile over more than kPrefetchMaxSamples samples, and the rows and
+// one-pixel cross-entropy tiles, are not prefetched.
 //   prefetch_lines              the lines of one byte range, spread over a warp's or the block's threads
 //   prefetch_ce_pixel_blocks    blocks [first, end) of ce_pixel_vec_tile: every class plane's pixels and the targets
 //   prefetch_elementwise_blocks blocks [first, end) of elementwise_tile: pred and target, labelled samples' parts

@@ -33,9 +33,10 @@ static_assert(kMaxScaleTasks <= kThreads, "one thread per task computes the bloc
 
 constexpr int64_t kScaleChunk = static_cast<int64_t>(kThreads) * kScaleItems;  // elements per block per step
 // Blocks per SM in the grid (DeviceCapacity caps it at what the device holds). Each thread keeps a chunk's
-// kScaleItems elements in flight (32 KB per SM at 2 blocks), so a few blocks per SM move memory as fast as a full
-// SM of one-vector threads would, and the usual step, where every task is skipped, launches 4x fewer blocks that do
-// nothing but read the scales (before: 8 blocks per SM of one vector per thread).
+// kScaleItems elements in flight (per SM at 2 blocks: 32 KB of 16-bit data, 64 KB of float32), as much as the 8
+// blocks per SM of 8 elements per thread before (whose items' loads also waited behind the stores before them), and
+// the usual step, where every task is skipped, launches 4x fewer blocks that only read the scales. Not timed on a GPU
+// yet.
 constexpr int kScaleBlocksPerSM = 2;
 
 // One block's chunk of kScaleChunk elements: 16-byte vectors when aligned and whole, else one element at a time.

@@ -98,7 +98,7 @@ __device__ __forceinline__ typename NativeVec<BYTES>::type load_native(const voi
 // (tests/cuda_emulation.py, FASTMTL_CUDA_EMULATION) records the address, so tests can check what a kernel prefetches.
 __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
 #elif defined(FASTMTL_CUDA_EMULATION)
   emu_prefetch_l2(p);
 #else
