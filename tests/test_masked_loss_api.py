@@ -729,6 +729,24 @@ def test_cuda_multitask_loss_launches(backend):
         assert len(preds) + 1 <= len(kernels) <= len(preds) + 2, kernels
 
 
+def _cuda_step(preds, targets, kinds, masks):
+    """One forward and backward of ``masked_multitask_loss`` on the cuda backend, under the environment as set:
+    ([total, *per-task losses], the preds' gradients)."""
+    with fastmtl.use_backend("cuda"):
+        total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    return [total, *per_task.values()], list(torch.autograd.grad(total, list(preds.values())))
+
+
+def _assert_gradients_equal_losses_close(outs):
+    """Every run of ``outs`` ((losses, grads) pairs) against the first: gradients bitwise equal, losses and total
+    within float32 rounding (slots summed in other groupings)."""
+    for losses, grads in outs[1:]:
+        for a, b in zip(outs[0][1], grads, strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(outs[0][0], losses, strict=True):
+            assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+
+
 @pytest.mark.cuda
 def test_cuda_group_builds_agree_and_bad_values_raise(monkeypatch):
     """FASTMTL_CUDA_GROUP_BLOCKS (2 or 3 resident blocks per SM) and FASTMTL_CUDA_GROUP_PREFETCH (0 or 1: the loss
@@ -740,9 +758,8 @@ def test_cuda_group_builds_agree_and_bad_values_raise(monkeypatch):
         for prefetch in ("", "0", "1"):
             monkeypatch.setenv("FASTMTL_CUDA_GROUP_BLOCKS", blocks)
             monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", prefetch)
-            with fastmtl.use_backend("cuda"):
-                total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
-            outs.append([total, *per_task.values(), *torch.autograd.grad(total, list(preds.values()))])
+            losses, grads = _cuda_step(preds, targets, kinds, masks)
+            outs.append([*losses, *grads])
     for out in outs[1:]:
         for a, b in zip(outs[0], out, strict=True):
             assert torch.equal(a, b)
@@ -768,14 +785,8 @@ def test_cuda_group_small_tail_keeps_gradients_and_a_bad_value_raises(monkeypatc
     for value, prefetch in (("", ""), ("0", ""), ("1", ""), ("1", "1")):
         monkeypatch.setenv("FASTMTL_CUDA_GROUP_SMALL_TAIL", value)
         monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", prefetch)
-        with fastmtl.use_backend("cuda"):
-            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
-        outs.append(([total, *per_task.values()], torch.autograd.grad(total, list(preds.values()))))
-    for losses, grads in outs[1:]:
-        for a, b in zip(outs[0][1], grads, strict=True):
-            assert torch.equal(a, b)
-        for a, b in zip(outs[0][0], losses, strict=True):
-            assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+        outs.append(_cuda_step(preds, targets, kinds, masks))
+    _assert_gradients_equal_losses_close(outs)
     monkeypatch.setenv("FASTMTL_CUDA_GROUP_PREFETCH", "")
     for bad in ("2", "true"):
         monkeypatch.setenv("FASTMTL_CUDA_GROUP_SMALL_TAIL", bad)
@@ -792,14 +803,8 @@ def test_cuda_group_tile_kb_keeps_gradients_and_a_bad_value_raises(monkeypatch):
     outs = []
     for value in ("", "4", "24", "96", "1024"):
         monkeypatch.setenv("FASTMTL_CUDA_GROUP_TILE_KB", value)
-        with fastmtl.use_backend("cuda"):
-            total, per_task = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
-        outs.append(([total, *per_task.values()], torch.autograd.grad(total, list(preds.values()))))
-    for losses, grads in outs[1:]:
-        for a, b in zip(outs[0][1], grads, strict=True):
-            assert torch.equal(a, b)
-        for a, b in zip(outs[0][0], losses, strict=True):
-            assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+        outs.append(_cuda_step(preds, targets, kinds, masks))
+    _assert_gradients_equal_losses_close(outs)
     for bad in ("3", "2000", "x", "-8", "48k"):
         monkeypatch.setenv("FASTMTL_CUDA_GROUP_TILE_KB", bad)
         with fastmtl.use_backend("cuda"), pytest.raises(RuntimeError, match="FASTMTL_CUDA_GROUP_TILE_KB must be"):
