@@ -52,7 +52,7 @@ struct GroupTask {
   int64_t count_first, count_tiles, count_elems;  // count_elems: targets per count tile
   int64_t loss_first, loss_tiles;
   int64_t blocks, blocks_per_tile;  // the per-task kernel's blocks; loss tile k < big_tiles runs [k, k + 1) * per tile
-  int64_t split_block, big_tiles;   // blocks from split_block on run one per tile (split_tail; else split_block = blocks)
+  int64_t split_block, big_tiles;   // blocks from split_block on run one per tile (split_tail; else = blocks)
 };
 
 struct GroupTable {
@@ -618,9 +618,26 @@ void split_tail(GroupTable& table, const LossTask* tasks, const std::vector<int>
   }
 }
 
+// One build of the grouped forward, <P, MIN_BLOCKS, PREFETCH>, as a type to pass to a generic lambda.
+template <typename P, int MIN_BLOCKS, bool PREFETCH>
+struct GroupBuild {
+  static constexpr auto kernel = grouped_forward_kernel<P, MIN_BLOCKS, PREFETCH>;
+};
+
+// Calls f(GroupBuild<...>{}) for the build that the pred dtype and the knobs (2 or 3 blocks per SM, prefetch or not)
+// pick: the one place that maps the knobs to a build.
+template <typename F>
+cudaError_t with_group_build(DType dtype, int min_blocks, bool prefetch, F&& f) {
+  return dispatch_dtype(dtype, [&](auto zero) {
+    using P = decltype(zero);
+    if (min_blocks == 2) return prefetch ? f(GroupBuild<P, 2, true>{}) : f(GroupBuild<P, 2, false>{});
+    return prefetch ? f(GroupBuild<P, 3, true>{}) : f(GroupBuild<P, 3, false>{});
+  });
+}
+
 // Blocks of the grouped launch: what the device keeps resident (one wave; the blocks loop over the tiles), at most
 // one per tile.
-template <typename P, int MIN_BLOCKS, bool PREFETCH>
+template <typename Build>
 unsigned group_grid(int64_t tiles) {
   static std::atomic<int> per_sm_cache{0}, sms_cache{0};  // one device kind per process is the norm; else re-queried
   int device = 0, sms = 0, per_sm = per_sm_cache.load(std::memory_order_relaxed);
@@ -630,8 +647,7 @@ unsigned group_grid(int64_t tiles) {
     sms = 132;
   }
   if (per_sm <= 0 || sms != sms_cache.load(std::memory_order_relaxed)) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_forward_kernel<P, MIN_BLOCKS, PREFETCH>,
-                                                      kThreads, 0) != cudaSuccess ||
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Build::kernel, kThreads, 0) != cudaSuccess ||
         per_sm <= 0) {
       cudaGetLastError();
       per_sm = 2;
@@ -642,27 +658,15 @@ unsigned group_grid(int64_t tiles) {
   return static_cast<unsigned>(std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm));
 }
 
-// The blocks build <P, min_blocks, prefetch> of the grouped forward keeps resident: its grid for a long schedule.
+// The blocks the build of the grouped forward that the knobs pick keeps resident: its grid for a long schedule.
 unsigned group_capacity(DType dtype, int min_blocks, bool prefetch) {
   constexpr int64_t kMany = int64_t{1} << 40;
   unsigned blocks = 0;
-  dispatch_dtype(dtype, [&](auto zero) {
-    using P = decltype(zero);
-    if (min_blocks == 2)
-      blocks = prefetch ? group_grid<P, 2, true>(kMany) : group_grid<P, 2, false>(kMany);
-    else
-      blocks = prefetch ? group_grid<P, 3, true>(kMany) : group_grid<P, 3, false>(kMany);
+  with_group_build(dtype, min_blocks, prefetch, [&](auto build) {
+    blocks = group_grid<decltype(build)>(kMany);
     return cudaSuccess;
   });
   return blocks;
-}
-
-// One build of the grouped forward, launched over the table.
-template <typename P, int MIN_BLOCKS, bool PREFETCH>
-cudaError_t launch_grouped(const GroupTable& table, GroupState* state, float* losses, cudaStream_t stream) {
-  grouped_forward_kernel<P, MIN_BLOCKS, PREFETCH>
-      <<<group_grid<P, MIN_BLOCKS, PREFETCH>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
-  return cudaSuccess;
 }
 
 }  // namespace
@@ -716,13 +720,10 @@ cudaError_t forward_grouped(const LossTask* tasks, int n, const std::vector<int>
     next += table.task[i].loss_tiles;
   }
   table.tile_end = next;
-  err = dispatch_dtype(tasks[order[0]].dtype, [&](auto zero) {
-    using P = decltype(zero);
-    if (min_blocks == 2)
-      return buf.group_prefetch ? launch_grouped<P, 2, true>(table, state, losses, stream)
-                                : launch_grouped<P, 2, false>(table, state, losses, stream);
-    return buf.group_prefetch ? launch_grouped<P, 3, true>(table, state, losses, stream)
-                              : launch_grouped<P, 3, false>(table, state, losses, stream);
+  err = with_group_build(tasks[order[0]].dtype, min_blocks, buf.group_prefetch, [&](auto build) {
+    using Build = decltype(build);
+    Build::kernel<<<group_grid<Build>(table.tile_end), kThreads, 0, stream>>>(table, state, losses);
+    return cudaSuccess;
   });
   return err != cudaSuccess ? err : cudaGetLastError();
 }
