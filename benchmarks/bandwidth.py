@@ -1,6 +1,6 @@
 """Achieved memory bandwidth of fastmtl's memory-bound kernels against the measured copy bandwidth (CUDA only).
 
-    python benchmarks/bandwidth.py [--json OUT.json]
+    python benchmarks/bandwidth.py [--json OUT.json] [-k SUBSTRING]
 
 Bytes counted are the fewest each op must move: every input read once, every output written once. The copy
 bandwidth is measured here, on the same card, as (bytes read + bytes written) / time of a large device copy.
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     """Print one line per kernel: time, GB/s, fraction of the copy bandwidth."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json")
+    parser.add_argument("-k", dest="only", default="", help="time only the rows whose name contains this")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bandwidth.py needs a CUDA GPU")
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
             print(f"{builder.__name__}: cannot build cases: {exc}")
             continue
         for name, fn in cases.items():
+            if args.only not in name:
+                continue
             try:
                 ms = graph_replay_ms(fn[1]) if isinstance(fn, tuple) else median_ms(fn)
             except Exception as exc:  # noqa: BLE001

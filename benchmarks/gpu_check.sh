@@ -5,7 +5,8 @@
 # every limit is cut to what is left of DEADLINE_S (default 560 s, under the device tool's 600 s per call) less a
 # reserve for the report, so the report is always written; a stage with under 10 s left is skipped.
 # TEST_PATHS, BENCH_FILES and BENCH_K narrow a run to some tests and benchmarks (a short check of one change);
-# PROFILE_CONV_TIMEOUT=0 skips the conv profile.
+# PROFILE_CONV_TIMEOUT=0 skips the conv profile. COMPARE_OLD (a source tree of an older commit) times that build beside
+# this one (benchmarks/compare_build.sh).
 # MAX_AUTOTUNE_SHAPES (comma-separated shape names of benchmarks/bench_conv_bias_relu.py; empty: none) get a pass of
 # their own with torch.compile's max-autotune beside eager, compile, cuda and auto (max-autotune compiles slowly, and a
 # pass stopped at its time limit loses only its own rows).
@@ -84,6 +85,12 @@ enough "$t" "group blocks experiment" && run_for "$t" $PY -P benchmarks/group_bl
 log "grouped masked-loss kernel: its tiles traced (default, prefetch, small tail): per-SM busy time, waits, tiles"
 t=$(limit ${GROUP_TRACE_TIMEOUT:-50})
 enough "$t" "group trace" && run_for "$t" $PY -P benchmarks/group_trace.py "$OUT" 2>&1 | tee "$OUT/group_trace.txt"
+
+if [ -n "${COMPARE_OLD:-}" ]; then
+  log "an older build ($COMPARE_OLD) timed beside this one (benchmarks/compare_build.sh)"
+  t=$(limit ${COMPARE_TIMEOUT:-330})
+  enough "$t" "compare build" && OLD_BUILD_TIMEOUT=$((t > 60 ? t - 60 : t)) run_for "$t" bash benchmarks/compare_build.sh "$COMPARE_OLD"
+fi
 
 log "profile of one conv_bias_relu training step (per-kernel device time)"
 t=$(limit ${PROFILE_CONV_TIMEOUT:-${PROFILE_TIMEOUT:-40}})
