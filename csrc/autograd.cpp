@@ -86,9 +86,20 @@ struct ConvBiasReluFunction : public torch::autograd::Function<ConvBiasReluFunct
     const auto padding = ctx->saved_data["padding"].toIntVector();
     const auto dilation = ctx->saved_data["dilation"].toIntVector();
     const std::string algo = ctx->saved_data["algo"].toStringRef();
-    auto [grad_x, grad_w, grad_b] =
-        call_conv_bias_relu_backward(grad_y, saved[2], saved[0], saved[1], stride, padding, dilation,
-                                     ctx->saved_data["groups"].toInt(), mask, algo);
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    at::Tensor grad_x, grad_w, grad_b;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the gradients from PyTorch's differentiable ops, so that they can be differentiated again
+      // (fastmtl.reference.conv_bias_relu_backward does the same for the triton backend).
+      const at::Tensor grad_z = at::threshold_backward(grad_y, saved[2], 0);
+      const at::OptionalIntArrayRef bias_sizes =
+          mask[2] ? at::OptionalIntArrayRef(saved[1].sizes().slice(0, 1)) : at::OptionalIntArrayRef();
+      std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(grad_z, saved[0], saved[1], bias_sizes, stride,
+                                                                  padding, dilation, false, {0, 0}, groups, mask);
+    } else {
+      std::tie(grad_x, grad_w, grad_b) = call_conv_bias_relu_backward(grad_y, saved[2], saved[0], saved[1], stride,
+                                                                      padding, dilation, groups, mask, algo);
+    }
     if (mask[0]) grads[0] = grad_x;
     if (mask[1]) grads[1] = grad_w;
     if (mask[2]) grads[2] = grad_b;

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastmtl import _native, backends
+from fastmtl.ops import conv_flops
 from fastmtl.ops._checks import FLOAT_DTYPES, check_same, check_tensor, pair
 from fastmtl.reference import conv_bias_relu as reference
 
@@ -30,6 +31,29 @@ def output_hw(in_hw, kernel_hw, stride, padding, dilation) -> tuple[int, int]:
     return tuple(
         (in_hw[d] + 2 * padding[d] - dilation[d] * (kernel_hw[d] - 1) - 1) // stride[d] + 1 for d in range(2)
     )
+
+
+def resolve_padding(padding, kernel_hw, stride, dilation) -> tuple[int, int]:
+    """``padding`` as a symmetric pair of ints: an int, a pair, or ``nn.Conv2d``'s ``"valid"`` / ``"same"``.
+
+    ``"same"`` needs stride 1 (as in ``nn.Conv2d``) and an even total padding ``dilation * (kernel - 1)`` per side,
+    since the fused op pads both sides equally. Raises ValueError otherwise.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+        if tuple(stride) != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride {tuple(stride)}")
+        totals = [dilation[d] * (kernel_hw[d] - 1) for d in range(2)]
+        if any(t % 2 for t in totals):
+            raise ValueError(
+                f"padding='same' with kernel size {tuple(kernel_hw)} and dilation {tuple(dilation)} needs asymmetric "
+                "padding, which the fused op does not support; use an odd kernel size"
+            )
+        return (totals[0] // 2, totals[1] // 2)
+    return pair("padding", padding, 0)
 
 
 def validate(x, weight, bias, stride, padding, dilation, groups):
@@ -59,8 +83,8 @@ def validate(x, weight, bias, stride, padding, dilation, groups):
         if bias.shape[0] != out_ch:
             raise ValueError(f"bias must have shape [{out_ch}], got {tuple(bias.shape)}")
     stride = pair("stride", stride, 1)
-    padding = pair("padding", padding, 0)
     dilation = pair("dilation", dilation, 1)
+    padding = resolve_padding(padding, weight.shape[2:], stride, dilation)
     out = output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     if min(out) < 1:
         raise ValueError(
@@ -107,6 +131,7 @@ def _register_native() -> bool:
     torch.library.register_fake(NATIVE, _fake_forward)
     torch.library.register_fake(NATIVE_BACKWARD, _fake_backward)
     torch.library.register_fake(NATIVE_EPILOGUE, _fake_epilogue)
+    conv_flops.register(NATIVE, NATIVE_BACKWARD)
     return True
 
 
@@ -155,7 +180,8 @@ def conv_bias_relu(
             for gradient checks: the cpp backend computes it, the GPU backends hand it to the torch reference).
         weight: ``[C_out, C_in / groups, kH, kW]``, same dtype and device as ``x``.
         bias: optional ``[C_out]``.
-        stride, padding, dilation: an int or a pair (stride, dilation >= 1; padding >= 0).
+        stride, padding, dilation: an int or a pair (stride, dilation >= 1; padding >= 0); padding may also be
+            ``"valid"`` or ``"same"`` (symmetric only: see :func:`resolve_padding`).
         groups: number of channel groups.
 
     Returns:
@@ -165,6 +191,8 @@ def conv_bias_relu(
     once, as the CPU has no fast float16 convolution.
     """
     stride, padding, dilation = validate(x, weight, bias, stride, padding, dilation, groups)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index the bias densely (a view or an expanded bias would be misread)
     backend = _selected_backend(x.device)
     if backend == backends.AUTO:
         from fastmtl import autotune

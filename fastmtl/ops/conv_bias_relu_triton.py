@@ -25,8 +25,10 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastmtl.kernels import conv_bias_relu as kernels
+from fastmtl.ops import conv_flops
 from fastmtl.reference import conv_bias_relu as reference
 
 FORWARD = "fastmtl::conv_bias_relu_triton"
@@ -134,6 +136,7 @@ def _define(name, body, fake):
 conv_bias_relu_triton = _define(FORWARD, _forward, _fake_forward)
 conv_bias_relu_triton_backward = _define(BACKWARD, _backward_op, _fake_backward)
 relu_bias_grad_triton = _define(EPILOGUE, _epilogue, _fake_epilogue)
+conv_flops.register(FORWARD, BACKWARD)
 
 
 # ---- autograd ----------------------------------------------------------------------------------------------------
@@ -158,7 +161,12 @@ def _gradients(ctx, grad_y, backward):
     stride, padding, dilation = ctx.conv_args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     mask = [bool(need_x), bool(need_w), bool(need_b and ctx.has_bias)]
-    grad_x, grad_w, grad_b = backward(grad_y, y, x, weight, stride, padding, dilation, mask, ctx.impl)
+    if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+        grad_x, grad_w, grad_b = reference.conv_bias_relu_backward(
+            grad_y, y, x, weight, stride, padding, dilation, 1, mask
+        )
+    else:
+        grad_x, grad_w, grad_b = backward(grad_y, y, x, weight, stride, padding, dilation, mask, ctx.impl)
     return (
         grad_x if mask[0] else None,
         grad_w if mask[1] else None,
@@ -206,6 +214,7 @@ def run(x, weight, bias, stride, padding, dilation, groups):
     """
     if groups != 1:
         return reference.conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        # what torch.compile or a dispatch mode (FlopCounterMode, ...) sees is the registered op
         return torch.ops.fastmtl.conv_bias_relu_triton(x, weight, bias, list(stride), list(padding), list(dilation))
     return _EagerConvBiasReluTriton.apply(x, weight, bias, list(stride), list(padding), list(dilation))
