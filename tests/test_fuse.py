@@ -343,3 +343,139 @@ def test_eval_flags_carried_to_every_submodule():
     model = _resnet18()
     fused = fastmtl.fuse(model)
     assert not any(m.training for m in fused.modules())
+
+
+class DropoutByFlag(nn.Module):
+    """A forward that branches on self.training (functional dropout): fx would freeze the traced mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.dropout(self.body(x), 0.5, training=self.training))
+
+
+@pytest.mark.parametrize("fuse_mode", ["train", "eval"])
+def test_mode_dependent_forward_falls_back_and_follows_later_mode_changes(fuse_mode):
+    model = DropoutByFlag().train(fuse_mode == "train")
+    fused = fastmtl.fuse(model)
+    report = fuse_report(fused)
+    assert report.method == "sequential" and "train and eval mode" in report.trace_error
+    assert report.fused == [("body.0", "conv+relu")]
+    x = torch.randn(2, 3, 6, 6)
+    model.eval()
+    fused.eval()
+    assert torch.equal(fused(x), fused(x))  # no dropout left on
+    assert rel_err(fused(x), model(x)) <= 1e-5
+    fused.train()
+    torch.manual_seed(0)
+    y = fused(x)
+    torch.manual_seed(0)
+    assert rel_err(y, model.train()(x)) <= 1e-5  # dropout back on, the same mask from the same seed
+
+
+def test_mode_independent_forward_still_traced_and_mode_flags_restored():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout(0.5)).train()
+    model[2].eval()  # a mixed state must come back as it was
+    fused = fastmtl.fuse(model, inplace=True)
+    assert fuse_report(fused).method == "fx"
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+
+
+class SequentialWithOwnForward(nn.Sequential):
+    """Uses its children out of nn.Sequential's order: returns the conv output as well as the ReLU's."""
+
+    def forward(self, x):
+        pre = self[0](x)
+        return self[1](pre) + pre
+
+
+class UntraceableWithCustomSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = SequentialWithOwnForward(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: fx cannot trace it
+            x = x * 2
+        return self.block(x)
+
+
+def test_fallback_leaves_sequential_subclasses_with_their_own_forward():
+    model = UntraceableWithCustomSequential()
+    fused = fastmtl.fuse(model)
+    report = fuse_report(fused)
+    assert report.method == "sequential" and report.num_fused == 0
+    assert "overrides nn.Sequential.forward" in dict(report.skipped)["block.0"]
+    x = torch.randn(2, 3, 6, 6).abs()
+    assert rel_err(fused(x), model(x)) <= 1e-6
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation: overrides only _conv_forward."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, bias)
+
+
+class UntraceableStandardised(Untraceable):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Sequential(StandardisedConv(8, 4, 3), nn.ReLU())
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_conv_subclass_overriding_conv_forward_is_not_fused(traceable):
+    model = nn.Sequential(StandardisedConv(3, 8, 3), nn.ReLU()) if traceable else UntraceableStandardised()
+    fused = fastmtl.fuse(model)
+    assert fuse_report(fused).num_fused == 0  # (Untraceable's a.0 is followed by a training-mode BatchNorm)
+    if not traceable:  # fx traces through the subclass (its conv2d call is not a module): only the fallback sees it
+        assert "overrides nn.Conv2d._conv_forward" in dict(fuse_report(fused).skipped)["b.0"]
+    with pytest.raises(ValueError, match="_conv_forward"):
+        FusedConv2dReLU.from_conv(StandardisedConv(3, 4, 3))
+    x = torch.randn(2, 3, 6, 6)
+    assert rel_err(fused(x), model(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("where", ["relu", "conv_backward", "conv_forward"])
+@pytest.mark.parametrize("traceable", [True, False])
+def test_modules_with_hooks_are_not_fused_and_their_hooks_still_run(where, traceable):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()) if traceable else Untraceable()
+    seq = model if traceable else model.b[0]
+    seq[1] = nn.ReLU()  # not in place: PyTorch forbids an in-place op on a backward-hooked module's output
+    calls = []
+    if where == "relu":
+        seq[1].register_forward_hook(lambda *args: calls.append(1))
+    elif where == "conv_backward":
+        seq[0].register_full_backward_hook(lambda *args: calls.append(1))
+    else:
+        seq[0].register_forward_hook(lambda *args: calls.append(1))
+    fused = fastmtl.fuse(model, inplace=True)
+    report = fuse_report(fused)
+    assert report.method == ("fx" if traceable else "sequential")
+    name = "0" if traceable else "b.0.0"
+    assert "hooks" in dict(report.skipped)[name]
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    fused(x).sum().backward()
+    assert calls == [1]
+
+
+def test_relu_given_its_input_as_a_keyword_is_fused():
+    class KeywordRelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return torch.relu(input=self.conv2(self.relu(input=self.conv(x))))
+
+    model = KeywordRelu()
+    fused = fastmtl.fuse(model)
+    assert fuse_report(fused).num_fused == 2
+    x = torch.randn(2, 3, 6, 6)
+    assert rel_err(fused(x), model(x)) <= 1e-5

@@ -211,3 +211,34 @@ def test_a_branch_without_gradient_skips_its_backward(backend):
         assert counter.counts.get("aten.convolution_backward", 0) == 1, counter.counts
     (grad_b,) = torch.autograd.grad(loss_b, shared)  # and the other head still back-propagates
     assert grad_b.abs().sum() > 0
+
+
+def test_unbatched_input_as_conv2d():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    fused = FusedConv2dReLU.from_conv(conv)
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    y = fused(x)
+    ref = torch.relu(conv(x.detach()))
+    assert y.shape == (4, 6, 5)
+    assert rel_err(y, ref) <= 1e-5
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_meta_tensors_give_shapes_without_computing():
+    fused = FusedConv2dReLU(3, 4, 3, stride=2, device="meta")
+    y = fused(torch.empty(2, 3, 9, 9, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2, 4, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        ([[1.0]], TypeError, "x must be a torch.Tensor"),
+        (torch.ones(1, 3, 5, 5, dtype=torch.int64), TypeError, r"x must have the dtype of weight \(torch.float32\)"),
+        (torch.ones(1, 3, 5, 5, dtype=torch.float64), TypeError, r"x must have the dtype of weight"),
+    ],
+)
+def test_forward_rejects_bad_input_naming_it(x, error, match):
+    with pytest.raises(error, match=match):
+        FusedConv2dReLU(3, 4, 3)(x)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastmtl.ops._checks import FLOAT_DTYPES
-from fastmtl.ops.conv_bias_relu import conv_bias_relu
+from fastmtl.ops.conv_bias_relu import conv_bias_relu, resolve_padding
 from fastmtl.reference import conv_bias_relu as reference
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,23 +27,6 @@ def _pair(name: str, value) -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
-def _resolve_padding(padding, kernel_size, dilation, stride) -> tuple[int, int]:
-    """Turn nn.Conv2d's padding (an int, a pair, "valid" or "same") into a symmetric pair of ints."""
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        if stride != (1, 1):
-            raise ValueError("padding='same' needs stride 1 (as in nn.Conv2d)")
-        totals = [dilation[d] * (kernel_size[d] - 1) for d in range(2)]
-        if any(t % 2 for t in totals):
-            raise ValueError(
-                f"padding='same' with kernel_size={kernel_size} and dilation={dilation} needs asymmetric padding, "
-                "which FusedConv2dReLU does not support; use an odd kernel size"
-            )
-        return (totals[0] // 2, totals[1] // 2)
-    return _pair("padding", padding)
-
-
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast compute dtype for ``device_type`` if autocast is enabled there, else None.
 
@@ -51,6 +34,8 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     """
     try:
         enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (e.g. "meta")
+        return None
     except TypeError:  # torch < 2.4: no device argument
         if device_type == "cpu":
             enabled = torch.is_autocast_cpu_enabled()
@@ -107,7 +92,7 @@ class FusedConv2dReLU(nn.Module):
         stride = _pair("stride", stride)
         dilation = _pair("dilation", dilation)
         self._configure(
-            in_channels, out_channels, kernel_size, stride, _resolve_padding(padding, kernel_size, dilation, stride),
+            in_channels, out_channels, kernel_size, stride, resolve_padding(padding, kernel_size, stride, dilation),
             dilation, groups,
         )
         factory = {"device": device, "dtype": dtype}
@@ -154,7 +139,7 @@ class FusedConv2dReLU(nn.Module):
             conv.out_channels,
             tuple(conv.kernel_size),
             tuple(conv.stride),
-            _resolve_padding(conv.padding, tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)),
+            resolve_padding(conv.padding, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)),
             tuple(conv.dilation),
             conv.groups,
         )
@@ -167,7 +152,11 @@ class FusedConv2dReLU(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``relu(conv2d(x, weight, bias))``."""
+        """``relu(conv2d(x, weight, bias))`` for x ``[N, C, H, W]``, or unbatched ``[C, H, W]`` as nn.Conv2d takes."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 3:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         weight, bias = self.weight, self.bias
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
@@ -178,6 +167,8 @@ class FusedConv2dReLU(nn.Module):
                 weight = weight.to(dtype)
             if bias is not None and bias.dtype in _AUTOCAST_ELIGIBLE:
                 bias = bias.to(dtype)
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x must have the dtype of weight ({weight.dtype}), got {x.dtype}")
         if x.dtype not in FLOAT_DTYPES:  # float64 (e.g. gradcheck): the fused op does not take it; same math
             return reference.conv_bias_relu(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return conv_bias_relu(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -214,14 +205,15 @@ def unsupported_reason(conv: nn.Module) -> str | None:
         return f"expected an nn.Conv2d, got {type(conv).__name__}"
     if isinstance(conv, nn.modules.lazy.LazyModuleMixin) and conv.has_uninitialized_params():
         return "its lazy parameters are not initialised yet (run one forward first)"
-    if type(conv).forward is not nn.Conv2d.forward:
-        return f"{type(conv).__name__} overrides nn.Conv2d.forward"
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(conv), method) is not getattr(nn.Conv2d, method):
+            return f"{type(conv).__name__} overrides nn.Conv2d.{method}"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if nn.utils.parametrize.is_parametrized(conv):
         return "its weight is parametrized (e.g. weight norm)"
     try:
-        _resolve_padding(conv.padding, tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride))
+        resolve_padding(conv.padding, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation))
     except ValueError as err:
         return str(err)
     return None

@@ -7,7 +7,8 @@ forms), or only to an eval-mode ``nn.BatchNorm2d`` whose output goes only to a R
 ``torch.fx.GraphModule`` with the original module hierarchy, so ``state_dict`` keys are unchanged where no
 BatchNorm was folded; a folded BatchNorm disappears (its keys with it) and its convolution gains a bias.
 
-A model ``torch.fx`` cannot trace (data-dependent control flow, ...) falls back to walking every ``nn.Sequential``
+A model ``torch.fx`` cannot trace (data-dependent control flow, ...), or whose traced graph differs between train and
+eval mode (a branch on ``self.training``, which fx would freeze), falls back to walking every ``nn.Sequential``
 in it, fusing adjacent ``Conv2d, ReLU`` and (eval) ``Conv2d, BatchNorm2d, ReLU`` children in place; the ReLU and
 BatchNorm slots become ``nn.Identity``, so the hierarchy (and the model's class) is kept.
 
@@ -46,7 +47,8 @@ class FuseReport:
         method: ``"fx"`` (traced) or ``"sequential"`` (fallback walk over nn.Sequential containers).
         fused: ``(conv name, "conv+relu" | "conv+bn+relu")`` for each fused convolution.
         skipped: ``(conv name, reason)`` for each convolution left alone.
-        trace_error: why torch.fx could not trace the model (fallback only).
+        trace_error: why the torch.fx path was not taken: tracing failed, or the traced graph depends on train /
+            eval mode (fallback only).
     """
 
     method: str
@@ -70,7 +72,7 @@ class FuseReport:
             f"folded), left {len(self.skipped)} alone"
         ]
         if self.trace_error:
-            lines.append(f"  torch.fx could not trace the model: {self.trace_error}")
+            lines.append(f"  torch.fx path not taken: {self.trace_error}")
         lines += [f"  fused {name}: {kind}" for name, kind in self.fused]
         lines += [f"  left {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -104,7 +106,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = _trace_mode_independent(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure means "use the fallback"
         report = FuseReport(method="sequential", trace_error=f"{type(err).__name__}: {err}".splitlines()[0])
         _fuse_sequentials(model, report)
@@ -127,6 +129,36 @@ class _Tracer(fx.Tracer):
         return isinstance(m, FusedConv2dReLU) or super().is_leaf_module(m, qualname)
 
 
+class ModeDependentGraphError(RuntimeError):
+    """The traced forward differs between train and eval mode (it branches on ``self.training``)."""
+
+
+def _trace_mode_independent(model: nn.Module) -> fx.Graph:
+    """The fx graph of ``model``'s forward, checked to be the same with every module in train and in eval mode.
+
+    fx records only the branch taken on ``self.training`` (dropout's flag, an auxiliary head, stochastic depth), so
+    a graph that depends on the mode would keep the traced mode's behaviour after a later ``.train()``/``.eval()``.
+    Such a model raises ModeDependentGraphError, and :func:`fuse` falls back to the nn.Sequential walk.
+    """
+    graph = _Tracer().trace(model)
+    flags = {m: m.training for m in model.modules()}
+    codes = {graph.python_code("self").src}
+    try:
+        for mode in (True, False):
+            for m in flags:
+                m.training = mode  # the flag itself: a folded FusedConv2dReLU's train() would refuse
+            codes.add(_Tracer().trace(model).python_code("self").src)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if len(codes) > 1:
+        raise ModeDependentGraphError(
+            "its traced forward differs between train and eval mode (it branches on self.training), so a graph "
+            "traced in one mode would be wrong in the other"
+        )
+    return graph
+
+
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return type(modules.get(node.target)) is nn.ReLU
@@ -145,6 +177,21 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return node.op
 
 
+_HOOK_KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooks_reason(module: nn.Module, role: str) -> str | None:
+    """Why ``module`` (the convolution, BatchNorm or ReLU of a chain) must stay: it has hooks, which fusing it away
+    (or replacing it) would silently stop from running."""
+    kinds = [kind.strip("_").replace("_", " ") for kind in _HOOK_KINDS if getattr(module, kind, None)]
+    return f"the {role} has {' and '.join(kinds)}" if kinds else None
+
+
+def _relu_input(node: fx.Node):
+    """The tensor a ReLU call node takes (positional, or the keyword ``input``)."""
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
 def _single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -156,8 +203,9 @@ def _match(conv_node: fx.Node, modules: dict[str, nn.Module]):
     reason = unsupported_reason(conv)
     if reason is not None:
         return reason
-    if conv._forward_hooks or conv._forward_pre_hooks:
-        return "the convolution has forward hooks"
+    reason = _hooks_reason(conv, "convolution")
+    if reason is not None:
+        return reason
     nxt = _single_user(conv_node)
     if nxt is None:
         return f"its output has {len(conv_node.users)} users (fusing would change what the others see)"
@@ -167,17 +215,24 @@ def _match(conv_node: fx.Node, modules: dict[str, nn.Module]):
             return "followed by BatchNorm2d in training mode (call .eval() before fuse() to fold it)"
         if bn.running_mean is None or bn.running_var is None:
             return "followed by BatchNorm2d without running statistics (track_running_stats=False)"
-        if bn._forward_hooks or bn._forward_pre_hooks:
-            return "followed by BatchNorm2d with forward hooks"
+        reason = _hooks_reason(bn, "BatchNorm2d after it")
+        if reason is not None:
+            return reason
         relu = _single_user(nxt)
         if relu is None:
             return f"its BatchNorm2d output has {len(nxt.users)} users"
-        if not _is_relu(relu, modules) or relu.args[0] is not nxt:
+        if not _is_relu(relu, modules) or _relu_input(relu) is not nxt:
             return f"followed by BatchNorm2d, then {_describe(relu, modules)}, not a ReLU"
-        return nxt, relu
-    if not _is_relu(nxt, modules) or nxt.args[0] is not conv_node:
+        return _relu_hooks_reason(relu, modules) or (nxt, relu)
+    if not _is_relu(nxt, modules) or _relu_input(nxt) is not conv_node:
         return f"followed by {_describe(nxt, modules)}, not a ReLU"
-    return None, nxt
+    return _relu_hooks_reason(nxt, modules) or (None, nxt)
+
+
+def _relu_hooks_reason(relu: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if relu.op != "call_module":
+        return None
+    return _hooks_reason(modules[relu.target], f"ReLU after it ({relu.target})")
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> FusedConv2dReLU:
@@ -296,12 +351,17 @@ def _fuse_sequentials(model: nn.Module, report: FuseReport) -> None:
         if not isinstance(seq, nn.Sequential):
             continue
         keys = list(seq._modules.keys())
+        # A subclass with a forward of its own may use its children in any order: nothing in it is fused.
+        own_forward = type(seq).forward is not nn.Sequential.forward
         for i, key in enumerate(keys):
             conv = seq._modules[key]
             if not isinstance(conv, nn.Conv2d):
                 continue
             name = f"{seq_name}.{key}" if seq_name else key
-            why = _match_sequential(seq, keys, i)
+            if own_forward:
+                why = f"its container {type(seq).__name__} overrides nn.Sequential.forward"
+            else:
+                why = _match_sequential(seq, keys, i)
             if isinstance(why, str):
                 report.skipped.append((name, why))
                 continue
@@ -320,23 +380,25 @@ def _match_sequential(seq: nn.Sequential, keys: list[str], i: int):
     reason = unsupported_reason(conv)
     if reason is not None:
         return reason
-    if conv._forward_hooks or conv._forward_pre_hooks:
-        return "the convolution has forward hooks"
+    reason = _hooks_reason(conv, "convolution")
+    if reason is not None:
+        return reason
     following = [seq._modules[k] for k in keys[i + 1 : i + 3]]
     if not following:
         return "last module of its nn.Sequential (no ReLU after it)"
     if type(following[0]) is nn.ReLU:
-        return None, keys[i + 1]
+        return _hooks_reason(following[0], f"ReLU after it ({keys[i + 1]})") or (None, keys[i + 1])
     if type(following[0]) is nn.BatchNorm2d:
         bn = following[0]
         if bn.training:
             return "followed by BatchNorm2d in training mode (call .eval() before fuse() to fold it)"
         if bn.running_mean is None or bn.running_var is None:
             return "followed by BatchNorm2d without running statistics (track_running_stats=False)"
-        if bn._forward_hooks or bn._forward_pre_hooks:
-            return "followed by BatchNorm2d with forward hooks"
+        reason = _hooks_reason(bn, "BatchNorm2d after it")
+        if reason is not None:
+            return reason
         if len(following) > 1 and type(following[1]) is nn.ReLU:
-            return keys[i + 1], keys[i + 2]
+            return _hooks_reason(following[1], f"ReLU after it ({keys[i + 2]})") or (keys[i + 1], keys[i + 2])
         nxt = type(following[1]).__name__ if len(following) > 1 else "the end of the Sequential"
         return f"followed by BatchNorm2d, then {nxt}, not a ReLU"
     return f"followed by {type(following[0]).__name__}, not a ReLU"
