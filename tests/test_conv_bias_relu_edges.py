@@ -133,3 +133,22 @@ def test_flop_counter_counts_the_fused_convolution(backend, groups):
         assert got[1] == 3 * got[0]  # input and weight gradients, one convolution's worth each
     if groups == 1 or not fused:  # (PyTorch's backward formula counts a grouped input gradient as if not grouped)
         assert got[1] == want[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_per_sample_gradients(backend):
+    """vmap(grad(...)) (per-sample gradients): the torch reference runs inside the transforms, whatever the backend."""
+    x = torch.randn(3, 3, 6, 6, device=DEVICE)
+    w = torch.randn(5, 3, 3, 3, device=DEVICE)
+    b = torch.randn(5, device=DEVICE)
+
+    def loss(fn, w, xi):
+        return fn(xi.unsqueeze(0), w, b, 1, 1).square().sum()
+
+    def per_sample(fn):
+        return torch.func.vmap(torch.func.grad(lambda w, xi: loss(fn, w, xi)), in_dims=(None, 0))(w, x)
+
+    with fastmtl.use_backend(backend):
+        got = per_sample(fastmtl.conv_bias_relu)
+    want = torch.stack([torch.func.grad(lambda w: loss(_reference, w.double(), x[i].double()))(w) for i in range(3)])
+    assert rel_err(got, want) <= TOL

@@ -187,8 +187,9 @@ def conv_bias_relu(
     Returns:
         ``y`` of shape ``[N, C_out, H_out, W_out]`` in x's layout. Differentiable with respect to x, weight and bias.
 
-    The backend follows :mod:`fastmtl.backends`. On the CPU (``cpp``) float16 is computed in float32 and rounded
-    once, as the CPU has no fast float16 convolution.
+    The backend follows :mod:`fastmtl.backends`; inside ``torch.func`` transforms (``grad``, ``vmap``, ...) the
+    ``torch`` reference runs, as the fused ops' autograd does not support them. On the CPU (``cpp``) float16 is
+    computed in float32 and rounded once, as the CPU has no fast float16 convolution.
     """
     stride, padding, dilation = validate(x, weight, bias, stride, padding, dilation, groups)
     if bias is not None:
@@ -201,6 +202,8 @@ def conv_bias_relu(
     backend, _, algo = backend.partition(":")  # autotune may name an algorithm: "cuda:library"
     if x.dtype == torch.float64 and backend in ("cuda", "triton"):
         backend = "torch"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        backend = "torch"  # inside torch.func transforms (grad, vmap): the fused ops' autograd cannot run there
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
     if algo and backend in ("cpp", "cuda"):
