@@ -207,15 +207,12 @@ bool graph_released_after_backward(const std::vector<at::Tensor>& grads) {
 constexpr const char* kNoSecondDerivative =
     "fastmtl.masked_multitask_loss has no second derivative: its gradients are computed in the forward and saved";
 
-// With create_graph and an upstream gradient that requires grad, differentiating the returned gradients would give
-// zero second derivatives (the saved gradients are constants): route them through DelayedError so that it raises,
-// as torch.autograd.function.once_differentiable does.
-void refuse_double_backward(variable_list& result, size_t n, const variable_list& grad_outputs,
-                            const at::Tensor& weights) {
+// With create_graph (grad mode on in the backward), differentiating the returned gradients would give zero second
+// derivatives (the saved gradients are constants to autograd): route them through DelayedError so that it raises.
+// Unlike once_differentiable this holds even when no upstream gradient requires grad: a gradient penalty on
+// d loss / d preds has a nonzero second derivative through the loss itself.
+void refuse_double_backward(variable_list& result, size_t n) {
   if (!at::GradMode::is_enabled()) return;
-  bool upstream = weights.defined() && weights.requires_grad();
-  for (const at::Tensor& g : grad_outputs) upstream |= g.defined() && g.requires_grad();
-  if (!upstream) return;
   variable_list inputs;
   for (size_t t = 0; t < n; ++t)
     if (result[t].defined()) inputs.push_back(result[t].detach().requires_grad_(true));
@@ -289,7 +286,7 @@ struct MaskedMultitaskLossFunction : public torch::autograd::Function<MaskedMult
       for (size_t t = 0; t < n; ++t)
         if (active[t]) result[t] = scaled[t];
     }
-    refuse_double_backward(result, n, grad_outputs, weighted ? weights : at::Tensor());
+    refuse_double_backward(result, n);
     if (weighted && g_total.defined() && ctx->needs_input_grad(n)) result[n] = g_total * at::stack(losses);
     return result;
   }

@@ -218,7 +218,9 @@ def _ce_body(
             tl.store(row_g[:, None] + cols[None, :] * g_sc, g.to(grad_ptr.dtype.element_ty),
                      mask=s_ok[:, None] & c_ok[None, :])  # fmt: skip
     else:
-        m = tl.full([BLOCK_S], -1.0e30, tl.float32)  # finite start: invalid rows stay NaN-free in the loop
+        # float32's lowest finite value: invalid rows stay NaN-free in the loop (exp(m - m_new) is never inf - inf),
+        # and rows of very negative logits (-1e31, masked_fill with finfo.min) still set the max
+        m = tl.full([BLOCK_S], -3.4028234663852886e38, tl.float32)
         lsum = tl.zeros([BLOCK_S], tl.float32)
         x_t = tl.zeros([BLOCK_S], tl.float32)
         for c0 in range(0, C, BLOCK_C):

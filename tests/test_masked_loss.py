@@ -286,3 +286,42 @@ def test_cpp_extreme_logits_stay_finite():
     loss, grad = run_one("cpp", "bce", pred, y, None)
     ref_loss, ref_grad = oracle("bce", pred, y, None)
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+
+
+# (bce with a +inf logit is left out: its loss is inf or NaN depending on the target, inf - inf)
+@pytest.mark.parametrize(("kind", "value"), [("ce", float("nan")), ("ce", float("inf")), ("bce", float("nan"))])
+@pytest.mark.parametrize("layout", ["rows", "nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_finite_logits_show_as_in_pytorch(backend, dtype, layout, kind, value):
+    """A NaN or +inf logit (a diverging model, a low-precision overflow) must not be hidden: the loss and the
+    gradient are NaN exactly where the float64 reference's are, and equal to it elsewhere."""
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("bf16 is wrong in the Triton interpreter")
+    shape = (4, 5) if layout == "rows" else (3, 5, 4, 6)
+    pred = torch.randn(shape).to(dtype)
+    if layout == "channels_last":
+        pred = pred.contiguous(memory_format=torch.channels_last)
+    where = (1, 2) if layout == "rows" else (1, 2, 3, 1)
+    pred[where] = value
+    if kind == "ce":
+        target = torch.randint(0, 5, (shape[0], *shape[2:]))
+    else:
+        target = torch.rand(shape)
+    loss, grad = run_one(backend, kind, pred, target, None)
+    ref_loss, ref_grad = oracle(kind, pred, target, None)
+    assert torch.isnan(ref_loss) and torch.isnan(loss)
+    assert torch.equal(torch.isnan(grad), torch.isnan(ref_grad))
+    finite = ~torch.isnan(ref_grad)
+    assert rel_err(grad[finite], ref_grad[finite]) <= TOLERANCES["loss"][dtype]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("shape", [(2, 20, 3, 4), (3, 20)])
+def test_very_negative_logits_keep_their_softmax(backend, shape):
+    """Every logit at -1e31 (e.g. masked_fill with a huge negative): the softmax is uniform, loss log(C)."""
+    pred = torch.full(shape, -1e31)
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    loss, grad = run_one(backend, "ce", pred, target, None)
+    ref_loss, ref_grad = oracle("ce", pred, target, None)
+    assert rel_err(loss, ref_loss) <= 1e-6 and rel_err(grad, ref_grad) <= 1e-6

@@ -459,6 +459,19 @@ def test_second_derivative_raises_instead_of_being_zero(backend):
         seg_grad.sum().backward()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_penalty_on_the_loss_gradient_raises(backend):
+    """create_graph with a plain upstream gradient (nothing upstream requires grad): a penalty on d loss / d preds has
+    a nonzero second derivative through the loss itself, which the op does not have: it must raise, not add zero."""
+    preds, targets, kinds, masks = batch()
+    with fastmtl.use_backend(backend):
+        total, _ = fastmtl.masked_multitask_loss(preds, targets, kinds, masks)
+    grads = torch.autograd.grad(total, list(preds.values()), create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        sum(g.square().sum() for g in grads).backward()
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_backward_without_retain_allocates_no_gradient_sized_buffer(backend):
     """Peak memory: the freeing backward hands on the saved gradients; a retaining one must copy them."""

@@ -73,9 +73,10 @@ FASTMTL_INLINE T log_mantissa(T m) {
 }
 
 // exp(x) for float, branch-free so that loops over it vectorise (see exp_split). Inputs below -87 flush to ~0,
-// above 88 saturate.
+// above 88 saturate; NaN stays NaN (the comparisons are false for it).
 FASTMTL_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   float k;
   const float p = exp_split(x, k);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
@@ -84,8 +85,10 @@ FASTMTL_INLINE float fast_exp(float x) {
   return p * scale;
 }
 
-// log(x) for finite float x > 0 (normal numbers), branch-free (see log_mantissa).
+// log(x) for float x > 0 (normal numbers), branch-free (see log_mantissa); NaN and +inf pass through, so that a
+// non-finite logit shows in the loss as it does in PyTorch's.
 FASTMTL_INLINE float fast_log(float x) {
+  const float in = x;
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   int32_t e = ((bits >> 23) & 0xff) - 127;
@@ -95,7 +98,8 @@ FASTMTL_INLINE float fast_log(float x) {
   const bool big = m > 1.41421356237f;
   m = big ? m * 0.5f : m;
   e += big ? 1 : 0;
-  return static_cast<float>(e) * 0.693147180559945f + log_mantissa(m);
+  const float y = static_cast<float>(e) * 0.693147180559945f + log_mantissa(m);
+  return in < std::numeric_limits<float>::infinity() ? y : in;  // false for NaN and +inf
 }
 
 FASTMTL_INLINE float exp_acc(float x) { return fast_exp(x); }
@@ -280,8 +284,8 @@ template <int W>
 FASTMTL_INLINE typename Vec<W>::F vexp(typename Vec<W>::F x) {
   using F = typename Vec<W>::F;
   using I = typename Vec<W>::I;
-  x = vmax<W>(x, splat<W>(-87.0f));
-  x = x < 88.0f ? x : splat<W>(88.0f);
+  x = x < -87.0f ? splat<W>(-87.0f) : x;  // NaN stays NaN: both comparisons are false for it
+  x = x > 88.0f ? splat<W>(88.0f) : x;
   F k;
   const F p = exp_split(x, k);
   const I bits = (__builtin_convertvector(k, I) + 127) << 23;
@@ -299,7 +303,8 @@ FASTMTL_INLINE typename Vec<W>::F vlog(typename Vec<W>::F x) {
   const I big = m > 1.41421356237f;  // -1 where true
   m = big ? m * 0.5f : m;
   e -= big;
-  return __builtin_convertvector(e, F) * 0.693147180559945f + log_mantissa(m);
+  const F y = __builtin_convertvector(e, F) * 0.693147180559945f + log_mantissa(m);
+  return x < std::numeric_limits<float>::infinity() ? y : x;  // NaN and +inf pass through, as in fast_log
 }
 
 // Loads / stores of W elements as float lanes.
@@ -396,11 +401,11 @@ FASTMTL_INLINE typename Vec<W>::F ce_planes_vec(const scalar_t* xb, scalar_t* gb
   const I ok = tc >= 0;
   const F loss = ok ? (m - xt) + vlog<W>(d) : F{};
   if (gb) {
-    const F r = ok ? inv / d : F{};
+    const F r = inv / d;
     const F invv = splat<W>(inv);
     for (int64_t c = 0; c < C; ++c) {
       const F g = load_f<W>(e + c * W) * r - (tc == static_cast<int32_t>(c) ? invv : F{});
-      store_any<W, Part>(gb + c * S, L, g);
+      store_any<W, Part>(gb + c * S, L, ok ? g : F{});  // a select: an unlabelled NaN logit must not leak (NaN * 0)
     }
   }
   return loss;

@@ -376,13 +376,13 @@ _NO_SECOND_DERIVATIVE = (
 )
 
 
-def _refuse_double_backward(grads, upstream):
-    """With create_graph and an upstream gradient that requires grad, differentiating the returned gradients would
-    give zero second derivatives (the saved gradients are constants): route them through DelayedError so that it
-    raises, as ``torch.autograd.function.once_differentiable`` does (torch.compile has no double backward)."""
+def _refuse_double_backward(grads):
+    """With create_graph (grad mode on in the backward), differentiating the returned gradients would give zero
+    second derivatives (the saved gradients are constants to autograd): route them through DelayedError so that it
+    raises. Unlike ``torch.autograd.function.once_differentiable`` this holds even when no upstream gradient requires
+    grad: a gradient penalty on d loss / d preds has a nonzero second derivative through the loss itself
+    (torch.compile has no double backward)."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return grads
-    if not any(u is not None and u.requires_grad for u in upstream):
         return grads
     present = [g.detach().requires_grad_() for g in grads if g is not None]
     if not present:
@@ -435,8 +435,7 @@ class _MaskedMultitaskLoss(torch.autograd.Function):
             else:
                 scaled = RUNNERS[ctx.backend][1](inputs, *args)
             grad_preds = [scaled[t] if active[t] else None for t in range(n)]
-            upstream = [grad_total, *grad_losses, weights if ctx.has_weights else None]
-            grad_preds = _refuse_double_backward(grad_preds, upstream)
+            grad_preds = _refuse_double_backward(grad_preds)
         grad_weights = None
         if ctx.has_weights and ctx.needs_input_grad[3] and grad_total is not None:
             grad_weights = grad_total * torch.stack(losses)
