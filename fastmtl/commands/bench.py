@@ -21,7 +21,7 @@ def add_parser(sub):
     p.add_argument("--quick", action="store_true", help="two shapes, few repeats (seconds)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, parser=p)
 
 
 def _median_ms(fn, repeat: int, cuda: bool) -> float:
@@ -47,8 +47,12 @@ def run(args) -> int:
 
     import fastmtl
     from fastmtl import backends
+    from fastmtl.commands import check_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device:
+        device = check_device(args.parser, args.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     names = [b for b in backends.BACKENDS if backends.can_run(b, device)[0] and b != "torch"]

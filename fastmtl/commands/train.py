@@ -2,7 +2,9 @@
 
 Writes ``checkpoint.pt`` (each epoch, atomically), ``metrics.json`` and ``curves.png`` to ``--out`` and prints the
 final per-task validation metrics. ``--resume DIR_OR_FILE`` continues a run from its checkpoint, with the run's
-saved settings (options given explicitly override them). Bad arguments exit with code 2 and a message.
+saved settings (options given explicitly override them; ``--tasks``, ``--weighting`` and a switch to ``--amp fp16``
+are refused, as the checkpoint's model, weighting and grad-scaler states could not be restored) and writes into the
+checkpoint's directory unless ``--out`` is given. Bad arguments exit with code 2 and a message.
 
 Multi-process: ``torchrun --standalone --nproc_per_node=N -m fastmtl train ...`` trains with N processes (gloo on
 the CPU, NCCL on GPUs, one GPU per process), ``--batch-size`` samples each; rank 0 prints and writes the outputs.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import math
 import os
 import time
 
@@ -63,6 +67,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from fastmtl.mtl.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
+
+
 def _option(text: str) -> tuple[str, object]:
     """``name=value`` of a weighting option; the value read as a Python literal (number, bool, list) when it is
     one, else kept as a string (``mode=params``)."""
@@ -81,7 +107,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
@@ -119,39 +145,65 @@ def add_parser(sub):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", help="output directory (default runs/latest)")
     p.add_argument("--resume", help="checkpoint file, or a run directory holding checkpoint.pt")
-    p.add_argument("--seed", type=int, help="seed of data, initialisation and batch order (default 0)")
+    p.add_argument("--seed", type=_seed, help="seed of data, initialisation and batch order (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (default 3e-3)")
     p.add_argument("--train-size", type=_positive_int, help="training scenes (default 3000)")
     p.add_argument("--val-size", type=_positive_int, help="validation scenes (default 1000)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_non_negative_int, help="CPU threads (default 0: torch's choice)")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars or epoch lines")
     p.set_defaults(run=run, parser=p)
 
 
 def build_config(args):
-    """The TrainConfig of this invocation (from the checkpoint when resuming, then explicit options)."""
-    from fastmtl.mtl import checkpoint
+    """The TrainConfig of this invocation (from the checkpoint when resuming, then explicit options).
+
+    Raises ValueError for an unreadable checkpoint or an option a resumed run cannot change."""
     from fastmtl.mtl.config import TrainConfig
 
-    if getattr(args, "resume", None):
-        path = args.resume
-        if os.path.isdir(path):
-            path = os.path.join(path, "checkpoint.pt")
-        base = TrainConfig.from_dict(checkpoint.load(path)["config"])
-        if not getattr(args, "out", None) and base.out is None:
-            base.out = os.path.dirname(os.path.abspath(path))
-    else:
-        base = TrainConfig(out="runs/latest")
-    saved_weighting = base.weighting
+    resuming = bool(getattr(args, "resume", None))
+    base = _resumed_config(args.resume) if resuming else TrainConfig(out="runs/latest")
+    saved = dataclasses.replace(base)
     for option, field in FIELDS.items():
         if hasattr(args, option):
             setattr(base, field, getattr(args, option))
-    if base.weighting != saved_weighting:
-        base.weighting_options = {}  # another strategy does not inherit the saved one's options
     if hasattr(args, "weighting_opt"):
         base.weighting_options = dict(args.weighting_opt)
+    if resuming:
+        _check_resumable(saved, base)
     return base.validate()
+
+
+def _resumed_config(resume: str):
+    """The config saved in the checkpoint ``resume`` names (a file, or a run directory), writing into the
+    checkpoint's directory."""
+    from fastmtl.mtl import checkpoint
+    from fastmtl.mtl.config import TrainConfig
+    from fastmtl.mtl.trainer import CHECKPOINT
+
+    path = os.path.join(resume, CHECKPOINT) if os.path.isdir(resume) else resume
+    try:
+        config = TrainConfig.from_dict(checkpoint.load(path)["config"])
+    except Exception as e:  # a missing file, another pickle, a checkpoint of something else
+        raise ValueError(f"--resume: {path!r} is not a readable fastmtl checkpoint ({type(e).__name__}: {e})") from e
+    # The saved ``out`` is where the run was first written: a copied or moved run must not write back there, and a
+    # relative one would resolve against whatever the current directory is now.
+    config.out = os.path.dirname(os.path.abspath(path))
+    return config
+
+
+def _check_resumable(saved, config) -> None:
+    """Raise ValueError if ``config`` changes a setting whose state the checkpoint of ``saved`` cannot restore."""
+    if list(config.tasks) != list(saved.tasks):
+        raise ValueError(f"--tasks {','.join(config.tasks)}: the checkpoint was trained on {','.join(saved.tasks)}; "
+                         "a resumed run keeps its tasks (start a new run with --out to train others)")
+    if config.weighting != saved.weighting:
+        raise ValueError(f"--weighting {config.weighting}: the checkpoint was trained with weighting "
+                         f"{saved.weighting}; a resumed run keeps its strategy, whose state (and the optimizer's) "
+                         f"it restores (start a new run with --out to train with {config.weighting})")
+    if config.amp == "fp16" and saved.amp != "fp16":
+        raise ValueError(f"--amp fp16: the checkpoint was trained with --amp {saved.amp or 'off'}, so it has no "
+                         "fp16 grad-scaler state to resume (start a new run with --out to train with fp16)")
 
 
 def run(args) -> int:
@@ -166,17 +218,13 @@ def run(args) -> int:
     import torch
 
     import fastmtl
+    from fastmtl.commands import check_device
 
     if config.backend != "auto" and config.backend not in fastmtl.available_backends():
         parser.error(f"--backend {config.backend} is not available here (available: "
                      f"{', '.join(fastmtl.available_backends())})")
     if config.device != "auto":
-        try:
-            device = torch.device(config.device)
-        except RuntimeError as e:
-            parser.error(f"--device: {e}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {config.device}: no CUDA device is visible")
+        check_device(parser, config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
 

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from fastmtl.data.multidigits import TASKS as DATA_TASKS
 
+MAX_SEED = 2**32 - 1  # NumPy's data generator rejects negative seeds; the batch order's seed must fit in 64 bits
+
 
 @dataclass
 class TrainConfig:
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"affinity_every must be an int >= 0 (0 = off), got {self.affinity_every!r}")
         if not isinstance(self.num_threads, int) or self.num_threads < 0:
             raise ValueError(f"num_threads must be an int >= 0, got {self.num_threads!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
         from fastmtl.data.multidigits import _missing_fractions
 
         _missing_fractions(self.missing_labels, tasks)
