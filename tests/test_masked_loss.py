@@ -288,26 +288,32 @@ def test_cpp_extreme_logits_stay_finite():
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
 
+def backend_device_params():
+    """backend_params() on the CPU, and the cuda and triton backends on a GPU (``@pytest.mark.cuda``)."""
+    cpu = [pytest.param(p.values[0], "cpu", marks=p.marks, id=f"{p.values[0]}-cpu") for p in backend_params()]
+    return cpu + [pytest.param(b, "cuda", marks=pytest.mark.cuda, id=f"{b}-cuda") for b in ("cuda", "triton")]
+
+
 # (bce with a +inf logit is left out: its loss is inf or NaN depending on the target, inf - inf)
 @pytest.mark.parametrize(("kind", "value"), [("ce", float("nan")), ("ce", float("inf")), ("bce", float("nan"))])
 @pytest.mark.parametrize("layout", ["rows", "nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("backend", backend_params())
-def test_non_finite_logits_show_as_in_pytorch(backend, dtype, layout, kind, value):
+@pytest.mark.parametrize("backend, device", backend_device_params())
+def test_non_finite_logits_show_as_in_pytorch(backend, device, dtype, layout, kind, value):
     """A NaN or +inf logit (a diverging model, a low-precision overflow) must not be hidden: the loss and the
     gradient are NaN exactly where the float64 reference's are, and equal to it elsewhere."""
-    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("bf16 is wrong in the Triton interpreter")
     shape = (4, 5) if layout == "rows" else (3, 5, 4, 6)
-    pred = torch.randn(shape).to(dtype)
+    pred = torch.randn(shape, device=device).to(dtype)
     if layout == "channels_last":
         pred = pred.contiguous(memory_format=torch.channels_last)
     where = (1, 2) if layout == "rows" else (1, 2, 3, 1)
     pred[where] = value
     if kind == "ce":
-        target = torch.randint(0, 5, (shape[0], *shape[2:]))
+        target = torch.randint(0, 5, (shape[0], *shape[2:]), device=device)
     else:
-        target = torch.rand(shape)
+        target = torch.rand(shape, device=device)
     loss, grad = run_one(backend, kind, pred, target, None)
     ref_loss, ref_grad = oracle(kind, pred, target, None)
     assert torch.isnan(ref_loss) and torch.isnan(loss)
@@ -316,12 +322,12 @@ def test_non_finite_logits_show_as_in_pytorch(backend, dtype, layout, kind, valu
     assert rel_err(grad[finite], ref_grad[finite]) <= TOLERANCES["loss"][dtype]
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend, device", backend_device_params())
 @pytest.mark.parametrize("shape", [(2, 20, 3, 4), (3, 20)])
-def test_very_negative_logits_keep_their_softmax(backend, shape):
+def test_very_negative_logits_keep_their_softmax(backend, device, shape):
     """Every logit at -1e31 (e.g. masked_fill with a huge negative): the softmax is uniform, loss log(C)."""
-    pred = torch.full(shape, -1e31)
-    target = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    pred = torch.full(shape, -1e31, device=device)
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device)
     loss, grad = run_one(backend, "ce", pred, target, None)
     ref_loss, ref_grad = oracle("ce", pred, target, None)
     assert rel_err(loss, ref_loss) <= 1e-6 and rel_err(grad, ref_grad) <= 1e-6
