@@ -119,7 +119,7 @@ def gram_weights(name: str, gram: torch.Tensor, **options) -> torch.Tensor:
     strategy = _gradient_strategy(name, gram.shape[0], options)
     if strategy is None:
         return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return strategy.compute_weights(gram.double(), None).to(gram.dtype)
+    return strategy.weights_from_gram(gram).to(gram.dtype)
 
 
 def dwa_weights(loss_history: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:

@@ -36,15 +36,21 @@ def regularize(gram: torch.Tensor) -> torch.Tensor:
     return gram + (scale * RIDGE + 1e-30) * torch.eye(k, dtype=gram.dtype, device=gram.device)
 
 
-def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
-    """``argmin_{w in simplex} w^T gram w``: the weights of the min-norm point of the gradients' convex hull."""
+def min_norm_simplex(gram: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """``argmin_{w in simplex} w^T gram w``: the weights of the min-norm point of the gradients' convex hull.
+
+    With ``allowed`` (``[K]`` bool), only those coordinates may be nonzero (all zero when none is allowed).
+    """
     gram = regularize(gram)
     k = gram.shape[0]
+    if allowed is None:
+        allowed = torch.ones(k, dtype=torch.bool, device=gram.device)
     if k == 1:
-        return torch.ones(1, dtype=gram.dtype, device=gram.device)
+        return allowed.to(gram.dtype)
     if k > MAX_EXACT_TASKS:
-        return _min_norm_simplex_iterative(gram)
+        return torch.where(allowed, _min_norm_simplex_iterative(gram, allowed), 0.0)
     masks = _subset_masks(k, str(gram.device), False)  # [S, K]
+    within = ~(masks & ~allowed).any(1)
     inside = masks.to(gram.dtype)
     pair = inside[:, :, None] * inside[:, None, :]
     system = torch.zeros(masks.shape[0], k + 1, k + 1, dtype=gram.dtype, device=gram.device)
@@ -55,7 +61,8 @@ def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
     rhs[:, k] = 1
     solution, info = torch.linalg.solve_ex(system, rhs)
     w = solution[:, :k, 0]
-    return _pick_best(w, gram, (w >= -1e-9).all(1) & (info == 0), simplex=True)
+    chosen = _pick_best(w, gram, (w >= -1e-9).all(1) & (info == 0) & within, simplex=True)
+    return torch.where(allowed, chosen, 0.0)
 
 
 def simplex_qp(gram: torch.Tensor, linear: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
@@ -147,13 +154,15 @@ def _step_size(gram: torch.Tensor) -> torch.Tensor:
     return 1.0 / gram.diagonal().sum().clamp_min(1e-30)  # trace >= largest eigenvalue
 
 
-def _min_norm_simplex_iterative(gram: torch.Tensor) -> torch.Tensor:
-    k = gram.shape[0]
+def _min_norm_simplex_iterative(gram: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    inside = allowed.to(gram.dtype)
     step = _step_size(gram)
-    w = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+    w = inside / inside.sum().clamp_min(1)
     y, t = w, 1.0
+    # far below any reachable value, so the projection gives the excluded coordinates 0 (and no NaN if all are)
+    excluded = torch.full_like(w, -1e30)
     for _ in range(ITERATIVE_STEPS):
-        w_next = project_simplex(y - step * (gram @ y))
+        w_next = project_simplex(torch.where(allowed, y - step * (gram @ y), excluded))
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         y = w_next + ((t - 1) / t_next) * (w_next - w)
         w, t = w_next, t_next

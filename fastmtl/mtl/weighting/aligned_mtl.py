@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmtl.mtl.weighting.base import GradientWeighting, register
+from fastmtl.mtl.weighting.base import GradientWeighting, masked_gram, register
 
 
 @register("aligned_mtl")
@@ -20,10 +20,16 @@ class AlignedMTL(GradientWeighting):
     ``torch.linalg.eigh`` checks its convergence flag on the host, the one synchronisation of this method).
     """
 
-    def compute_weights(self, gram, losses):
-        """``B 1`` from the eigendecomposition of the Gramian."""
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        keep = eigenvalues > eigenvalues.amax().clamp_min(0) * (gram.shape[0] * 1e-12) + 1e-300
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
+        """``B 1`` from the eigendecomposition of the Gramian.
+
+        An eigenvalue counts as zero below ``lambda_max K precision``, the rounding of a Gramian of gradients
+        in their own dtype (``precision`` its epsilon): the rank of float32 gradients is only known to that.
+        """
+        if precision is None:
+            precision = torch.finfo(gram.dtype).eps
+        eigenvalues, eigenvectors = torch.linalg.eigh(masked_gram(gram, active))
+        keep = eigenvalues > eigenvalues.amax().clamp_min(0) * (gram.shape[0] * precision) + 1e-300
         inverse_root = torch.where(keep, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
         smallest = torch.where(keep, eigenvalues, torch.full_like(eigenvalues, float("inf"))).amin()
         smallest = torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest))

@@ -15,6 +15,8 @@ optimizer), running state lives in buffers or in the extra state, so ``state_dic
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -146,6 +148,48 @@ class Weighting(nn.Module):
 _LOW = (torch.float16, torch.bfloat16)
 
 
+def active_tasks(
+    gram: torch.Tensor, counts: torch.Tensor | None = None, precision: float | None = None
+) -> torch.Tensor:
+    """``[K]`` bool: the tasks with labels (``counts > 0``, when given) and a gradient that is not ~zero.
+
+    A gradient counts as zero when its squared norm is below ``precision^2`` times the largest one: below the
+    rounding of the Gramian, where a solve would only amplify noise (or divide by zero).
+    """
+    if precision is None:
+        precision = torch.finfo(gram.dtype).eps
+    diagonal = gram.diagonal()
+    floor = (diagonal.amax() * precision**2).clamp_min(torch.finfo(gram.dtype).tiny)
+    active = diagonal > floor
+    if counts is not None:
+        active = active & (counts.to(gram.device) > 0)
+    return active
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(method) -> frozenset[str] | None:
+    """The keyword arguments ``method`` accepts (None: any), so that a subclass written against the older
+    ``compute_weights(gram, losses)`` keeps working (its inactive tasks' coefficients are still zeroed)."""
+    parameters = inspect.signature(method).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters)
+
+
+def _gram_precision(grads: torch.Tensor, work: torch.Tensor) -> float:
+    """Relative precision of ``work @ work.T``: the gradients' own, or the rounding of P-term dot products in
+    ``work``'s dtype (which grows with P, as ``sqrt(P)`` for random rounding errors), whichever is coarser."""
+    return max(torch.finfo(grads.dtype).eps, torch.finfo(work.dtype).eps * max(work.shape[1], 1) ** 0.5)
+
+
+def masked_gram(gram: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+    """``gram`` with the rows and columns of inactive tasks zeroed (``active`` None: unchanged)."""
+    if active is None:
+        return gram
+    keep = active.to(gram.dtype)
+    return gram * keep[:, None] * keep[None, :]
+
+
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
@@ -220,12 +264,66 @@ class GradientWeighting(Weighting):
         self.reduce_gram = None
         self.reduce_grads = None
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        """Return the ``[K]`` combination coefficients from the ``K x K`` Gramian (and the detached losses)."""
+    def compute_weights(
+        self,
+        gram: torch.Tensor,
+        losses: torch.Tensor | None,
+        active: torch.Tensor | None = None,
+        precision: float | None = None,
+        loss_scale: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Return the ``[K]`` combination coefficients from the ``K x K`` Gramian (and the detached losses).
+
+        Args:
+            gram: the Gramian of the unscaled gradients (float64).
+            losses: the detached ``[K]`` losses, or None.
+            active: ``[K]`` bool, the tasks with labels and a nonzero gradient (None: all); the solve is made from
+                these only, and the others' coefficients are zeroed by the caller.
+            precision: the relative precision of ``gram``'s entries: the gradients' own (their dtype's epsilon)
+                or the rounding of their products, whichever is coarser (None: the epsilon of ``gram``'s dtype).
+            loss_scale: the fp16 loss scale the gradients that ``d`` combines were multiplied by (None: 1).
+        """
         raise NotImplementedError
 
-    def combine(self, grads: torch.Tensor, losses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Combine ``[K, P]`` gradients: return ``(direction [P], weights [K])``. Keeps ``last_gram``."""
+    def weights_from_gram(
+        self,
+        gram: torch.Tensor,
+        losses: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        loss_scale: torch.Tensor | float | None = None,
+        precision: float | None = None,
+    ) -> torch.Tensor:
+        """``[K]`` coefficients for gradients with Gramian ``gram`` (times ``loss_scale``^2 when given).
+
+        Tasks without labels (``counts``) or with a ~zero gradient get coefficient 0 and take no part in the solve.
+        ``precision`` as in :meth:`compute_weights`.
+        """
+        epsilon = torch.finfo(gram.dtype).eps  # a squared norm has no cancellation: accurate to its dtype
+        if precision is None:
+            precision = epsilon
+        gram = gram.double()
+        if loss_scale is not None:
+            gram = gram / torch.as_tensor(loss_scale, device=gram.device).double() ** 2
+        active = active_tasks(gram, counts, epsilon)
+        losses = None if losses is None else losses.detach().double()
+        context = {"active": active, "precision": precision, "loss_scale": loss_scale}
+        accepted = _keywords(type(self).compute_weights)
+        context = {key: value for key, value in context.items() if accepted is None or key in accepted}
+        weights = self.compute_weights(gram, losses, **context)
+        return torch.where(active, weights, torch.zeros_like(weights))
+
+    def combine(
+        self,
+        grads: torch.Tensor,
+        losses: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        loss_scale: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combine ``[K, P]`` gradients: return ``(direction [P], weights [K])``. Keeps ``last_gram``.
+
+        ``counts`` (``[K]`` labelled samples) and ``loss_scale`` (the factor the gradients carry) as in
+        :meth:`weights_from_gram`.
+        """
         work = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
         if self.reduce_grads is not None:
             work = self.reduce_grads(work)
@@ -233,7 +331,7 @@ class GradientWeighting(Weighting):
         if self.reduce_gram is not None:
             gram = self.reduce_gram(gram)
         self.last_gram = gram
-        weights = self.compute_weights(gram.double(), None if losses is None else losses.detach().double())
+        weights = self.weights_from_gram(gram, losses, counts, loss_scale, _gram_precision(grads, work))
         weights = weights.to(work.dtype)
         return weights @ work, weights
 
@@ -241,9 +339,11 @@ class GradientWeighting(Weighting):
         """Per-task gradients, on-device combination, one trunk backward (see :class:`GradientWeighting`).
 
         With ``loss_scale`` the per-task gradients are taken of the scaled losses (no fp16 underflow); every
-        strategy here is invariant to a common scale of the gradients, and the losses it reads are unscaled.
+        strategy sees the Gramian of the unscaled gradients, so its update carries exactly the scale, and the losses
+        it reads are unscaled. With ``counts``, tasks without labels in the batch take no part in the solve.
         """
         vec = self._loss_vector(losses)
+        count_vec = None if counts is None else self._count_vector(counts, vec)
         loss_list = [losses[n] for n in self.task_names]
         if loss_scale is not None:
             loss_list = [loss * loss_scale for loss in loss_list]
@@ -258,7 +358,7 @@ class GradientWeighting(Weighting):
             wrt = _autograd.as_tensor_list(shared_params, "shared_params")
             stop = _autograd.as_tensor_list(features, "features") if features is not None else []
         grads, head_grads = _autograd.task_gradients(loss_list, wrt, stop)
-        direction, weights = self.combine(grads, vec)
+        direction, weights = self.combine(grads, vec, count_vec, loss_scale)
         if self.mode == "representation":
             _autograd.backward_through(wrt, direction)
         else:

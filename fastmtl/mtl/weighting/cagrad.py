@@ -89,7 +89,7 @@ class CAGrad(GradientWeighting):
             best_value = torch.where(better, value, best_value)
         return best_w
 
-    def compute_weights(self, gram, losses):
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
         """Coefficients of ``d`` on the task gradients: ``1/K + (c |g0| / |g_w|) w*``, rescaled."""
         k = gram.shape[0]
         coefficients = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)

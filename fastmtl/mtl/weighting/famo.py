@@ -44,36 +44,57 @@ class FAMO(LossWeighting):
     def _shifted(self, losses: torch.Tensor) -> torch.Tensor:
         return losses - self.min_losses + self.eps
 
-    def update(self, losses: torch.Tensor) -> None:
-        """Move the logits by the log-loss decrease since the previous step (no-op on the first step)."""
+    def update(self, losses: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Move the logits by the log-loss decrease since the previous step (no-op on the first step).
+
+        Only the ``active`` tasks (default: all) take part: the others' logits, Adam moments and previous losses
+        are left as they are, and the softmax Jacobian is that of the active tasks' logits.
+        """
         with torch.no_grad():
+            if active is None:
+                active = torch.ones_like(self.logits, dtype=torch.bool)
             current = self._shifted(losses.detach().to(self.logits.dtype)).clamp_min(self.eps).log()
             previous = self.previous_losses
-            decrease = torch.nan_to_num(previous - current, nan=0.0)  # zero on the first step: no move
-            z = torch.softmax(self.logits, dim=0)
+            decrease = torch.where(active, torch.nan_to_num(previous - current, nan=0.0), 0.0)  # first step: 0
+            z = _masked_softmax(self.logits, active)
             grad = z * (decrease - (z * decrease).sum()) + self.gamma * self.logits
-            self._adam_step(grad)
-            self.previous_losses.copy_(current)
+            self._adam_step(grad, active)
+            self.previous_losses.copy_(torch.where(active, current, previous))
 
-    def _adam_step(self, grad: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    def _adam_step(self, grad: torch.Tensor, active: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999,
+                   eps: float = 1e-8) -> None:  # fmt: skip
         self.adam_steps += 1
-        self.adam_mean.mul_(beta1).add_(grad, alpha=1 - beta1)
-        self.adam_square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.adam_mean.copy_(torch.where(active, beta1 * self.adam_mean + (1 - beta1) * grad, self.adam_mean))
+        self.adam_square.copy_(torch.where(active, beta2 * self.adam_square + (1 - beta2) * grad**2, self.adam_square))
         mean = self.adam_mean / (1 - beta1**self.adam_steps)
         square = self.adam_square / (1 - beta2**self.adam_steps)
-        self.logits.sub_(self.lr * mean / (square.sqrt() + eps))
+        self.logits.sub_(torch.where(active, self.lr * mean / (square.sqrt() + eps), 0.0))
 
     def total_loss(self, losses, counts):
-        """Update ``xi`` from the loss decrease, then ``(sum_t z_t log(L_t - m_t + eps) / c, effective weights)``."""
-        self.update(losses)
-        z = torch.softmax(self.logits, dim=0).to(losses.dtype)
+        """Update ``xi`` from the loss decrease, then ``(sum_t z_t log(L_t - m_t + eps) / c, effective weights)``.
+
+        Tasks without labels (``counts`` 0, or a zero loss when no counts are given) are left out: weight 0, and
+        the others' weights are those of FAMO on the remaining tasks (a zero loss would otherwise make ``c`` huge
+        and wipe out the whole step).
+        """
+        active = losses.detach() > 0 if counts is None else counts > 0
+        self.update(losses, active)
+        z = _masked_softmax(self.logits, active).to(losses.dtype)
         shifted = self._shifted(losses).clamp_min(self.eps)
-        c = (z / shifted.detach()).sum()
-        total = (z * shifted.log()).sum() / c
-        return total, z / (c * shifted.detach())
+        c = torch.where(active, z / shifted.detach(), 0.0).sum()
+        c = c.clamp_min(torch.finfo(c.dtype).tiny)  # no task in the step: total 0, weights 0
+        total = torch.where(active, z * shifted.log(), 0.0).sum() / c
+        return total, torch.where(active, z / (c * shifted.detach()), 0.0)
 
     def get_extra_state(self):
         return {"adam_steps": self.adam_steps}
 
     def set_extra_state(self, state):
         self.adam_steps = int(state["adam_steps"])
+
+
+def _masked_softmax(logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Softmax over the ``active`` entries of ``logits``; 0 elsewhere (all 0 when none is active)."""
+    shifted = torch.where(active, logits, torch.full_like(logits, float("-inf")))
+    z = torch.softmax(shifted, dim=0)
+    return torch.where(active, z, 0.0)

@@ -37,21 +37,34 @@ class GradNorm(GradientWeighting):
         self.loss_weights = nn.Parameter(torch.ones(k))
         self.register_buffer("initial_losses", torch.full((k,), float("nan")))
 
-    def compute_weights(self, gram, losses):
-        """Renormalised weights; sets their ``.grad`` from the GradNorm loss."""
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
+        """Renormalised weights; sets their ``.grad`` from the GradNorm loss.
+
+        Only the tasks in this step (``active``, with a positive loss) enter the loss ratios and the targets; a
+        task's initial loss is recorded on the first step it is in, and the others' weights get no gradient.
+        """
         if losses is None:
             raise ValueError("gradnorm needs the losses")
         k = gram.shape[0]
         with torch.no_grad():
             w = self.loss_weights
             w.mul_(k / w.sum().clamp_min(1e-30))
-            initial = torch.where(torch.isnan(self.initial_losses), losses.to(w.dtype), self.initial_losses)
-            self.initial_losses.copy_(initial)
-            ratio = losses / initial.to(losses.dtype).clamp_min(1e-30)
-            relative = ratio / ratio.mean().clamp_min(1e-30)
+            present = losses > 0 if active is None else active & (losses > 0)
+            record = present & torch.isnan(self.initial_losses)
+            self.initial_losses.copy_(torch.where(record, losses.to(w.dtype), self.initial_losses))
+            initial = self.initial_losses.to(losses.dtype)
+            ratio = torch.where(present, losses / torch.where(present, initial, 1.0).clamp_min(1e-30), 0.0)
+            relative = ratio / _mean(ratio, present).clamp_min(1e-30)
             norms = gram.diagonal().clamp_min(0).sqrt()
             weighted = w.to(gram.dtype) * norms
-            target = weighted.mean() * relative**self.alpha
-            grad = (torch.sign(weighted - target) * norms).to(w.dtype)  # scaled like the model's under loss_scale
+            target = _mean(weighted, present) * relative**self.alpha
+            # the model's gradients carry loss_scale, and the optimizer unscales these with them
+            scale = 1.0 if loss_scale is None else torch.as_tensor(loss_scale, device=gram.device).to(gram.dtype)
+            grad = torch.where(present, torch.sign(weighted - target) * norms * scale, 0.0).to(w.dtype)
             w.grad = grad if w.grad is None else w.grad + grad
         return w.detach().to(gram.dtype)
+
+
+def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (0 when the mask is empty), without a host synchronisation."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1).to(values.dtype)

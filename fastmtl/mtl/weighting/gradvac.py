@@ -37,7 +37,7 @@ class GradVac(GradientWeighting):
         k = len(self.task_names)
         self.register_buffer("targets", torch.zeros(k, k, dtype=torch.float64))
 
-    def compute_weights(self, gram, losses):
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
         """Column sums of the vaccinated gradients' coefficients; updates the target similarities."""
         k = gram.shape[0]
         orders = _random.other_task_orders(k, gram.device, self.generator)

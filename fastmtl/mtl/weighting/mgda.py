@@ -36,8 +36,14 @@ class MGDA(GradientWeighting):
         if normalize in ("loss", "loss+"):
             self.needs_losses = True
 
-    def compute_weights(self, gram, losses):
-        """Min-norm simplex weights of the (optionally normalised) gradients, as coefficients on the originals."""
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
+        """Min-norm simplex weights of the (optionally normalised) gradients, as coefficients on the originals.
+
+        Only the ``active`` tasks enter the hull: with partial labels a task without labels has a zero gradient,
+        whose min-norm point (zero) would stop every other task.
+        """
+        if active is None:
+            active = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
         norms = gram.diagonal().clamp_min(0).sqrt()
         tiny = torch.finfo(gram.dtype).tiny
         if self.normalize == "none":
@@ -49,5 +55,6 @@ class MGDA(GradientWeighting):
                 raise ValueError(f"mgda with normalize={self.normalize!r} needs the losses")
             denominator = losses if self.normalize == "loss" else losses * norms
             scale = 1 / denominator.clamp_min(tiny)
+        scale = torch.where(active, scale, 0.0)
         scaled = gram * scale[:, None] * scale[None, :]
-        return _qp.min_norm_simplex(scaled) * scale
+        return _qp.min_norm_simplex(scaled, active) * scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmtl.mtl.weighting.base import GradientWeighting, register
+from fastmtl.mtl.weighting.base import GradientWeighting, masked_gram, register
 
 
 def nash_weights(gram: torch.Tensor, steps: int = 20) -> torch.Tensor:
@@ -30,6 +30,22 @@ def nash_weights(gram: torch.Tensor, steps: int = 20) -> torch.Tensor:
     return a
 
 
+def _active_nash_weights(gram: torch.Tensor, active: torch.Tensor, steps: int) -> torch.Tensor:
+    """:func:`nash_weights` of the active tasks' Gramian (normalised by its Frobenius norm); 0 for the others.
+
+    The inactive tasks are replaced by orthogonal gradients with the active tasks' mean squared norm: they
+    decouple from the rest (the Newton steps on the active block are those of the smaller problem, the ridge is
+    the same) and start at their exact solution, so no shape depends on the data.
+    """
+    masked = masked_gram(gram, active)
+    normalised = masked / torch.linalg.matrix_norm(masked).clamp_min(1e-30)
+    diagonal = normalised.diagonal()
+    filler = diagonal.sum() / active.sum().clamp_min(1).to(gram.dtype)
+    filler = torch.where(filler > 0, filler, 1.0)
+    normalised = normalised + torch.diag_embed(torch.where(active, 0.0, filler))
+    return torch.where(active, nash_weights(normalised, steps), 0.0)
+
+
 @register("nash_mtl")
 class NashMTL(GradientWeighting):
     """Nash-MTL of Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik and Fetaya, "Multi-Task Learning as a
@@ -43,7 +59,9 @@ class NashMTL(GradientWeighting):
     Args:
         task_names: the tasks.
         steps: Newton steps (20).
-        update_every: recompute ``a`` every this many steps and reuse it in between (1).
+        update_every: recompute ``a`` every this many steps and reuse it in between (1), unless a task it left
+            out has labels again (the solve still runs on the steps in between to be ready for that, since
+            deciding on the host would wait for the device; it is tiny next to the backward pass).
         max_norm: when positive, the update's norm is clipped to it (0: off).
         mode, scale_heads: see :class:`GradientWeighting`.
     """
@@ -59,15 +77,28 @@ class NashMTL(GradientWeighting):
         self.calls = 0
         self.register_buffer("alpha", torch.ones(len(self.task_names), dtype=torch.float64))
 
-    def compute_weights(self, gram, losses):
-        """The bargaining weights ``a`` (recomputed every ``update_every`` calls), norm-clipped if asked."""
-        if self.calls % self.update_every == 0:
-            normalised = gram / torch.linalg.matrix_norm(gram).clamp_min(1e-30)
-            with torch.no_grad():
-                self.alpha.copy_(nash_weights(normalised, self.steps).to(self.alpha.dtype))
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
+        """The bargaining weights ``a`` (recomputed every ``update_every`` calls), norm-clipped if asked.
+
+        Only the ``active`` tasks bargain (a task with a zero gradient would get ``a ~ 1 / sqrt(ridge)``); the
+        others get 0. A cached ``a`` is reused only while it covers every active task: it is solved afresh when
+        a task it left out comes back.
+        """
+        if active is None:
+            active = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
+        fresh = self.calls % self.update_every == 0
+        with torch.no_grad():
+            solved = _active_nash_weights(gram, active, self.steps)
+            if fresh:
+                self.alpha.copy_(solved.to(self.alpha.dtype))
+            else:
+                # a cached a > 0 exactly for the tasks it was solved with
+                stale = (active & ~(self.alpha > 0)).any()
+                self.alpha.copy_(torch.where(stale, solved.to(self.alpha.dtype), self.alpha))
         self.calls += 1
-        a = self.alpha.to(gram.dtype)
+        a = torch.where(active, self.alpha.to(gram.dtype), 0.0)
         if self.max_norm > 0:
+            # gram is that of the unscaled gradients, so max_norm bounds the unscaled update
             norm = (a @ gram @ a).clamp_min(0).sqrt()
             a = a * (self.max_norm / norm.clamp_min(1e-30)).clamp_max(1)
         return a

@@ -47,7 +47,7 @@ class PCGrad(GradientWeighting):
         super().__init__(task_names, **options)
         self.generator = generator
 
-    def compute_weights(self, gram, losses):
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
         """Column sums of :func:`pcgrad_coefficients` for fresh random orders."""
         orders = _random.other_task_orders(gram.shape[0], gram.device, self.generator)
         return pcgrad_coefficients(gram, orders).sum(0)

@@ -18,7 +18,7 @@ class UPGrad(GradientWeighting):
     coefficients ``mean_i u_i``; it has a non-negative inner product with every ``g_i``.
     """
 
-    def compute_weights(self, gram, losses):
+    def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
         """``mean_i u_i`` over the K dual-cone projections."""
         k = gram.shape[0]
         lower = torch.eye(k, dtype=gram.dtype, device=gram.device)  # column i: the bound e_i
