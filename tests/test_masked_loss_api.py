@@ -596,6 +596,19 @@ def test_bad_ignore_index_type():
     preds, targets, kinds, masks = batch(requires_grad=False)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         fastmtl.masked_multitask_loss(preds, targets, kinds, masks, ignore_index=1.5)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fastmtl.masked_multitask_loss(preds, targets, kinds, masks, ignore_index=2**63)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_numpy_integer_ignore_index(backend):
+    """An ignore_index read from a NumPy array or config (np.int64) works as the same Python int."""
+    np = pytest.importorskip("numpy")
+    preds, targets, kinds, masks = batch(requires_grad=False)
+    with fastmtl.use_backend(backend):
+        want, _ = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, ignore_index=3)
+        got, _ = fastmtl.masked_multitask_loss(preds, targets, kinds, masks, ignore_index=np.int64(3))
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("bad_class", [5, -1, 99])

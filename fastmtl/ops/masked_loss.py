@@ -135,8 +135,10 @@ def validate(preds, targets, kinds, masks=None, weights=None, ignore_index=-100)
         _check_keys("masks", masks, names, required=False)
     if weights is not None:
         _check_keys("weights", weights, names, required=False)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (the targets' dtype), got {ignore_index}")
     first = preds[names[0]]
     device = first.device if isinstance(first, torch.Tensor) else None
     for name in names:
@@ -485,6 +487,7 @@ def masked_multitask_loss(preds, targets, kinds, masks=None, weights=None, ignor
     ``fastmtl.debug()`` reports it. No host synchronisation otherwise.
     """
     names = validate(preds, targets, kinds, masks, weights, ignore_index)
+    ignore_index = int(ignore_index)  # a NumPy integer too; the registered ops take a Python int
     first = preds[names[0]]
     backend = _selected_backend(first.device)
     if backend in ("cuda", "triton") and any(preds[n].dtype == torch.float64 for n in names):
