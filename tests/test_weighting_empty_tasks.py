@@ -395,3 +395,14 @@ def test_a_subclass_with_the_two_argument_compute_weights_still_works():
     direction, weights = Halves(names(3)).combine(grads, None, counts)
     torch.testing.assert_close(weights, torch.tensor([0.5, 0.0, 0.5], dtype=D))
     torch.testing.assert_close(direction, 0.5 * grads.sum(0))
+
+
+def test_gradvac_targets_of_pairs_with_an_empty_task_stay():
+    grads, counts, keep = with_empty(fresh_grads(2), empty=2)
+    strategy = weighting.create("gradvac", names(3), beta=0.5)
+    strategy.targets.fill_(0.3)  # learned similarities from earlier steps
+    strategy.combine(grads, None, counts)
+    targets, off_diagonal = strategy.targets, ~torch.eye(3, dtype=torch.bool)
+    # never moved towards the empty task's "cosine" (0)
+    assert (targets[2][off_diagonal[2]] == 0.3).all() and (targets[:, 2][off_diagonal[:, 2]] == 0.3).all()
+    assert targets[0, 1] != 0.3 and targets[1, 0] != 0.3  # the labelled pair still learns its similarity

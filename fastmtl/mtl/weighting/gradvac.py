@@ -38,8 +38,11 @@ class GradVac(GradientWeighting):
         self.register_buffer("targets", torch.zeros(k, k, dtype=torch.float64))
 
     def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
-        """Column sums of the vaccinated gradients' coefficients; updates the target similarities."""
+        """Column sums of the vaccinated gradients' coefficients; updates the target similarities of the pairs
+        whose tasks are both ``active`` (a task without labels has no direction: its cosines say nothing)."""
         k = gram.shape[0]
+        if active is None:
+            active = torch.ones(k, dtype=torch.bool, device=gram.device)
         orders = _random.other_task_orders(k, gram.device, self.generator)
         targets = self.targets.to(gram.dtype)
         coefficients = torch.eye(k, dtype=gram.dtype, device=gram.device)
@@ -58,7 +61,8 @@ class GradVac(GradientWeighting):
             boost = own_norm * (target * root_c - cosine * root_t) / (other_norm * root_t).clamp_min(tiny)
             boost = torch.where(cosine < target, boost, torch.zeros_like(boost))
             coefficients = coefficients.scatter_add(1, j, boost)
-            targets = targets.index_put((rows, j), (1 - self.beta) * target + self.beta * cosine)
+            moved = (1 - self.beta) * target + self.beta * cosine
+            targets = targets.index_put((rows, j), torch.where(active[:, None] & active[j], moved, target))
         with torch.no_grad():
             self.targets.copy_(targets.to(self.targets.dtype))
         return coefficients.sum(0)
