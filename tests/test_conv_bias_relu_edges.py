@@ -135,7 +135,7 @@ def test_flop_counter_counts_the_fused_convolution(backend, groups):
         assert got[1] == want[1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [backends.AUTO])
 def test_torch_func_per_sample_gradients(backend):
     """vmap(grad(...)) (per-sample gradients): the torch reference runs inside the transforms, whatever the backend."""
     x = torch.randn(3, 3, 6, 6, device=DEVICE)
@@ -152,3 +152,22 @@ def test_torch_func_per_sample_gradients(backend):
         got = per_sample(fastmtl.conv_bias_relu)
     want = torch.stack([torch.func.grad(lambda w: loss(_reference, w.double(), x[i].double()))(w) for i in range(3)])
     assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_compiled_graph_calls_the_fused_op(backend):
+    """torch.compile keeps the fused op in its graph (the torch.func check once sent every traced call to conv2d)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm.forward
+
+    x, w = _inputs()
+    b = torch.randn(w.shape[0], device=DEVICE)
+    with fastmtl.use_backend(backend):
+        got = torch.compile(lambda x, w, b: fastmtl.conv_bias_relu(x, w, b, padding=1), backend=record)(x, w, b)
+    targets = {str(node.target) for graph in graphs for node in graph.nodes if node.op == "call_function"}
+    assert any(t.startswith("fastmtl.conv_bias_relu") for t in targets), targets
+    assert not any("conv2d" in t for t in targets), targets
+    assert rel_err(got, _reference(x, w, b, padding=1)) <= TOL

@@ -158,6 +158,15 @@ def _run_triton(x, weight, bias, stride, padding, dilation, groups):
 RUNNERS = {"torch": _run_torch, "cpp": _run_native, "cuda": _run_native, "triton": _run_triton}
 
 
+def _inside_functorch_transform() -> bool:
+    """True inside ``torch.func`` transforms (grad, vmap, ...), where the fused ops' autograd cannot run.
+
+    Not asked while Dynamo traces: it models ``peek_interpreter_stack`` as an object even when the stack is empty,
+    which would send every compiled graph to the reference.
+    """
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 @torch.compiler.assume_constant_result
 def _selected_backend(device: torch.device) -> str:
     # Resolved once per trace under torch.compile: the backend choice is a Python-level constant.
@@ -194,6 +203,8 @@ def conv_bias_relu(
     stride, padding, dilation = validate(x, weight, bias, stride, padding, dilation, groups)
     if bias is not None:
         bias = bias.contiguous()  # the kernels index the bias densely (a view or an expanded bias would be misread)
+    if _inside_functorch_transform():
+        return _run_torch(x, weight, bias, stride, padding, dilation, groups)
     backend = _selected_backend(x.device)
     if backend == backends.AUTO:
         from fastmtl import autotune
@@ -202,8 +213,6 @@ def conv_bias_relu(
     backend, _, algo = backend.partition(":")  # autotune may name an algorithm: "cuda:library"
     if x.dtype == torch.float64 and backend in ("cuda", "triton"):
         backend = "torch"
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        backend = "torch"  # inside torch.func transforms (grad, vmap): the fused ops' autograd cannot run there
     if backend in ("cpp", "cuda") and not HAS_NATIVE:
         raise backends.BackendUnavailableError(f"backend {backend!r} needs fastmtl._C, which is not built")
     if algo and backend in ("cpp", "cuda"):
