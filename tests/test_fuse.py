@@ -479,3 +479,75 @@ def test_relu_given_its_input_as_a_keyword_is_fused():
     assert fuse_report(fused).num_fused == 2
     x = torch.randn(2, 3, 6, 6)
     assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+class AuxHeadByFlag(nn.Module):
+    """GoogLeNet's pattern: an auxiliary head called only in training (a branch on the root's self.training)."""
+
+    def __init__(self, head_dropout: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = DropoutHead() if head_dropout else nn.Conv2d(8, 2, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        features = self.body(x)
+        if self.training:
+            return self.head(features), self.aux(features)
+        return self.head(features)
+
+
+class DropoutHead(nn.Module):
+    """A head whose own forward branches on its flag; it holds no BatchNorm, so its train() stays allowed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.conv(F.dropout(x, 0.5, training=self.training))
+
+
+def test_eval_model_branching_on_training_is_traced_in_eval_when_a_batchnorm_is_folded():
+    model = _randomise_batchnorms(AuxHeadByFlag()).eval()
+    fused = fastmtl.fuse(model)
+    report = fuse_report(fused)
+    assert (report.method, report.frozen_mode, report.fused) == ("fx", "eval", [("body.0", "conv+bn+relu")])
+    assert "keeps its eval branch" in str(report)
+    x = torch.randn(2, 3, 6, 6)
+    assert rel_err(fused(x), model(x)) <= 1e-5
+    with pytest.raises(RuntimeError, match="inference"):
+        fused.train()
+
+
+class DropoutHeadAfterBatchNorm(AuxHeadByFlag):
+    """A folded BatchNorm, then a head with its own branch on its flag (traced inline, since it is not a leaf)."""
+
+    def __init__(self):
+        super().__init__(head_dropout=True)
+
+    def forward(self, x):
+        return self.aux(self.body(x))
+
+
+def test_eval_graph_not_frozen_when_a_module_that_may_still_train_branches_on_its_flag():
+    model = _randomise_batchnorms(DropoutHeadAfterBatchNorm()).eval()
+    fused = fastmtl.fuse(model)
+    report = fuse_report(fused)
+    assert report.method == "sequential" and report.frozen_mode is None
+    assert report.fused == [("body.0", "conv+bn+relu")]
+    fused.aux.train()  # allowed, and the head's dropout must follow it
+    x = torch.randn(2, 3, 6, 6)
+    assert not torch.equal(fused(x), fused(x))
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_torchvision_models_with_auxiliary_heads_fuse_in_eval(name):
+    model = getattr(torchvision.models, name)(weights=None, aux_logits=True, init_weights=True).eval()
+    fused = fastmtl.fuse(model)
+    report = fuse_report(fused)
+    assert report.method == "fx" and report.frozen_mode == "eval"
+    assert report.num_folded == report.num_fused == {"googlenet": 57, "inception_v3": 94}[name]
+    x = torch.randn(1, 3, 75 if name == "inception_v3" else 64, 75 if name == "inception_v3" else 64)
+    with torch.no_grad():
+        assert rel_err(fused(x).double(), model(x).double()) <= 1e-4

@@ -9,7 +9,7 @@ BatchNorm was folded; a folded BatchNorm disappears (its keys with it) and its c
 
 A model ``torch.fx`` cannot trace (data-dependent control flow, ...), or whose traced graph differs between train and
 eval mode (a branch on ``self.training``, which fx would freeze), falls back to walking every ``nn.Sequential``
-in it, fusing adjacent ``Conv2d, ReLU`` and (eval) ``Conv2d, BatchNorm2d, ReLU`` children in place; the ReLU and
+in it (unless it is in eval mode and the frozen eval graph is safe: see :func:`fuse`), fusing adjacent ``Conv2d, ReLU`` and (eval) ``Conv2d, BatchNorm2d, ReLU`` children in place; the ReLU and
 BatchNorm slots become ``nn.Identity``, so the hierarchy (and the model's class) is kept.
 
 Folding a BatchNorm is for inference only: the fused convolutions it produces refuse ``train()`` with an error.
@@ -49,12 +49,15 @@ class FuseReport:
         skipped: ``(conv name, reason)`` for each convolution left alone.
         trace_error: why the torch.fx path was not taken: tracing failed, or the traced graph depends on train /
             eval mode (fallback only).
+        frozen_mode: ``"eval"`` when the forward branches on ``self.training`` and the fx graph keeps its eval
+            branch (only with BatchNorm folded, so that ``train()`` is refused); else None.
     """
 
     method: str
     fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     trace_error: str | None = None
+    frozen_mode: str | None = None
 
     @property
     def num_fused(self) -> int:
@@ -73,6 +76,8 @@ class FuseReport:
         ]
         if self.trace_error:
             lines.append(f"  torch.fx path not taken: {self.trace_error}")
+        if self.frozen_mode:
+            lines.append(f"  the forward branches on self.training: the graph keeps its {self.frozen_mode} branch")
         lines += [f"  fused {name}: {kind}" for name, kind in self.fused]
         lines += [f"  left {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -100,20 +105,22 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         other than ``forward`` are not carried over), else the (copied) model with its Sequentials fused.
         Outputs and gradients equal the original's; with BatchNorm folded the model is for inference only and
         ``train()`` raises. ``fuse_report(result)`` (also ``result.fastmtl_fuse_report``) says what was fused.
+
+    A forward that branches on ``self.training`` (GoogLeNet's and Inception-v3's auxiliary heads, functional dropout)
+    is traced in eval mode when the model is in eval mode, a BatchNorm gets folded and no module whose ``train()``
+    would still be allowed can change the graph: the result cannot leave eval mode. Otherwise such a model takes the
+    nn.Sequential fallback, which keeps the original forward.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     try:
-        graph = _trace_mode_independent(model)
+        result, report = _fuse_traced(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure means "use the fallback"
         report = FuseReport(method="sequential", trace_error=f"{type(err).__name__}: {err}".splitlines()[0])
         _fuse_sequentials(model, report)
         result = model
-    else:
-        report = FuseReport(method="fx")
-        result = _fuse_graph(model, graph, report)
     setattr(result, REPORT_ATTR, report)
     logger.info("%s", report)
     return result
@@ -130,7 +137,45 @@ class _Tracer(fx.Tracer):
 
 
 class ModeDependentGraphError(RuntimeError):
-    """The traced forward differs between train and eval mode (it branches on ``self.training``)."""
+    """The traced forward differs between train and eval mode (it branches on ``self.training``).
+
+    ``eval_graph`` is the graph traced with the current flags when it equals the all-eval trace, else None.
+    """
+
+    def __init__(self, message: str, eval_graph: fx.Graph | None = None):
+        super().__init__(message)
+        self.eval_graph = eval_graph
+
+
+def _fuse_traced(model: nn.Module) -> tuple[fx.GraphModule, FuseReport]:
+    """The torch.fx path of :func:`fuse`; raises when the model takes the nn.Sequential fallback."""
+    try:
+        graph = _trace_mode_independent(model)
+    except ModeDependentGraphError as err:
+        if err.eval_graph is None:
+            raise
+        eval_code = err.eval_graph.python_code("self").src
+        report = FuseReport(method="fx", frozen_mode="eval")
+        result = _fuse_graph(model, err.eval_graph, report)  # (edits the graph, leaves model as it was)
+        if not _eval_graph_stays(model, eval_code, report):
+            raise
+        return result, report
+    report = FuseReport(method="fx")
+    return _fuse_graph(model, graph, report), report
+
+
+def _traced_code(model: nn.Module, training: dict[nn.Module, bool] | None = None) -> str:
+    """The Python source of ``model``'s fx trace, traced with the given ``training`` flags (restored after)."""
+    if training is None:
+        return _Tracer().trace(model).python_code("self").src
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for m, mode in training.items():
+            m.training = mode  # the flag itself: a folded FusedConv2dReLU's train() would refuse
+        return _traced_code(model)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def _trace_mode_independent(model: nn.Module) -> fx.Graph:
@@ -138,25 +183,37 @@ def _trace_mode_independent(model: nn.Module) -> fx.Graph:
 
     fx records only the branch taken on ``self.training`` (dropout's flag, an auxiliary head, stochastic depth), so
     a graph that depends on the mode would keep the traced mode's behaviour after a later ``.train()``/``.eval()``.
-    Such a model raises ModeDependentGraphError, and :func:`fuse` falls back to the nn.Sequential walk.
+    Such a model raises ModeDependentGraphError (carrying the graph when it is the eval one).
     """
     graph = _Tracer().trace(model)
-    flags = {m: m.training for m in model.modules()}
-    codes = {graph.python_code("self").src}
-    try:
-        for mode in (True, False):
-            for m in flags:
-                m.training = mode  # the flag itself: a folded FusedConv2dReLU's train() would refuse
-            codes.add(_Tracer().trace(model).python_code("self").src)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-    if len(codes) > 1:
+    current = graph.python_code("self").src
+    modules = list(model.modules())
+    in_train = _traced_code(model, dict.fromkeys(modules, True))
+    in_eval = _traced_code(model, dict.fromkeys(modules, False))
+    if len({current, in_train, in_eval}) > 1:
         raise ModeDependentGraphError(
             "its traced forward differs between train and eval mode (it branches on self.training), so a graph "
-            "traced in one mode would be wrong in the other"
+            "traced in one mode would be wrong in the other",
+            eval_graph=graph if current == in_eval else None,
         )
     return graph
+
+
+def _eval_graph_stays(model: nn.Module, eval_code: str, report: FuseReport) -> bool:
+    """Whether the fused eval graph cannot be switched to train mode behind its back.
+
+    ``train()`` raises on any module holding a folded BatchNorm. Every other module (its ``train()`` still allowed)
+    is set to training: the trace must not change.
+    """
+    folded = [name for name, kind in report.fused if kind == "conv+bn+relu"]
+    if not folded:
+        return False
+
+    def holds_folded(name: str) -> bool:
+        return any(not name or f == name or f.startswith(name + ".") for f in folded)
+
+    training = {m: not holds_folded(name) for name, m in model.named_modules()}
+    return _traced_code(model, training) == eval_code
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
