@@ -65,17 +65,23 @@ def min_norm_simplex(gram: torch.Tensor, allowed: torch.Tensor | None = None) ->
     return torch.where(allowed, chosen, 0.0)
 
 
-def simplex_qp(gram: torch.Tensor, linear: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+def simplex_qp(
+    gram: torch.Tensor, linear: torch.Tensor, curvature: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
     """For each ``curvature[t]``: ``argmin_{w in simplex} linear . w + curvature[t] / 2 w^T gram w``; ``[T, K]``.
 
     Exact (all active sets of all ``T`` problems in one batched solve) for ``K <= MAX_EXACT_TASKS``; iterative
-    otherwise.
+    otherwise. With ``allowed`` (``[K]`` bool), only those coordinates may be nonzero (all zero when none is).
     """
     gram = regularize(gram)
     k = gram.shape[0]
+    if allowed is None:
+        allowed = torch.ones(k, dtype=torch.bool, device=gram.device)
     if k > MAX_EXACT_TASKS:
-        return torch.stack([_simplex_qp_iterative(gram, linear, float_c) for float_c in curvature.unbind(0)])
+        solutions = [_simplex_qp_iterative(gram, linear, float_c, allowed) for float_c in curvature.unbind(0)]
+        return torch.where(allowed, torch.stack(solutions), 0.0)
     masks = _subset_masks(k, str(gram.device), False)  # [S, K]
+    within = ~(masks & ~allowed).any(1)
     inside = masks.to(gram.dtype)
     pair = inside[:, :, None] * inside[:, None, :]
     t, s = curvature.shape[0], masks.shape[0]
@@ -88,21 +94,23 @@ def simplex_qp(gram: torch.Tensor, linear: torch.Tensor, curvature: torch.Tensor
     rhs[:, :, k, 0] = 1
     solution, info = torch.linalg.solve_ex(system, rhs)
     w = solution[..., :k, 0]  # [T, S, K]
-    feasible = (w >= -1e-9).all(-1) & (info == 0)
+    feasible = (w >= -1e-9).all(-1) & (info == 0) & within
     values = w @ linear + 0.5 * curvature[:, None] * torch.einsum("tsk,kj,tsj->ts", w, gram, w)
     values = torch.where(feasible, values, torch.full_like(values, float("inf")))
     best = values.argmin(1)  # [T]
     chosen = w.gather(1, best[:, None, None].expand(t, 1, k))[:, 0].clamp_min(0)
-    return chosen / chosen.sum(-1, keepdim=True)
+    chosen = torch.where(allowed, chosen, 0.0)
+    return chosen / chosen.sum(-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
 
 
-def _simplex_qp_iterative(gram, linear, curvature):
+def _simplex_qp_iterative(gram, linear, curvature, allowed):
     step = 1.0 / (curvature * gram.diagonal().sum()).clamp_min(1e-30)
-    k = gram.shape[0]
-    w = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+    inside = allowed.to(gram.dtype)
+    w = inside / inside.sum().clamp_min(1)
     y, t = w, 1.0
+    excluded = torch.full_like(w, -1e30)  # as in _min_norm_simplex_iterative
     for _ in range(ITERATIVE_STEPS):
-        w_next = project_simplex(y - step * (linear + curvature * (gram @ y)))
+        w_next = project_simplex(torch.where(allowed, y - step * (linear + curvature * (gram @ y)), excluded))
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         y = w_next + ((t - 1) / t_next) * (w_next - w)
         w, t = w_next, t_next

@@ -23,8 +23,11 @@ class AlignedMTL(GradientWeighting):
     def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
         """``B 1`` from the eigendecomposition of the Gramian.
 
-        An eigenvalue counts as zero below ``lambda_max K precision``, the rounding of a Gramian of gradients
-        in their own dtype (``precision`` its epsilon): the rank of float32 gradients is only known to that.
+        An eigenvalue counts as zero below ``lambda_max K precision``; from :meth:`GradientWeighting.combine`,
+        ``precision`` is ``eps_g^2 + eps_w sqrt(P)``: the gradients' rounding to their dtype (squared, as it lifts
+        a zero eigenvalue of the Gramian by at most ``eps_g^2`` times the trace) plus the rounding of the
+        Gramian's dot products. So bf16 or fp16 gradients at a small angle keep their rank, while rounding noise
+        (``g`` and ``3 g``, each rounded to bf16) does not add one.
         """
         if precision is None:
             precision = torch.finfo(gram.dtype).eps

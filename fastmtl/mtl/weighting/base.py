@@ -177,9 +177,14 @@ def _keywords(method) -> frozenset[str] | None:
 
 
 def _gram_precision(grads: torch.Tensor, work: torch.Tensor) -> float:
-    """Relative precision of ``work @ work.T``: the gradients' own, or the rounding of P-term dot products in
-    ``work``'s dtype (which grows with P, as ``sqrt(P)`` for random rounding errors), whichever is coarser."""
-    return max(torch.finfo(grads.dtype).eps, torch.finfo(work.dtype).eps * max(work.shape[1], 1) ** 0.5)
+    """Relative rounding noise of ``work @ work.T``'s eigenvalues near zero (relative to the largest one).
+
+    Two terms: ``eps_g^2`` from the gradients' rounding to their dtype (an eigenvalue of the Gramian is a squared
+    singular value of the gradients, and a relative perturbation ``eps_g`` of them lifts a zero one to at most
+    ``eps_g^2`` times the trace), plus ``eps_w sqrt(P)`` from the rounding of the P-term dot products in
+    ``work``'s dtype (a perturbation of the Gramian's entries themselves, ``sqrt(P)`` for random rounding errors).
+    """
+    return torch.finfo(grads.dtype).eps ** 2 + torch.finfo(work.dtype).eps * max(work.shape[1], 1) ** 0.5
 
 
 def masked_gram(gram: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
@@ -279,8 +284,9 @@ class GradientWeighting(Weighting):
             losses: the detached ``[K]`` losses, or None.
             active: ``[K]`` bool, the tasks with labels and a nonzero gradient (None: all); the solve is made from
                 these only, and the others' coefficients are zeroed by the caller.
-            precision: the relative precision of ``gram``'s entries: the gradients' own (their dtype's epsilon)
-                or the rounding of their products, whichever is coarser (None: the epsilon of ``gram``'s dtype).
+            precision: the rounding noise of ``gram``'s near-zero eigenvalues relative to its largest: the
+                gradients' rounding (the square of their dtype's epsilon) plus that of the Gramian's dot products
+                (None: the epsilon of ``gram``'s dtype). Below it a direction is not known to be there.
             loss_scale: the fp16 loss scale the gradients that ``d`` combines were multiplied by (None: 1).
         """
         raise NotImplementedError
@@ -302,8 +308,10 @@ class GradientWeighting(Weighting):
         if precision is None:
             precision = epsilon
         gram = gram.double()
-        if loss_scale is not None:
-            gram = gram / torch.as_tensor(loss_scale, device=gram.device).double() ** 2
+        if isinstance(loss_scale, torch.Tensor):
+            gram = gram / loss_scale.to(device=gram.device, dtype=gram.dtype) ** 2
+        elif loss_scale is not None:
+            gram = gram / float(loss_scale) ** 2  # a Python number: no tensor to copy to the device
         active = active_tasks(gram, counts, epsilon)
         losses = None if losses is None else losses.detach().double()
         context = {"active": active, "precision": precision, "loss_scale": loss_scale}

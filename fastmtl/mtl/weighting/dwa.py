@@ -13,8 +13,8 @@ def dwa_weights(loss_history: torch.Tensor, temperature: float = 2.0) -> torch.T
     """Dynamic Weight Average weights from ``[E, K]`` per-epoch mean losses (Liu, Johns and Davison, CVPR 2019).
 
     ``w_k = K softmax_k(r / T)`` with ``r_k = L_k(E-1) / L_k(E-2)``, the ratio of the last two epochs' losses;
-    all ones while fewer than two epochs are known. A task whose earlier loss is not positive (no labels in that
-    epoch) or whose ratio is not finite gets ``r_k = 1``, as if its loss had not changed.
+    all ones while fewer than two epochs are known. A task whose loss in either epoch is not positive (no labels
+    in that epoch) or whose ratio is not finite gets ``r_k = 1``, as if its loss had not changed.
     """
     history = torch.as_tensor(loss_history)
     if history.dim() != 2 or history.shape[1] < 1:
@@ -28,7 +28,8 @@ def dwa_weights(loss_history: torch.Tensor, temperature: float = 2.0) -> torch.T
     history = history.to(dtype)
     previous = history[-2]
     ratio = history[-1] / torch.where(previous > 0, previous, torch.ones_like(previous))
-    ratio = torch.where((previous > 0) & torch.isfinite(ratio), ratio, torch.ones_like(ratio))
+    known = (previous > 0) & (history[-1] > 0) & torch.isfinite(ratio)
+    ratio = torch.where(known, ratio, torch.ones_like(ratio))
     return k * torch.softmax(ratio / temperature, dim=0)
 
 

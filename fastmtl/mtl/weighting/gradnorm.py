@@ -59,7 +59,10 @@ class GradNorm(GradientWeighting):
             weighted = w.to(gram.dtype) * norms
             target = _mean(weighted, present) * relative**self.alpha
             # the model's gradients carry loss_scale, and the optimizer unscales these with them
-            scale = 1.0 if loss_scale is None else torch.as_tensor(loss_scale, device=gram.device).to(gram.dtype)
+            if isinstance(loss_scale, torch.Tensor):
+                scale = loss_scale.to(device=gram.device, dtype=gram.dtype)
+            else:
+                scale = 1.0 if loss_scale is None else float(loss_scale)
             grad = torch.where(present, torch.sign(weighted - target) * norms * scale, 0.0).to(w.dtype)
             w.grad = grad if w.grad is None else w.grad + grad
         return w.detach().to(gram.dtype)

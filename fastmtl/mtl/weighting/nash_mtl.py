@@ -46,6 +46,21 @@ def _active_nash_weights(gram: torch.Tensor, active: torch.Tensor, steps: int) -
     return torch.where(active, nash_weights(normalised, steps), 0.0)
 
 
+def _with_stand_ins(alpha: torch.Tensor, gram: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``alpha`` with a weight for each ``active`` task it does not cover (``alpha = 0``), without a solve.
+
+    The stand-in is the mean of the covered tasks' weights; when no task is covered, the weights of orthogonal
+    gradients with the active tasks' Gramian (normalised as in :func:`_active_nash_weights`), ``1 / sqrt(M_ii)``.
+    """
+    covered = alpha > 0
+    mean = alpha.sum() / covered.sum().clamp_min(1).to(alpha.dtype)
+    masked = masked_gram(gram, active)
+    normalised = masked.diagonal() / torch.linalg.matrix_norm(masked).clamp_min(1e-30)
+    orthogonal = normalised.clamp_min(1e-30).rsqrt()
+    stand_in = torch.where(covered.any(), mean, orthogonal)
+    return torch.where(active & ~covered, stand_in, alpha)
+
+
 @register("nash_mtl")
 class NashMTL(GradientWeighting):
     """Nash-MTL of Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik and Fetaya, "Multi-Task Learning as a
@@ -59,9 +74,13 @@ class NashMTL(GradientWeighting):
     Args:
         task_names: the tasks.
         steps: Newton steps (20).
-        update_every: recompute ``a`` every this many steps and reuse it in between (1), unless a task it left
-            out has labels again (the solve still runs on the steps in between to be ready for that, since
-            deciding on the host would wait for the device; it is tiny next to the backward pass).
+        update_every: solve for ``a`` every this many steps ("fresh" steps) and reuse the cached ``a`` in between
+            (1: every step). A task that was left out of the last solve (no labels then) and has labels again
+            before the next fresh step gets a stand-in weight until then: the mean of the cached weights of the
+            tasks that were solved for (or, when none was, ``a`` of orthogonal gradients, ``1 / sqrt(M_ii)``).
+            The cached weights are solved once at a common scale, so the mean is the weight of a typical task;
+            re-solving instead, or forcing the next step to be fresh, would need the host to read the mask
+            from the device (a synchronisation) or the solve to run on every step.
         max_norm: when positive, the update's norm is clipped to it (0: off).
         mode, scale_heads: see :class:`GradientWeighting`.
     """
@@ -78,23 +97,20 @@ class NashMTL(GradientWeighting):
         self.register_buffer("alpha", torch.ones(len(self.task_names), dtype=torch.float64))
 
     def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
-        """The bargaining weights ``a`` (recomputed every ``update_every`` calls), norm-clipped if asked.
+        """The bargaining weights ``a`` (solved on fresh steps, every ``update_every`` calls), norm-clipped if asked.
 
         Only the ``active`` tasks bargain (a task with a zero gradient would get ``a ~ 1 / sqrt(ridge)``); the
-        others get 0. A cached ``a`` is reused only while it covers every active task: it is solved afresh when
-        a task it left out comes back.
+        others get 0. Between fresh steps the cached ``a`` is reused; a task it does not cover (``a = 0``) that
+        is active again gets the stand-in weight described in the class docstring, which is cached with it.
         """
         if active is None:
             active = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
         fresh = self.calls % self.update_every == 0
         with torch.no_grad():
-            solved = _active_nash_weights(gram, active, self.steps)
             if fresh:
-                self.alpha.copy_(solved.to(self.alpha.dtype))
+                self.alpha.copy_(_active_nash_weights(gram, active, self.steps).to(self.alpha.dtype))
             else:
-                # a cached a > 0 exactly for the tasks it was solved with
-                stale = (active & ~(self.alpha > 0)).any()
-                self.alpha.copy_(torch.where(stale, solved.to(self.alpha.dtype), self.alpha))
+                self.alpha.copy_(_with_stand_ins(self.alpha, gram.to(self.alpha.dtype), active))
         self.calls += 1
         a = torch.where(active, self.alpha.to(gram.dtype), 0.0)
         if self.max_norm > 0:

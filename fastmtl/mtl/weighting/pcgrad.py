@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastmtl.mtl.weighting import _random
-from fastmtl.mtl.weighting.base import GradientWeighting, register
+from fastmtl.mtl.weighting.base import GradientWeighting, masked_gram, register
 
 
 def pcgrad_coefficients(gram: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,8 @@ class PCGrad(GradientWeighting):
     Each task's gradient is projected onto the normal plane of every other task's gradient it conflicts with
     (negative inner product), visiting the others in a random order; the update is the sum of the projected
     gradients. Orthogonal or agreeing gradients are left alone (PCGrad is then plain EW). The returned weights are
-    the coefficients of the update on the original gradients.
+    the coefficients of the update on the original gradients. A task without labels in the step is not projected
+    against (its gradient counts as zero), so the others' projections are those of PCGrad on them alone.
 
     Args:
         task_names: the tasks.
@@ -48,9 +49,9 @@ class PCGrad(GradientWeighting):
         self.generator = generator
 
     def compute_weights(self, gram, losses, active=None, precision=None, loss_scale=None):
-        """Column sums of :func:`pcgrad_coefficients` for fresh random orders."""
+        """Column sums of :func:`pcgrad_coefficients` for fresh random orders, on the ``active`` tasks' Gramian."""
         orders = _random.other_task_orders(gram.shape[0], gram.device, self.generator)
-        return pcgrad_coefficients(gram, orders).sum(0)
+        return pcgrad_coefficients(masked_gram(gram, active), orders).sum(0)
 
     def get_extra_state(self):
         return {"generator": _random.generator_state(self.generator)}
