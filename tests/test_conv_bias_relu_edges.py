@@ -171,3 +171,31 @@ def test_compiled_graph_calls_the_fused_op(backend):
     assert any(t.startswith("fastmtl.conv_bias_relu") for t in targets), targets
     assert not any("conv2d" in t for t in targets), targets
     assert rel_err(got, _reference(x, w, b, padding=1)) <= TOL
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("transform", ["grad", "vmap_grad", "jvp"])
+def test_torch_func_transforms_under_torch_compile_fullgraph(backend, transform):
+    """A transform compiled as a whole: Dynamo traces through it, and the reference must run inside it there too."""
+    x = torch.randn(3, 3, 6, 6, device=DEVICE)
+    w = torch.randn(5, 3, 3, 3, device=DEVICE) / 27**0.5
+    b = torch.randn(5, device=DEVICE)
+
+    def loss(w, x):
+        return fastmtl.conv_bias_relu(x, w, b, 1, 1).square().sum()
+
+    def loss64(w, x):
+        return _reference(x, w, b, padding=1).square().sum()
+
+    def apply(fn):
+        if transform == "grad":
+            return lambda w: torch.func.grad(fn)(w, x)
+        if transform == "vmap_grad":
+            per_sample = torch.func.vmap(torch.func.grad(lambda w, xi: fn(w, xi[None])), in_dims=(None, 0))
+            return lambda w: per_sample(w, x)
+        return lambda w: torch.func.jvp(lambda w: fn(w, x), (w,), (torch.ones_like(w),))[1]
+
+    torch._dynamo.reset()
+    with fastmtl.use_backend(backend):
+        got = torch.compile(apply(loss), fullgraph=True)(w)
+    assert rel_err(got, apply(loss64)(w.double())) <= TOL

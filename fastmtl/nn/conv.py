@@ -55,8 +55,8 @@ class FusedConv2dReLU(nn.Module):
     A drop-in replacement for ``nn.Sequential(nn.Conv2d(...), nn.ReLU())``: same arguments as ``nn.Conv2d``
     (``padding_mode`` must be ``"zeros"``), parameters ``weight`` ``[out, in / groups, kH, kW]`` and ``bias``
     ``[out]`` initialised as ``nn.Conv2d`` does. Under autocast the input and parameters are cast to the autocast
-    dtype, as autocast would do for a convolution. The backend follows :mod:`fastmtl.backends`; float64 inputs,
-    which the fused op does not take, run PyTorch's own ``relu(conv2d)``.
+    dtype, as autocast would do for a convolution. The backend follows :mod:`fastmtl.backends` (float64, for
+    gradient checks: ``cpp`` computes it, the GPU backends run the ``torch`` reference).
 
     Attribute ``inference_only`` is set by :func:`fastmtl.fuse` when a BatchNorm was folded into the weights:
     such a module refuses ``train()``.

@@ -158,13 +158,15 @@ def _run_triton(x, weight, bias, stride, padding, dilation, groups):
 RUNNERS = {"torch": _run_torch, "cpp": _run_native, "cuda": _run_native, "triton": _run_triton}
 
 
+@torch.compiler.assume_constant_result
 def _inside_functorch_transform() -> bool:
     """True inside ``torch.func`` transforms (grad, vmap, ...), where the fused ops' autograd cannot run.
 
-    Not asked while Dynamo traces: it models ``peek_interpreter_stack`` as an object even when the stack is empty,
-    which would send every compiled graph to the reference.
+    Evaluated, not traced, under torch.compile: Dynamo models ``peek_interpreter_stack()`` as an object even when
+    the stack is empty (every compiled graph would take the reference), while the real stack at trace time is the
+    one the traced call runs under (Dynamo traces a compiled ``grad``/``vmap`` through the transform).
     """
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 @torch.compiler.assume_constant_result
