@@ -175,7 +175,9 @@ class FusedConv2dReLU(nn.Module):
             raise RuntimeError(
                 "this FusedConv2dReLU has a BatchNorm folded into its weights by fastmtl.fuse() and is for inference "
                 "only: training it would train the folded weights, not the BatchNorm. Train the original model, or "
-                "fuse it in training mode (no folding), and fuse an eval() copy for inference."
+                "fuse it in training mode (no folding), and fuse an eval() copy for inference. Modules that "
+                "train() reached before this one (an unfused BatchNorm, a Dropout) are now in training mode: call "
+                ".eval() on the model to switch them back."
             )
         return super().train(mode)
 
